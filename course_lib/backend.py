@@ -1,0 +1,332 @@
+"""GPU or CPU: the one decision every chapter builds on.
+
+At import this module asks the NVIDIA driver, through ``ctypes`` and nothing heavier, whether a
+usable GPU is there, then checks that CuPy can use it. The answer is fixed for the whole process:
+
+* **GPU mode**: ``xp`` is CuPy, Numba compiles real CUDA kernels, CuPy RawKernels run.
+* **CPU mode**: ``xp`` is NumPy and Numba's CUDA *simulator* runs the same kernels on the CPU
+  (``NUMBA_ENABLE_CUDASIM=1`` is set here, before anything imports ``numba.cuda``).
+
+``COURSE_DEVICE=cpu`` or ``COURSE_DEVICE=gpu`` overrides the choice. Nothing here touches
+``cuda.core.Device()`` on a machine without a working driver: after a failed driver load it can hang.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+OLDEST_SUPPORTED_CC = (7, 5)  # CUDA 13 compiles for sm_75 and newer
+COURSE_ARCHS = ("sm_75", "sm_80", "sm_90", "sm_90a")
+
+# CUresult codes the driver may answer with, and what they mean for a learner.
+_DRIVER_ERRORS = {
+    35: "the driver is older than the CUDA version the libraries need (CUDA_ERROR_INSUFFICIENT_DRIVER)",
+    100: "the driver loaded but sees no CUDA-capable device (CUDA_ERROR_NO_DEVICE)",
+    101: "CUDA_VISIBLE_DEVICES names a device that does not exist (CUDA_ERROR_INVALID_DEVICE)",
+    999: "the driver failed to initialise (CUDA_ERROR_UNKNOWN): often a driver/kernel-module mismatch",
+    3: "the driver is not initialised (CUDA_ERROR_NOT_INITIALIZED)",
+    303: "the shared object could not be initialised (CUDA_ERROR_SHARED_OBJECT_INIT_FAILED)",
+    804: "the driver does not support this GPU or configuration (CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE)",
+}
+
+
+@dataclass
+class DriverProbe:
+    """What the NVIDIA driver said, asked directly through its C API."""
+
+    library: str | None = None  # path or name of the driver library that loaded
+    error: str | None = None  # why there is no usable GPU, in words; None when all went well
+    driver_cuda_version: int | None = None  # e.g. 13000 for CUDA 13.0
+    devices: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.devices)
+
+
+@dataclass
+class Decision:
+    """The mode this process runs in, and why."""
+
+    mode: str  # "gpu" or "cpu"
+    reason: str
+    forced: bool  # True when COURSE_DEVICE chose the mode
+    probe: DriverProbe
+    cupy_error: str | None = None  # why CuPy could not use the GPU, when it could not
+
+
+def _driver_library_names() -> list[str]:
+    if sys.platform == "win32":
+        return ["nvcuda.dll"]
+    if sys.platform == "darwin":
+        return []  # NVIDIA has shipped no CUDA driver for macOS since 2019
+    return ["libcuda.so.1", "libcuda.so"]
+
+
+def probe_driver() -> DriverProbe:
+    """Ask the CUDA driver API for its version and devices; never raises, never imports CuPy."""
+    probe = DriverProbe()
+    lib = None
+    for name in _driver_library_names():
+        try:
+            lib = ctypes.CDLL(name)
+            probe.library = name
+            break
+        except OSError:
+            continue
+    if lib is None:
+        probe.error = "no NVIDIA driver library (libcuda) could be loaded"
+        return probe
+    try:
+        status = lib.cuInit(0)
+        version = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(version)) == 0:
+            probe.driver_cuda_version = version.value
+        if status != 0:
+            probe.error = _DRIVER_ERRORS.get(status, f"cuInit failed with CUresult {status}")
+            return probe
+        count = ctypes.c_int(0)
+        status = lib.cuDeviceGetCount(ctypes.byref(count))
+        if status != 0:
+            probe.error = _DRIVER_ERRORS.get(status, f"cuDeviceGetCount failed with CUresult {status}")
+            return probe
+        for ordinal in range(count.value):
+            probe.devices.append(_describe_device(lib, ordinal))
+        if not probe.devices:
+            probe.error = _DRIVER_ERRORS[100]
+    except AttributeError as exc:  # a library named libcuda that lacks the driver API
+        probe.error = f"{probe.library} is not a working CUDA driver ({exc})"
+    return probe
+
+
+def _describe_device(lib: ctypes.CDLL, ordinal: int) -> dict[str, Any]:
+    device = ctypes.c_int(0)
+    lib.cuDeviceGet(ctypes.byref(device), ordinal)
+    name = ctypes.create_string_buffer(256)
+    lib.cuDeviceGetName(name, 256, device)
+
+    def attribute(code: int) -> int:
+        value = ctypes.c_int(0)
+        lib.cuDeviceGetAttribute(ctypes.byref(value), code, device)
+        return value.value
+
+    memory = ctypes.c_size_t(0)
+    lib.cuDeviceTotalMem_v2(ctypes.byref(memory), device)
+    # CUdevice_attribute codes: 75/76 compute capability major/minor, 16 multiprocessor count.
+    return {
+        "ordinal": ordinal,
+        "name": name.value.decode(errors="replace"),
+        "compute_capability": (attribute(75), attribute(76)),
+        "sm_count": attribute(16),
+        "memory_bytes": memory.value,
+    }
+
+
+def _cupy_problem() -> str | None:
+    """Import CuPy and touch the GPU once; return what went wrong, or None."""
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        cupy.arange(4).sum().item()  # allocates, launches a kernel, copies back
+    except ImportError as exc:
+        return f"CuPy is not installed ({exc})"
+    except Exception as exc:  # noqa: BLE001 - any failure here means "do not use the GPU"
+        return f"CuPy could not use the GPU: {type(exc).__name__}: {exc}"
+    return None
+
+
+def decide(requested: str | None = None, probe: DriverProbe | None = None) -> Decision:
+    """Choose the mode from ``COURSE_DEVICE`` (``requested``) and what the driver answers.
+
+    Raises ``RuntimeError`` only when the learner asked for ``gpu`` and no usable GPU is there.
+    """
+    requested = (requested or "").strip().lower() or None
+    if requested not in (None, "cpu", "gpu"):
+        raise ValueError(f"COURSE_DEVICE must be 'cpu' or 'gpu' (or unset), got {requested!r}")
+    if requested == "cpu":
+        return Decision("cpu", "COURSE_DEVICE=cpu asked for CPU mode", True, probe or DriverProbe())
+    probe = probe or probe_driver()
+    problem = probe.error
+    if problem is None:
+        cc = probe.devices[0]["compute_capability"]
+        if tuple(cc) < OLDEST_SUPPORTED_CC:
+            problem = f"{probe.devices[0]['name']} is sm_{cc[0]}{cc[1]}; the course needs sm_75 or newer"
+    cupy_error = None
+    if problem is None:
+        cupy_error = _cupy_problem()
+        problem = cupy_error
+    if problem is None:
+        name = probe.devices[0]["name"]
+        reason = f"COURSE_DEVICE=gpu: {name}" if requested else f"found {name}"
+        return Decision("gpu", reason, requested == "gpu", probe)
+    if requested == "gpu":
+        raise RuntimeError(f"COURSE_DEVICE=gpu, but no usable GPU: {problem}. Run `python -m course_lib.env`.")
+    return Decision("cpu", problem, False, probe, cupy_error)
+
+
+def _switch_numba_to_simulator() -> None:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    if "numba" in sys.modules:  # numba read its configuration at import: make it read it again
+        from numba.core import config
+
+        config.reload_config()
+    if "numba.cuda" in sys.modules and not simulator_active():
+        import warnings
+
+        warnings.warn(
+            "numba.cuda was imported before course_lib, so it is not running in the simulator; "
+            "restart the kernel and import course_lib first.",
+            stacklevel=3,
+        )
+
+
+def simulator_active() -> bool:
+    """True when Numba's CUDA kernels run in the CPU simulator."""
+    from numba.core import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+DECISION = decide(os.environ.get("COURSE_DEVICE"))
+if DECISION.mode == "cpu":
+    _switch_numba_to_simulator()
+    import numpy as xp
+else:
+    import cupy as xp  # noqa: F401 - re-exported as course_lib.backend.xp
+
+
+def has_gpu() -> bool:
+    """True when this process runs in GPU mode."""
+    return DECISION.mode == "gpu"
+
+
+def mode_line() -> str:
+    """The visible line every chapter prints: which mode produced the outputs below it."""
+    if has_gpu():
+        return f"Mode: GPU ({DECISION.reason})"
+    return f"Mode: CPU (NumPy + Numba CUDA simulator) - {DECISION.reason}"
+
+
+def to_numpy(array: Any) -> Any:
+    """A NumPy copy of ``array`` whether it lives on the GPU (CuPy) or already on the host."""
+    import numpy
+
+    return array.get() if hasattr(array, "get") and not isinstance(array, numpy.ndarray) else numpy.asarray(array)
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (a no-op on CPU): do this before reading a host clock."""
+    if has_gpu():
+        xp.cuda.get_current_stream().synchronize()
+
+
+LIBRARIES = (
+    "numpy", "numba", "numba-cuda", "cupy-cuda13x", "cupy-cuda12x", "cuda-bindings", "cuda-python",
+    "nvidia-cuda-nvrtc", "nvidia-cuda-nvcc", "mpi4py", "mpich", "matplotlib", "torch", "nvmath-python",
+)
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries the course depends on (missing ones left out)."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def device_facts() -> dict[str, Any]:
+    """Everything a results file needs to say where a number came from.
+
+    In GPU mode: name, compute capability, SM count, memory, clocks, L2, driver and runtime versions.
+    In CPU mode: the processor and core count. Library versions in both.
+    """
+    facts: dict[str, Any] = {
+        "mode": DECISION.mode,
+        "mode_reason": DECISION.reason,
+        "host": {"system": platform.system(), "machine": platform.machine(), "cpu_count": os.cpu_count()},
+        "libraries": library_versions(),
+    }
+    if not has_gpu():
+        facts["name"] = cpu_name()
+        return facts
+    runtime = xp.cuda.runtime
+    ordinal = xp.cuda.Device().id
+    props = runtime.getDeviceProperties(ordinal)
+
+    def attribute(code: int) -> int | None:
+        try:
+            return int(runtime.deviceGetAttribute(code, ordinal))
+        except Exception:  # noqa: BLE001 - an attribute this driver no longer reports
+            return None
+
+    # cudaDeviceAttr codes: 13 SM clock (kHz), 36 memory clock (kHz), 37 bus width (bits), 38 L2 bytes.
+    memory_clock_khz, bus_bits = attribute(36), attribute(37)
+    facts.update(
+        name=props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
+        compute_capability=f"{props['major']}.{props['minor']}",
+        sm_count=props["multiProcessorCount"],
+        memory_bytes=props["totalGlobalMem"],
+        l2_bytes=attribute(38),
+        shared_memory_per_block_optin=props.get("sharedMemPerBlockOptin"),
+        sm_clock_mhz=None if attribute(13) is None else attribute(13) / 1000,
+        memory_clock_mhz=None if memory_clock_khz is None else memory_clock_khz / 1000,
+        memory_bus_bits=bus_bits,
+        driver_cuda_version=runtime.driverGetVersion(),
+        runtime_cuda_version=runtime.runtimeGetVersion(),
+        nccl_version=nccl_version(),
+    )
+    if memory_clock_khz and bus_bits:  # double data rate: two transfers a clock
+        facts["datasheet_memory_gbps"] = 2 * memory_clock_khz * 1e3 * bus_bits / 8 / 1e9
+    return facts
+
+
+def nccl_version() -> str | None:
+    """NCCL's version as CuPy sees it, or None where NCCL is not available."""
+    if not has_gpu():
+        return None
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # CuPy warns at length when libnccl is missing
+            from cupy.cuda import nccl
+
+            code = nccl.get_version()
+    except Exception:  # noqa: BLE001 - no NCCL library, or a CuPy build without it
+        return None
+    return f"{code // 10000}.{code % 10000 // 100}.{code % 100}"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def card_slug(name: str | None = None) -> str:
+    """A folder name for a device: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    name = name or device_facts()["name"]
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def numba_cuda() -> ModuleType:
+    """``numba.cuda``, imported only after the mode (and so the simulator switch) is settled."""
+    from numba import cuda
+
+    return cuda

@@ -1,0 +1,42 @@
+"""``python -m course_lib.bench NAME``: measure a benchmark suite and write its results file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from course_lib import backend
+from course_lib.bench.results import save_result
+from course_lib.bench.runner import run_suite, suite
+from course_lib.bench.suites import SUITES
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m course_lib.bench",
+        description="Measure a benchmark suite on this device and write course_lib/results/<card>/<NAME>.json "
+        "(CPU-mode runs go to a cpu-<processor> folder and are never shown as GPU figures).",
+    )
+    parser.add_argument("name", nargs="?", help=f"suite to run: {', '.join(sorted(SUITES))}")
+    parser.add_argument("--list", action="store_true", help="list the suites and exit")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke test)")
+    parser.add_argument("--out", type=Path, help="folder for the JSON file (default: course_lib/results/<card>/)")
+    args = parser.parse_args(argv)
+    if args.list or not args.name:
+        for name in sorted(SUITES):
+            print(f"{name:<20}{suite(name).DESCRIPTION}")
+        return 0
+    if args.name not in SUITES:
+        parser.error(f"unknown suite {args.name!r}; choose from: {', '.join(sorted(SUITES))}")
+    print(backend.mode_line())
+    result = run_suite(args.name, quick=args.quick)
+    path = save_result(result, args.out)
+    for key, value in result["headline"].items():
+        print(f"  {key:<28}{value:,.4g}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Benchmark suites: one module per ``python -m course_lib.bench NAME``.
+
+Each suite module defines ``DESCRIPTION``, ``steps(quick) -> list[Step]`` and
+``headline(measurements) -> dict`` (the figures an issue's targets name).
+"""
+
+SUITES = {
+    "env": "course_lib.bench.suites.env",
+}

@@ -1,0 +1,206 @@
+"""Compile CUDA C with NVRTC, no GPU needed, and read what the compiler says about each kernel.
+
+A kernel's register count, shared memory, stack frame and spills decide how many of its threads fit
+on a multiprocessor and whether it stalls on local memory. NVRTC (the runtime compiler, shipped as a
+pip wheel) produces PTX and, through ptxas, a cubin for a named architecture on any machine; its
+``-Xptxas -v`` log carries ptxas' resource report, which this module parses.
+
+On a GPU, :func:`load_module` hands the same source to CuPy as a ``RawModule`` to run it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from course_lib import backend
+
+KERNEL_DIR = Path(__file__).parent / "kernels"
+TARGETS = backend.COURSE_ARCHS  # sm_75 (Turing), sm_80 (Ampere), sm_90 (Hopper), sm_90a (Hopper + wgmma)
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected the source; the message carries the compiler's log."""
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """ptxas' report for one kernel on one architecture."""
+
+    kernel: str
+    arch: str
+    registers: int  # per thread: more registers, fewer resident threads
+    shared_bytes: int  # static shared memory per block
+    stack_bytes: int  # local-memory stack frame per thread (arrays indexed at run time land here)
+    spill_store_bytes: int  # registers spilled to local memory: slow
+    spill_load_bytes: int
+    barriers: int
+
+
+@dataclass
+class CompiledSource:
+    """NVRTC's output for one source and one architecture."""
+
+    name: str
+    arch: str
+    ptx: str
+    cubin: bytes
+    log: str
+    kernels: list[KernelResources] = field(default_factory=list)
+
+
+def cuda_include_dirs() -> list[str]:
+    """Folders holding the CUDA headers (cuda_fp16.h, cuda_bf16.h, ...) and the course's own."""
+    dirs = [str(KERNEL_DIR)]
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        found = find_nvidia_header_directory("cudart")
+    except Exception:  # noqa: BLE001 - an older cuda-pathfinder, or no CUDA headers installed
+        found = None
+    for candidate in (found, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if not candidate:
+            continue
+        include = Path(candidate) if Path(candidate, "cuda_fp16.h").exists() else Path(candidate, "include")
+        if include.joinpath("cuda_fp16.h").exists():
+            dirs.append(str(include))
+            break
+    return dirs
+
+
+def _check(result: tuple, what: str, log: str = "") -> Any:
+    from cuda.bindings import nvrtc
+
+    status, *values = result
+    if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise CompileError(f"{what} failed ({status.name})\n{log}".rstrip())
+    return values[0] if values else None
+
+
+def compile_cuda(
+    source: str, arch: str = "sm_90", *, name: str = "kernel.cu", options: tuple[str, ...] = ()
+) -> CompiledSource:
+    """Compile CUDA C ``source`` for ``arch`` (e.g. ``"sm_90a"``) to PTX and cubin with NVRTC.
+
+    Raises :class:`CompileError` with the compiler's log when the source does not compile.
+    """
+    if arch not in TARGETS and not re.fullmatch(r"sm_\d+a?", arch):
+        raise ValueError(f"arch must look like 'sm_90' or 'sm_90a' (course targets: {TARGETS}), got {arch!r}")
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as exc:
+        raise RuntimeError(
+            "compiling CUDA C needs cuda-python and the NVRTC wheel: pip install -r requirements.txt"
+        ) from exc
+    flags = [f"--gpu-architecture={arch}", "--std=c++17", "-Xptxas", "-v", *options]
+    flags += [f"-I{d}" for d in cuda_include_dirs()]
+    program = _check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")
+    try:
+        encoded = [flag.encode() for flag in flags]
+        status = nvrtc.nvrtcCompileProgram(program, len(encoded), encoded)
+        log = _read(nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog, program).decode(errors="replace")
+        _check(status + (None,), f"compiling {name} for {arch}", log)
+        ptx = _read(nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX, program).decode()
+        cubin = _read(nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, program)
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+    return CompiledSource(name, arch, ptx, cubin, log, parse_ptxas_report(log, arch))
+
+
+def _read(size_fn: Any, data_fn: Any, program: Any) -> bytes:
+    size = _check(size_fn(program), size_fn.__name__)
+    buffer = b" " * size
+    _check(data_fn(program, buffer), data_fn.__name__)
+    return buffer.rstrip(b"\x00")
+
+
+_ENTRY = re.compile(r"Compiling entry function '(?P<kernel>[^']+)' for '(?P<arch>\w+)'")
+_FRAME = re.compile(
+    r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads"
+)
+_USED = re.compile(r"Used (?P<registers>\d+) registers")
+
+
+def parse_ptxas_report(log: str, arch: str) -> list[KernelResources]:
+    """Turn ptxas' ``-v`` lines into one :class:`KernelResources` per kernel."""
+    kernels: list[KernelResources] = []
+    current: dict[str, Any] | None = None
+    for line in log.splitlines():
+        if match := _ENTRY.search(line):
+            current = {"kernel": match["kernel"], "arch": match["arch"] or arch}
+        elif current is not None and (match := _FRAME.search(line)):
+            current.update(stack=int(match["stack"]), stores=int(match["stores"]), loads=int(match["loads"]))
+        elif current is not None and (match := _USED.search(line)):
+            smem = re.search(r"(\d+) bytes smem", line)
+            barriers = re.search(r"used (\d+) barriers", line)
+            kernels.append(
+                KernelResources(
+                    kernel=current["kernel"],
+                    arch=current["arch"],
+                    registers=int(match["registers"]),
+                    shared_bytes=int(smem.group(1)) if smem else 0,
+                    stack_bytes=current.get("stack", 0),
+                    spill_store_bytes=current.get("stores", 0),
+                    spill_load_bytes=current.get("loads", 0),
+                    barriers=int(barriers.group(1)) if barriers else 0,
+                )
+            )
+            current = None
+    return kernels
+
+
+def course_sources() -> list[Path]:
+    """Every ``.cu`` file the course ships (the test suite compiles each for every target)."""
+    return sorted(KERNEL_DIR.rglob("*.cu"))
+
+
+def kernel_path(path: str | Path) -> Path:
+    """``path`` as given if it exists, else the file of that name in ``course_lib/kernels``."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    return KERNEL_DIR / path
+
+
+def compile_file(path: str | Path, arch: str = "sm_90") -> CompiledSource:
+    """Compile a ``.cu`` file; ``path`` may be relative to ``course_lib/kernels``."""
+    path = kernel_path(path)
+    return compile_cuda(path.read_text(), arch, name=path.name)
+
+
+def resource_table(compiled: list[CompiledSource]) -> str:
+    """A plain-text table of registers, shared memory, stack and spills, one row per kernel and arch."""
+    header = f"{'kernel':<28}{'arch':<8}{'regs':>6}{'smem B':>9}{'stack B':>9}{'spill st/ld B':>15}"
+    rows = [header, "-" * len(header)]
+    for source in compiled:
+        for k in source.kernels:
+            spills = f"{k.spill_store_bytes}/{k.spill_load_bytes}"
+            rows.append(f"{k.kernel:<28}{k.arch:<8}{k.registers:>6}{k.shared_bytes:>9}{k.stack_bytes:>9}{spills:>15}")
+    return "\n".join(rows)
+
+
+def load_module(source: str, *, arch: str | None = None, options: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """Compile ``source`` for the current GPU and load it as a ``cupy.RawModule`` (GPU mode only).
+
+    ``arch="sm_90a"`` is needed for Hopper-only instructions such as ``wgmma``; by default CuPy
+    compiles for the GPU it runs on. Extra keyword arguments go to ``RawModule`` (``name_expressions``).
+    """
+    if not backend.has_gpu():
+        raise RuntimeError(
+            f"running a CUDA C kernel needs a GPU ({backend.mode_line()}); "
+            "compile_cuda() checks the same source on this machine"
+        )
+    import cupy
+
+    flags = ("--std=c++17", *(f"-I{d}" for d in cuda_include_dirs()), *options)
+    if arch:
+        flags += (f"-arch={arch}",)
+    return cupy.RawModule(code=source, options=flags, backend="nvrtc", **kwargs)
+
+
+def load_file(path: str | Path, **kwargs: Any) -> Any:
+    """:func:`load_module` for a ``.cu`` file (relative paths are looked up in ``course_lib/kernels``)."""
+    return load_module(kernel_path(path).read_text(), **kwargs)

@@ -1,0 +1,13 @@
+"""MPI tests run under ``mpiexec -n 2`` (``scripts/course.py test`` does this); alone they skip."""
+
+import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_size() > 1:
+        return
+    skip = pytest.mark.skip(reason="MPI test: run it with `mpiexec -n 2 python -m pytest tests/mpi -m mpi`")
+    for item in items:
+        item.add_marker(skip)
