@@ -1,0 +1,34 @@
+"""Exercise checkers: run the learner's code on fresh random inputs and say clearly what is wrong.
+
+The framework (DESIGN.md, "Checkers"): poisoned outputs, the first wrong element with its index and
+both values, a time limit on learner code, hints for known mistakes, and a seed in every message.
+"""
+
+from course_lib.check.ch00 import check_achieved_gbps, check_roofline_time, check_vector_add
+from course_lib.check.compare import assert_close
+from course_lib.check.failure import CheckFailed
+from course_lib.check.learner import call_learner, default_time_limit_s, is_cuda_kernel, launch_learner_kernel
+from course_lib.check.mistakes import Mistake
+from course_lib.check.poison import is_poison, poison, poison_value
+from course_lib.check.run import CheckRun, new_seed
+from course_lib.check.tolerance import relative_error, tolerance_for
+
+__all__ = [
+    "CheckFailed",
+    "CheckRun",
+    "Mistake",
+    "assert_close",
+    "call_learner",
+    "check_achieved_gbps",
+    "check_roofline_time",
+    "check_vector_add",
+    "default_time_limit_s",
+    "is_cuda_kernel",
+    "is_poison",
+    "launch_learner_kernel",
+    "new_seed",
+    "poison",
+    "poison_value",
+    "relative_error",
+    "tolerance_for",
+]
