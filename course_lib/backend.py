@@ -291,6 +291,11 @@ def device_facts() -> dict[str, Any]:
     return facts
 
 
+def cuda_version(code: int) -> str:
+    """CUDA's integer version as people write it: 13020 -> '13.2'."""
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
 def nccl_version() -> str | None:
     """NCCL's version as CuPy sees it, or None where NCCL is not available."""
     if not has_gpu():

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +110,8 @@ def compile_cuda(
         cubin = _read(nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, program)
     finally:
         nvrtc.nvrtcDestroyProgram(program)
-    return CompiledSource(name, arch, ptx, cubin, log, parse_ptxas_report(log, arch))
+    kernels = parse_ptxas_report(log, arch) or ptxas_report(ptx, arch)
+    return CompiledSource(name, arch, ptx, cubin, log, kernels)
 
 
 def _read(size_fn: Any, data_fn: Any, program: Any) -> bytes:
@@ -150,6 +154,38 @@ def parse_ptxas_report(log: str, arch: str) -> list[KernelResources]:
             )
             current = None
     return kernels
+
+
+def find_ptxas() -> str | None:
+    """The ``ptxas`` assembler: from the nvidia-cuda-nvcc wheel, a CUDA toolkit, or the PATH."""
+    try:
+        from cuda.pathfinder import find_nvidia_binary_utility
+
+        found = find_nvidia_binary_utility("ptxas")
+    except Exception:  # noqa: BLE001 - an older cuda-pathfinder, or no nvcc wheel
+        found = None
+    toolkit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    in_toolkit = Path(toolkit, "bin", "ptxas")
+    return found or (str(in_toolkit) if in_toolkit.exists() else shutil.which("ptxas"))
+
+
+def ptxas_report(ptx: str, arch: str) -> list[KernelResources]:
+    """Assemble ``ptx`` with ``ptxas -v`` and parse its report.
+
+    Some NVRTC builds leave ptxas' report out of the program log even when asked for it; the
+    standalone assembler gives the same report. Returns [] when no ptxas is installed.
+    """
+    ptxas = find_ptxas()
+    if ptxas is None:
+        return []
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder, "kernel.ptx")
+        source.write_text(ptx)
+        command = [ptxas, f"-arch={arch}", "-v", str(source), "-o", str(Path(folder, "kernel.cubin"))]
+        done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CompileError(f"ptxas failed for {arch}\n{done.stderr}")
+    return parse_ptxas_report(done.stdout + done.stderr, arch)
 
 
 def course_sources() -> list[Path]:

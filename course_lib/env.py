@@ -18,10 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from course_lib import backend
+from typing import Any
 
 BOOK_DIR = Path(__file__).resolve().parent.parent / "book"
 # Environment variables worth showing; any whose name looks secret is masked all the same.
@@ -55,6 +52,22 @@ class Report:
     advice: list[Advice] = field(default_factory=list)
 
 
+def _import_backend() -> tuple[ModuleType, Advice | None]:
+    """Import ``course_lib.backend``; if ``COURSE_DEVICE`` makes that fail, drop it and say why."""
+    try:
+        from course_lib import backend
+    except (RuntimeError, ValueError) as exc:
+        os.environ.pop("COURSE_DEVICE", None)
+        from course_lib import backend
+
+        problem = str(exc).replace(" Run `python -m course_lib.env`.", "")
+        return backend, Advice("problem", f"{problem} This report ignores COURSE_DEVICE; unset it or fix the GPU.")
+    return backend, None
+
+
+backend, COURSE_DEVICE_PROBLEM = _import_backend()
+
+
 def _safely(probe: Callable[[], Any], fallback: Callable[[str], Any]) -> Any:
     """Run a probe; on any exception return ``fallback(error text)`` instead of crashing."""
     try:
@@ -64,8 +77,6 @@ def _safely(probe: Callable[[], Any], fallback: Callable[[str], Any]) -> Any:
 
 
 def system_facts() -> dict[str, Any]:
-    from course_lib import backend
-
     memory = None
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -96,7 +107,7 @@ def compile_check() -> dict[str, str]:
     for arch in cuda_compile.TARGETS:
         def attempt(arch: str = arch) -> str:
             kernels = cuda_compile.compile_file("vector_add.cu", arch).kernels
-            return f"ok ({kernels[0].registers} registers)"
+            return f"ok ({kernels[0].registers} registers)" if kernels else "ok (no ptxas for a resource report)"
 
         results[arch] = _safely(attempt, lambda error: error.splitlines()[0])
     return results
@@ -112,7 +123,7 @@ def mpi_facts() -> dict[str, Any]:
         from mpi4py import MPI
 
         facts["mpi4py"] = mpi4py.__version__
-        facts["library"] = MPI.Get_library_version().splitlines()[0].strip()
+        facts["library"] = MPI.Get_library_version().replace("\x00", "").splitlines()[0].strip()
         facts["standard"] = "MPI {}.{}".format(*MPI.Get_version())
     except Exception as exc:  # noqa: BLE001 - missing or broken MPI is advice, not a crash
         facts["error"] = f"{type(exc).__name__}: {exc}"
@@ -149,22 +160,8 @@ def chapter_modes(gpu: bool) -> list[dict[str, str]]:
     return chapters
 
 
-def load_backend() -> tuple[ModuleType, Advice | None]:
-    """Import ``course_lib.backend``; if ``COURSE_DEVICE`` makes that fail, drop it and say why."""
-    try:
-        from course_lib import backend
-    except (RuntimeError, ValueError) as exc:
-        os.environ.pop("COURSE_DEVICE", None)
-        from course_lib import backend
-
-        problem = str(exc).replace(" Run `python -m course_lib.env`.", "")
-        return backend, Advice("problem", f"{problem} This report ignores COURSE_DEVICE; unset it or fix the GPU.")
-    return backend, None
-
-
 def collect(measure: bool = False) -> Report:
     """Probe everything; never raises."""
-    backend, override_problem = load_backend()
     decision = backend.DECISION
     probe = backend.probe_driver() if decision.forced and decision.mode == "cpu" else decision.probe
     gpu = _safely(backend.device_facts, lambda error: {"error": error}) if backend.has_gpu() else None
@@ -186,7 +183,7 @@ def collect(measure: bool = False) -> Report:
         from course_lib.bench import run_suite
 
         report.gpu["measured"] = _safely(lambda: run_suite("env", quick=True)["headline"], lambda e: {"error": e})
-    report.advice = ([override_problem] if override_problem else []) + advise(report, decision)
+    report.advice = ([COURSE_DEVICE_PROBLEM] if COURSE_DEVICE_PROBLEM else []) + advise(report, decision)
     return report
 
 
@@ -232,7 +229,7 @@ def advise(report: Report, decision: backend.Decision) -> list[Advice]:
 def _gpu_problem_advice(decision: backend.Decision, driver: dict[str, Any], libs: dict[str, str]) -> list[Advice]:
     """A driver is here but the GPU is not usable: say why and what to do."""
     version = driver.get("driver_cuda_version")
-    driver_cuda = f"{version // 1000}.{version % 1000 // 10}" if version else "unknown"
+    driver_cuda = backend.cuda_version(version) if version else "unknown"
     cupy_wheel = next((name for name in libs if name.startswith("cupy-cuda")), None)
     advice = [Advice("problem", f"An NVIDIA driver is installed ({driver['library']}, CUDA {driver_cuda}) "
                                 f"but the GPU is not usable: {decision.reason}. Running in CPU mode.")]
@@ -261,9 +258,10 @@ def render(report: Report) -> str:
     driver = report.driver
     if report.gpu and "name" in report.gpu:
         g = report.gpu
+        driver_cuda = backend.cuda_version(g["driver_cuda_version"])
+        runtime_cuda = backend.cuda_version(g["runtime_cuda_version"])
         lines.append(f"GPU      {g['name']} (sm_{g['compute_capability'].replace('.', '')}), {g['sm_count']} SMs, "
-                     f"{g['memory_bytes'] / 2**30:.1f} GiB, driver CUDA {g['driver_cuda_version']}, "
-                     f"runtime CUDA {g['runtime_cuda_version']}")
+                     f"{g['memory_bytes'] / 2**30:.1f} GiB, driver CUDA {driver_cuda}, runtime CUDA {runtime_cuda}")
         if "measured" in g:
             lines.append(f"Measured {_figures(g['measured'])}")
     else:

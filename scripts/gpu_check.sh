@@ -3,7 +3,7 @@
 # importable (a `scripts/course.py setup` environment, or the packages installed some other way):
 #   * the environment report with measured figures, and the same report forced into CPU mode;
 #   * every test in GPU mode, the `gpu`-marked ones included;
-#   * the solutions checked and the chapters executed in GPU mode (nbclient; no book build needed);
+#   * the solutions and the unsolved exercises checked, the chapters executed in GPU mode (nbclient);
 #   * the benchmark suites named on the command line, written as results files.
 # Usage: scripts/gpu_check.sh OUTDIR [SUITE ...]     e.g. scripts/gpu_check.sh /tmp/gpu-out env
 # Copy OUTDIR/results/<card>/*.json to course_lib/results/<card>/ to publish the figures.
@@ -21,6 +21,7 @@ step "environment report (GPU mode, measured)" $py -m course_lib.env --measure
 step "environment report with COURSE_DEVICE=cpu" env COURSE_DEVICE=cpu $py -m course_lib.env
 step "tests in GPU mode" $py -m pytest -p no:cacheprovider tests --ignore=tests/mpi -m "not mpi" -q -rs
 step "solutions in GPU mode" $py -m pytest -p no:cacheprovider --nbval-lax solutions/ -q
+step "unsolved exercises fail at their checks in GPU mode" $py scripts/exercises.py verify-unsolved
 for notebook in book/*.ipynb book/labs/*.ipynb; do
     [ -e "$notebook" ] || continue
     step "execute $notebook" $py scripts/execute_notebook.py "$notebook" "$out/$(basename "$notebook")"

@@ -56,6 +56,13 @@ ptxas info    : Used 255 registers, used 1 barriers, 2048 bytes smem, 380 bytes 
     assert (kernel.spill_store_bytes, kernel.spill_load_bytes) == (8, 12)
 
 
+def test_standalone_ptxas_gives_the_same_report():
+    compiled = cuda_compile.compile_file("vector_add.cu", "sm_90")
+    if cuda_compile.find_ptxas() is None:
+        pytest.fail("no ptxas found: requirements.txt installs it with the nvidia-cuda-nvcc wheel")
+    assert cuda_compile.ptxas_report(compiled.ptx, "sm_90") == compiled.kernels
+
+
 def test_a_compile_error_carries_the_compiler_log():
     with pytest.raises(cuda_compile.CompileError, match='identifier "undefined_name" is undefined'):
         cuda_compile.compile_cuda('extern "C" __global__ void k() { undefined_name = 1; }', "sm_80")

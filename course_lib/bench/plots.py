@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,9 +20,9 @@ def figure(title: str, width: float = 7.0, height: float = 4.0) -> tuple[plt.Fig
     return fig, ax
 
 
-def caption(ax: plt.Axes, text: str) -> None:
-    """Where the numbers came from, in small print under the axes (card, date, versions, mode)."""
-    ax.annotate(text, xy=(0, -0.18), xycoords="axes fraction", fontsize=7, color="0.35", va="top")
+def caption(fig: plt.Figure, text: str) -> None:
+    """Where the numbers came from, in small print along the bottom (card, date, versions, mode)."""
+    fig.supxlabel(textwrap.fill(text, 140), fontsize=7, color="0.35")
 
 
 def bar_chart(ax: plt.Axes, labels: Sequence[str], values: Sequence[float], unit: str, log: bool = False) -> None:

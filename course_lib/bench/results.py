@@ -91,15 +91,11 @@ def provenance(result: dict[str, Any]) -> str:
     device, libs = result["device"], result["device"].get("libraries", {})
     parts = [result["card"], f"measured {result['date'][:10]}"]
     if device.get("driver_cuda_version"):
-        parts.append(f"driver CUDA {_cuda(device['driver_cuda_version'])}")
+        parts.append(f"driver CUDA {backend.cuda_version(device['driver_cuda_version'])}")
     for lib in ("cupy-cuda13x", "cupy-cuda12x", "numba-cuda", "torch"):
         if lib in libs:
             parts.append(f"{lib} {libs[lib]}")
     return ", ".join(parts)
-
-
-def _cuda(version: int) -> str:
-    return f"{version // 1000}.{version % 1000 // 10}"
 
 
 def headline(name: str, key: str, card: str | None = None) -> float:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from course_lib.bench.results import new_result
 from course_lib.bench.suites import SUITES
