@@ -55,6 +55,21 @@ class CompiledSource:
     kernels: list[KernelResources] = field(default_factory=list)
 
 
+def nvrtc_problem() -> str | None:
+    """Why NVRTC cannot compile on this machine, or None when it can.
+
+    NVIDIA ships NVRTC wheels for Linux and Windows only: on macOS the chapters say so and show
+    the resource reports in the text instead.
+    """
+    try:
+        from cuda.bindings import nvrtc
+
+        status, *_ = nvrtc.nvrtcVersion()
+    except Exception as exc:  # noqa: BLE001 - no cuda-python, or no libnvrtc it can load
+        return f"NVRTC is not available ({type(exc).__name__}: {exc}); it ships for Linux and Windows"
+    return None if status == nvrtc.nvrtcResult.NVRTC_SUCCESS else f"NVRTC does not answer ({status.name})"
+
+
 def cuda_include_dirs() -> list[str]:
     """Folders holding the CUDA headers (cuda_fp16.h, cuda_bf16.h, ...) and the course's own."""
     dirs = [str(KERNEL_DIR)]
@@ -92,12 +107,11 @@ def compile_cuda(
     """
     if arch not in TARGETS and not re.fullmatch(r"sm_\d+a?", arch):
         raise ValueError(f"arch must look like 'sm_90' or 'sm_90a' (course targets: {TARGETS}), got {arch!r}")
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError as exc:
-        raise RuntimeError(
-            "compiling CUDA C needs cuda-python and the NVRTC wheel: pip install -r requirements.txt"
-        ) from exc
+    problem = nvrtc_problem()
+    if problem:
+        raise RuntimeError(f"compiling CUDA C needs cuda-python and the NVRTC wheel: {problem}")
+    from cuda.bindings import nvrtc
+
     flags = [f"--gpu-architecture={arch}", "--std=c++17", "-Xptxas", "-v", *options]
     flags += [f"-I{d}" for d in cuda_include_dirs()]
     program = _check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")

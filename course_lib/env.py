@@ -165,6 +165,10 @@ def collect(measure: bool = False) -> Report:
     decision = backend.DECISION
     probe = backend.probe_driver() if decision.forced and decision.mode == "cpu" else decision.probe
     gpu = _safely(backend.device_facts, lambda error: {"error": error}) if backend.has_gpu() else None
+    if measure and gpu is not None:  # first, before the other probes load more libraries into the process
+        from course_lib.bench import run_suite
+
+        gpu["measured"] = _safely(lambda: run_suite("env", quick=True)["headline"], lambda e: {"error": e})
     report = Report(
         mode=decision.mode,
         mode_reason=decision.reason,
@@ -179,10 +183,6 @@ def collect(measure: bool = False) -> Report:
         environment=visible_environment(),
         chapters=chapter_modes(backend.has_gpu()),
     )
-    if measure and backend.has_gpu():
-        from course_lib.bench import run_suite
-
-        report.gpu["measured"] = _safely(lambda: run_suite("env", quick=True)["headline"], lambda e: {"error": e})
     report.advice = ([COURSE_DEVICE_PROBLEM] if COURSE_DEVICE_PROBLEM else []) + advise(report, decision)
     return report
 

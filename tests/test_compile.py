@@ -7,6 +7,7 @@ from course_lib import backend
 from course_lib import compile as cuda_compile
 
 SOURCES = cuda_compile.course_sources()
+pytestmark = pytest.mark.skipif(cuda_compile.nvrtc_problem() is not None, reason=str(cuda_compile.nvrtc_problem()))
 
 
 def test_the_course_ships_kernels():
