@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 
 from course_lib import backend
+from course_lib.bench.roofline import achieved_gbps as reference_gbps
+from course_lib.bench.roofline import roofline_time as reference_roofline_time
 from course_lib.check.compare import assert_close
 from course_lib.check.failure import CheckFailed
 from course_lib.check.learner import call_learner, launch_learner_kernel
@@ -42,8 +44,13 @@ def _scaled_by(factor: float) -> Callable[[np.ndarray, np.ndarray], bool]:
 # --- achieved_gbps ---------------------------------------------------------------------------------
 
 
-def _achieved_gbps(bytes_read: int, bytes_written: int, seconds: float) -> float:
-    return (bytes_read + bytes_written) / seconds / 1e9
+def _check_scalar_case(
+    fn: Callable[..., Any], name: str, signature: str, args: tuple, expected: float, mistakes: tuple[Mistake, ...]
+) -> None:
+    """Call the learner's ``fn(*args)`` and compare its answer with ``expected``, naming known mistakes."""
+    __tracebackhide__ = True
+    out = call_learner(fn, *args, name=name, expected_signature=signature)
+    assert_close(out, expected, what=_call_text(name, args), mistakes=mistakes, inputs=args)
 
 
 ACHIEVED_GBPS_MISTAKES = (
@@ -78,28 +85,15 @@ def check_achieved_gbps(achieved_gbps: Callable[[int, int, float], float]) -> No
             bytes_read = int(_log_uniform(run.rng, 1e3, 1e11))
             bytes_written = int(_log_uniform(run.rng, 1e3, 1e11))
             seconds = _rounded((bytes_read + bytes_written) / (_log_uniform(run.rng, 1, 4000) * 1e9))
-            args = (bytes_read, bytes_written, seconds)
-            out = call_learner(
-                achieved_gbps,
-                *args,
-                name="achieved_gbps",
-                expected_signature="achieved_gbps(bytes_read, bytes_written, seconds)",
-            )
-            assert_close(
-                out,
-                _achieved_gbps(*args),
-                what=_call_text("achieved_gbps", args),
-                mistakes=ACHIEVED_GBPS_MISTAKES,
-                inputs=args,
+            _check_scalar_case(
+                achieved_gbps, "achieved_gbps", "achieved_gbps(bytes_read, bytes_written, seconds)",
+                (bytes_read, bytes_written, seconds), reference_gbps(bytes_read + bytes_written, seconds),
+                ACHIEVED_GBPS_MISTAKES,
             )
         run.passed(SCALAR_CASES)
 
 
 # --- roofline_time ---------------------------------------------------------------------------------
-
-
-def _roofline_time(flops: float, bytes_moved: float, peak_flops_per_s: float, peak_bytes_per_s: float) -> float:
-    return max(flops / peak_flops_per_s, bytes_moved / peak_bytes_per_s)
 
 
 ROOFLINE_TIME_MISTAKES = (
@@ -137,18 +131,9 @@ def check_roofline_time(roofline_time: Callable[[float, float, float, float], fl
             intensity = ridge * distance if case % 2 == 0 else ridge / distance
             flops = int(_rounded(bytes_moved * intensity))
             args = (flops, bytes_moved, peak_flops, peak_bytes)
-            out = call_learner(
-                roofline_time,
-                *args,
-                name="roofline_time",
-                expected_signature="roofline_time(flops, bytes_moved, peak_flops_per_s, peak_bytes_per_s)",
-            )
-            assert_close(
-                out,
-                _roofline_time(*args),
-                what=_call_text("roofline_time", args),
-                mistakes=ROOFLINE_TIME_MISTAKES,
-                inputs=args,
+            _check_scalar_case(
+                roofline_time, "roofline_time", "roofline_time(flops, bytes_moved, peak_flops_per_s, peak_bytes_per_s)",
+                args, reference_roofline_time(*args), ROOFLINE_TIME_MISTAKES,
             )
         run.passed(SCALAR_CASES, detail="compute-bound and memory-bound")
 
