@@ -10,6 +10,7 @@ On a GPU, :func:`load_module` hands the same source to CuPy as a ``RawModule`` t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -99,10 +100,17 @@ def _check(result: tuple, what: str, log: str = "") -> Any:
 
 
 def compile_cuda(
-    source: str, arch: str = "sm_90", *, name: str = "kernel.cu", options: tuple[str, ...] = ()
+    source: str,
+    arch: str = "sm_90",
+    *,
+    name: str = "kernel.cu",
+    options: tuple[str, ...] = (),
+    name_expressions: tuple[str, ...] = (),
 ) -> CompiledSource:
     """Compile CUDA C ``source`` for ``arch`` (e.g. ``"sm_90a"``) to PTX and cubin with NVRTC.
 
+    ``name_expressions`` (``"rms_norm_rows<__nv_bfloat16, 4>"``) name template kernels: they are
+    instantiated if need be, and the report uses these names instead of the mangled ones.
     Raises :class:`CompileError` with the compiler's log when the source does not compile.
     """
     if arch not in TARGETS and not re.fullmatch(r"sm_\d+a?", arch):
@@ -116,15 +124,22 @@ def compile_cuda(
     flags += [f"-I{d}" for d in cuda_include_dirs()]
     program = _check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")
     try:
+        for expression in name_expressions:
+            _check(nvrtc.nvrtcAddNameExpression(program, expression.encode()), "nvrtcAddNameExpression")
         encoded = [flag.encode() for flag in flags]
         status = nvrtc.nvrtcCompileProgram(program, len(encoded), encoded)
         log = _read(nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog, program).decode(errors="replace")
         _check(status + (None,), f"compiling {name} for {arch}", log)
         ptx = _read(nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX, program).decode()
         cubin = _read(nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, program)
+        readable = {
+            _check(nvrtc.nvrtcGetLoweredName(program, expression.encode()), "nvrtcGetLoweredName").decode(): expression
+            for expression in name_expressions
+        }
     finally:
         nvrtc.nvrtcDestroyProgram(program)
     kernels = parse_ptxas_report(log, arch) or ptxas_report(ptx, arch)
+    kernels = [dataclasses.replace(k, kernel=readable.get(k.kernel, k.kernel)) for k in kernels]
     return CompiledSource(name, arch, ptx, cubin, log, kernels)
 
 
@@ -215,20 +230,21 @@ def kernel_path(path: str | Path) -> Path:
     return KERNEL_DIR / path
 
 
-def compile_file(path: str | Path, arch: str = "sm_90") -> CompiledSource:
+def compile_file(path: str | Path, arch: str = "sm_90", name_expressions: tuple[str, ...] = ()) -> CompiledSource:
     """Compile a ``.cu`` file; ``path`` may be relative to ``course_lib/kernels``."""
     path = kernel_path(path)
-    return compile_cuda(path.read_text(), arch, name=path.name)
+    return compile_cuda(path.read_text(), arch, name=path.name, name_expressions=name_expressions)
 
 
 def resource_table(compiled: list[CompiledSource]) -> str:
     """A plain-text table of registers, shared memory, stack and spills, one row per kernel and arch."""
-    header = f"{'kernel':<28}{'arch':<8}{'regs':>6}{'smem B':>9}{'stack B':>9}{'spill st/ld B':>15}"
+    width = max([28] + [len(k.kernel) + 2 for source in compiled for k in source.kernels])
+    header = f"{'kernel':<{width}}{'arch':<8}{'regs':>6}{'smem B':>9}{'stack B':>9}{'spill st/ld B':>15}"
     rows = [header, "-" * len(header)]
     for source in compiled:
         for k in source.kernels:
             spills = f"{k.spill_store_bytes}/{k.spill_load_bytes}"
-            rows.append(f"{k.kernel:<28}{k.arch:<8}{k.registers:>6}{k.shared_bytes:>9}{k.stack_bytes:>9}{spills:>15}")
+            rows.append(f"{k.kernel:<{width}}{k.arch:<8}{k.registers:>6}{k.shared_bytes:>9}{k.stack_bytes:>9}{spills:>15}")
     return "\n".join(rows)
 
 

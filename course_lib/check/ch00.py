@@ -13,6 +13,7 @@ from course_lib.bench.roofline import achieved_gbps as reference_gbps
 from course_lib.bench.roofline import roofline_time as reference_roofline_time
 from course_lib.check.compare import assert_close
 from course_lib.check.failure import CheckFailed
+from course_lib.check.inputs import nonzero_float32
 from course_lib.check.learner import call_learner, launch_learner_kernel
 from course_lib.check.mistakes import Mistake
 from course_lib.check.poison import is_poison, poison
@@ -180,12 +181,6 @@ def _vector_sizes(rng: np.random.Generator) -> list[int]:
     return [n + 1 if n % THREADS_PER_BLOCK == 0 else n for n in sizes]
 
 
-def _random_float32(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Values in ±[0.5, 2): never zero, so a skipped term or a wrong sign always shows."""
-    signs = rng.choice(np.array([-1.0, 1.0]), size)
-    return (signs * rng.uniform(0.5, 2.0, size)).astype(np.float32)
-
-
 def _explain_out_of_bounds(error: BaseException) -> str | None:
     """The simulator bounds-checks every access: an IndexError means the kernel needs a guard."""
     if not isinstance(error, IndexError):
@@ -222,7 +217,7 @@ def check_vector_add(vector_add: Any) -> None:
             blocks = -(-n // THREADS_PER_BLOCK)
             run.case = f"n = {n}, {blocks} block{'s' if blocks > 1 else ''} of {THREADS_PER_BLOCK} threads"
             padded = n + THREADS_PER_BLOCK  # a guard-less kernel writes at most a block minus one past n
-            a_host, b_host = _random_float32(run.rng, padded), _random_float32(run.rng, padded)
+            a_host, b_host = nonzero_float32(run.rng, padded), nonzero_float32(run.rng, padded)
             a, b, buffer = xp.asarray(a_host), xp.asarray(b_host), poison(padded, np.float32)
             launch_learner_kernel(
                 vector_add,

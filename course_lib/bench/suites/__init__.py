@@ -5,5 +5,7 @@ Each suite module defines ``DESCRIPTION``, ``steps(quick) -> list[Step]`` and
 """
 
 SUITES = {
+    "coalescing": "course_lib.bench.suites.coalescing",
     "env": "course_lib.bench.suites.env",
+    "norm": "course_lib.bench.suites.norm",
 }

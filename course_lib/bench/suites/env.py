@@ -1,7 +1,7 @@
 """The two ceilings of a device: copy bandwidth and matrix-multiply rate (chapter 00).
 
-Copy bandwidth counts bytes read plus bytes written (a copy of N bytes moves 2N). Matmul rate is
-2*M*N*K operations over the median time. On a GPU: a device-to-device ``cudaMemcpy`` and cuBLAS
+Copy bandwidth counts bytes read plus bytes written (a copy of N bytes moves 2N; see baselines.py). Matmul rate is
+2*M*N*K operations over the median time. On a GPU: cuBLAS
 through CuPy (fp16, fp32) and through PyTorch (bf16) where PyTorch is installed. On CPU: NumPy.
 """
 
@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from course_lib import backend
-from course_lib.bench.roofline import achieved_gbps, achieved_tflops
+from course_lib.bench.baselines import copy_bandwidth
+from course_lib.bench.roofline import achieved_tflops
 from course_lib.bench.runner import Step, measurement
 from course_lib.bench.timing import time_call
 
@@ -35,17 +36,6 @@ def steps(quick: bool) -> list[Step]:
     if _torch() is not None:
         measured.append(Step("matmul bfloat16 (cuBLAS via PyTorch)", lambda: torch_bf16_matmul_rate(n)))
     return measured
-
-
-def copy_bandwidth(nbytes: int) -> dict[str, Any]:
-    """Copy ``nbytes`` from one buffer to another; report GB/s counting read + written bytes."""
-    xp = backend.xp
-    source = xp.random.default_rng(0).random(nbytes // 4, dtype=xp.float32)
-    target = xp.empty_like(source)
-    timing = time_call(xp.copyto, target, source, repeats=20, warmup=3)
-    if not bool((target == source).all()):
-        raise RuntimeError("the copy benchmark's target differs from its source")
-    return measurement("copy", timing, {"bytes": nbytes}, gbps=achieved_gbps(2 * nbytes, timing.median_s))
 
 
 def matmul_rate(n: int, dtype: str) -> dict[str, Any]:

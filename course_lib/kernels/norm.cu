@@ -1,0 +1,288 @@
+// RMSNorm, fused residual-add + RMSNorm, and LayerNorm: the normalisations of every transformer layer.
+//
+// All three are memory-bound: each element is read once and written once, with a handful of
+// operations in between, so the goal is to move bytes at the speed of a plain copy. The recipe:
+//   * one thread block per row, so a row's reduction stays inside one block;
+//   * 16-byte loads and stores (8 bf16/fp16 or 4 fp32 values per instruction), coalesced;
+//   * the row held in registers between the reduction and the write (ITEMS packs per thread),
+//     so x is read from memory exactly once;
+//   * fp32 accumulation whatever the storage type;
+//   * for rows too long to hold in registers, a "long row" variant that reads the row twice
+//     (the second read mostly hits L2) and, with PACK = 1, handles any length and alignment.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+// ---- element conversions -------------------------------------------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// PACK elements moved by one load or store instruction (16 bytes when PACK * sizeof(T) == 16).
+template <typename T, int PACK>
+struct alignas(sizeof(T) * PACK) Pack {
+    T e[PACK];
+};
+
+template <typename T, int PACK>
+__device__ __forceinline__ void load_floats(const T* row, int pack_index, float (&out)[PACK]) {
+    const Pack<T, PACK> p = reinterpret_cast<const Pack<T, PACK>*>(row)[pack_index];
+#pragma unroll
+    for (int j = 0; j < PACK; ++j) out[j] = to_float(p.e[j]);
+}
+
+template <typename T, int PACK>
+__device__ __forceinline__ void store_floats(T* row, int pack_index, const float (&in)[PACK]) {
+    Pack<T, PACK> p;
+#pragma unroll
+    for (int j = 0; j < PACK; ++j) p.e[j] = from_float<T>(in[j]);
+    reinterpret_cast<Pack<T, PACK>*>(row)[pack_index] = p;
+}
+
+// ---- the block-wide sum --------------------------------------------------------------------
+// Each warp adds its 32 values with shuffles (no shared memory, no barrier), warp leaders meet in
+// shared memory, and warp 0 adds those. Every thread gets the total.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ float block_sum(float v) {
+    __shared__ float per_warp[32];
+    __shared__ float total;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    v = warp_sum(v);
+    if (lane == 0) per_warp[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (blockDim.x + 31) / 32 ? per_warp[lane] : 0.0f;
+        v = warp_sum(v);
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    const float result = total;
+    __syncthreads();  // per_warp and total may be reused by the next call
+    return result;
+}
+
+// ---- RMSNorm: y = x / sqrt(mean(x^2) + eps) * w ----------------------------------------------
+template <typename T, int ITEMS>
+__global__ void rms_norm_rows(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w,
+                              float eps, int hidden) {
+    constexpr int PACK = 16 / sizeof(T);
+    const int packs = hidden / PACK;
+    const size_t row = blockIdx.x;
+    float v[ITEMS][PACK];
+    float sum_sq = 0.0f;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+        const int p = threadIdx.x + it * blockDim.x;
+        if (p < packs) {
+            load_floats<T, PACK>(x + row * hidden, p, v[it]);
+#pragma unroll
+            for (int j = 0; j < PACK; ++j) sum_sq += v[it][j] * v[it][j];
+        }
+    }
+    const float inv_rms = rsqrtf(block_sum(sum_sq) / hidden + eps);
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+        const int p = threadIdx.x + it * blockDim.x;
+        if (p < packs) {
+            float weight[PACK];
+            load_floats<T, PACK>(w, p, weight);
+#pragma unroll
+            for (int j = 0; j < PACK; ++j) v[it][j] = v[it][j] * inv_rms * weight[j];
+            store_floats<T, PACK>(out + row * hidden, p, v[it]);
+        }
+    }
+}
+
+template <typename T, int PACK>
+__global__ void rms_norm_long(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w,
+                              float eps, int hidden) {
+    const int packs = hidden / PACK;
+    const T* x_row = x + static_cast<size_t>(blockIdx.x) * hidden;
+    float sum_sq = 0.0f;
+    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+        float v[PACK];
+        load_floats<T, PACK>(x_row, p, v);
+#pragma unroll
+        for (int j = 0; j < PACK; ++j) sum_sq += v[j] * v[j];
+    }
+    const float inv_rms = rsqrtf(block_sum(sum_sq) / hidden + eps);
+    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+        float v[PACK], weight[PACK];
+        load_floats<T, PACK>(x_row, p, v);
+        load_floats<T, PACK>(w, p, weight);
+#pragma unroll
+        for (int j = 0; j < PACK; ++j) v[j] = v[j] * inv_rms * weight[j];
+        store_floats<T, PACK>(out + static_cast<size_t>(blockIdx.x) * hidden, p, v);
+    }
+}
+
+// ---- fused residual add + RMSNorm, as Llama-style blocks run it --------------------------------
+// residual <- x + residual (stored back, rounded to T); out <- RMSNorm(x + residual) * w.
+// One pass over four arrays instead of an add kernel and a norm kernel (six array passes).
+template <typename T, int ITEMS>
+__global__ void add_rms_norm_rows(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x,
+                                  const T* __restrict__ w, float eps, int hidden) {
+    constexpr int PACK = 16 / sizeof(T);
+    const int packs = hidden / PACK;
+    const size_t row = blockIdx.x;
+    float v[ITEMS][PACK];
+    float sum_sq = 0.0f;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+        const int p = threadIdx.x + it * blockDim.x;
+        if (p < packs) {
+            float r[PACK];
+            load_floats<T, PACK>(x + row * hidden, p, v[it]);
+            load_floats<T, PACK>(residual + row * hidden, p, r);
+#pragma unroll
+            for (int j = 0; j < PACK; ++j) {
+                v[it][j] += r[j];
+                sum_sq += v[it][j] * v[it][j];
+            }
+            store_floats<T, PACK>(residual + row * hidden, p, v[it]);
+        }
+    }
+    const float inv_rms = rsqrtf(block_sum(sum_sq) / hidden + eps);
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+        const int p = threadIdx.x + it * blockDim.x;
+        if (p < packs) {
+            float weight[PACK];
+            load_floats<T, PACK>(w, p, weight);
+#pragma unroll
+            for (int j = 0; j < PACK; ++j) v[it][j] = v[it][j] * inv_rms * weight[j];
+            store_floats<T, PACK>(out + row * hidden, p, v[it]);
+        }
+    }
+}
+
+template <typename T, int PACK>
+__global__ void add_rms_norm_long(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x,
+                                  const T* __restrict__ w, float eps, int hidden) {
+    const int packs = hidden / PACK;
+    const size_t offset = static_cast<size_t>(blockIdx.x) * hidden;
+    float sum_sq = 0.0f;
+    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+        float v[PACK], r[PACK];
+        load_floats<T, PACK>(x + offset, p, v);
+        load_floats<T, PACK>(residual + offset, p, r);
+#pragma unroll
+        for (int j = 0; j < PACK; ++j) {
+            v[j] += r[j];
+            sum_sq += v[j] * v[j];
+        }
+        store_floats<T, PACK>(residual + offset, p, v);
+    }
+    const float inv_rms = rsqrtf(block_sum(sum_sq) / hidden + eps);
+    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+        float v[PACK], weight[PACK];
+        load_floats<T, PACK>(residual + offset, p, v);  // this thread wrote these: no barrier needed
+        load_floats<T, PACK>(w, p, weight);
+#pragma unroll
+        for (int j = 0; j < PACK; ++j) v[j] = v[j] * inv_rms * weight[j];
+        store_floats<T, PACK>(out + offset, p, v);
+    }
+}
+
+// ---- LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b ----------------------------------------
+// The variance is the mean of (x - mean)^2 over the values in registers: two reductions, but no
+// cancellation of the kind E[x^2] - E[x]^2 suffers when the mean is large.
+template <typename T, int ITEMS>
+__global__ void layer_norm_rows(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w,
+                                const T* __restrict__ b, float eps, int hidden) {
+    constexpr int PACK = 16 / sizeof(T);
+    const int packs = hidden / PACK;
+    const size_t row = blockIdx.x;
+    float v[ITEMS][PACK];
+    float sum = 0.0f;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+        const int p = threadIdx.x + it * blockDim.x;
+        if (p < packs) {
+            load_floats<T, PACK>(x + row * hidden, p, v[it]);
+#pragma unroll
+            for (int j = 0; j < PACK; ++j) sum += v[it][j];
+        }
+    }
+    const float mean = block_sum(sum) / hidden;
+    float sum_sq = 0.0f;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+        if (threadIdx.x + it * blockDim.x < packs) {
+#pragma unroll
+            for (int j = 0; j < PACK; ++j) sum_sq += (v[it][j] - mean) * (v[it][j] - mean);
+        }
+    }
+    const float inv_std = rsqrtf(block_sum(sum_sq) / hidden + eps);
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+        const int p = threadIdx.x + it * blockDim.x;
+        if (p < packs) {
+            float weight[PACK], bias[PACK];
+            load_floats<T, PACK>(w, p, weight);
+            load_floats<T, PACK>(b, p, bias);
+#pragma unroll
+            for (int j = 0; j < PACK; ++j) v[it][j] = (v[it][j] - mean) * inv_std * weight[j] + bias[j];
+            store_floats<T, PACK>(out + row * hidden, p, v[it]);
+        }
+    }
+}
+
+template <typename T, int PACK>
+__global__ void layer_norm_long(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w,
+                                const T* __restrict__ b, float eps, int hidden) {
+    const int packs = hidden / PACK;
+    const T* x_row = x + static_cast<size_t>(blockIdx.x) * hidden;
+    float sum = 0.0f;
+    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+        float v[PACK];
+        load_floats<T, PACK>(x_row, p, v);
+#pragma unroll
+        for (int j = 0; j < PACK; ++j) sum += v[j];
+    }
+    const float mean = block_sum(sum) / hidden;
+    float sum_sq = 0.0f;
+    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+        float v[PACK];
+        load_floats<T, PACK>(x_row, p, v);
+#pragma unroll
+        for (int j = 0; j < PACK; ++j) sum_sq += (v[j] - mean) * (v[j] - mean);
+    }
+    const float inv_std = rsqrtf(block_sum(sum_sq) / hidden + eps);
+    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+        float v[PACK], weight[PACK], bias[PACK];
+        load_floats<T, PACK>(x_row, p, v);
+        load_floats<T, PACK>(w, p, weight);
+        load_floats<T, PACK>(b, p, bias);
+#pragma unroll
+        for (int j = 0; j < PACK; ++j) v[j] = (v[j] - mean) * inv_std * weight[j] + bias[j];
+        store_floats<T, PACK>(out + static_cast<size_t>(blockIdx.x) * hidden, p, v);
+    }
+}
+
+// ---- the instantiations the launchers use (and the compile checks report) -------------------
+#define NORM_ROWS(T, ITEMS)                                                                              \
+    template __global__ void rms_norm_rows<T, ITEMS>(T*, const T*, const T*, float, int);               \
+    template __global__ void add_rms_norm_rows<T, ITEMS>(T*, T*, const T*, const T*, float, int);       \
+    template __global__ void layer_norm_rows<T, ITEMS>(T*, const T*, const T*, const T*, float, int);
+#define NORM_LONG(T, PACK)                                                                               \
+    template __global__ void rms_norm_long<T, PACK>(T*, const T*, const T*, float, int);                \
+    template __global__ void add_rms_norm_long<T, PACK>(T*, T*, const T*, const T*, float, int);        \
+    template __global__ void layer_norm_long<T, PACK>(T*, const T*, const T*, const T*, float, int);
+#define NORM_KERNELS(T)                                                                                  \
+    NORM_ROWS(T, 1) NORM_ROWS(T, 2) NORM_ROWS(T, 4) NORM_ROWS(T, 8)                                      \
+    NORM_LONG(T, 16 / sizeof(T)) NORM_LONG(T, 1)
+
+NORM_KERNELS(float)
+NORM_KERNELS(__half)
+NORM_KERNELS(__nv_bfloat16)
