@@ -94,8 +94,10 @@ def check_output(op: str, inputs: dict[str, Any], rows: int = 8) -> float:
     return error
 
 
-def measure_op(op: str, shape: tuple[int, int], target_items: int | None = None) -> dict[str, Any]:
-    """Check, then time the course kernel (and PyTorch where installed) on one shape."""
+def measure_op(
+    op: str, shape: tuple[int, int], target_items: int | None = None, compare_torch: bool = True
+) -> dict[str, Any]:
+    """Check, then time the course kernel (and, if ``compare_torch``, PyTorch where installed) on one shape."""
     inputs = make_inputs(op, shape)
     error = check_output(op, inputs)
     params = {"op": op, "shape": shape, "dtype": DTYPE, "bytes": bytes_moved(op, shape)}
@@ -106,7 +108,7 @@ def measure_op(op: str, shape: tuple[int, int], target_items: int | None = None)
     params.update(kernel=launch.kernel, threads=launch.threads, relative_error=error)
     label = f"{op} {shape}" + (f" items={target_items}" if target_items else "")
     derived = {"gbps": achieved_gbps(params["bytes"], timing.median_s)}
-    torch_timing = None if target_items else _time_torch(op, inputs)
+    torch_timing = _time_torch(op, inputs) if compare_torch and not target_items else None
     if torch_timing is not None:
         params["torch_timing"] = torch_timing.asdict()
         derived["torch_gbps"] = achieved_gbps(params["bytes"], torch_timing.median_s)
