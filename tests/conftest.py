@@ -1,8 +1,16 @@
 """Shared test setup: GPU tests skip, with the reason shown, on a machine without a usable GPU."""
 
 import pytest
+from checker_testing import SEEDS
 
 from course_lib import backend
+
+
+@pytest.fixture(params=SEEDS)
+def seed(request, monkeypatch):
+    """Run a checker test once per fixed seed, through the variable learners use to replay a run."""
+    monkeypatch.setenv("COURSE_CHECK_SEED", request.param)
+    return request.param
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

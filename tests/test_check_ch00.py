@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from checker_testing import rejected_with
 
 from course_lib import backend
-from course_lib.check import CheckFailed, check_achieved_gbps, check_roofline_time, check_vector_add
+from course_lib.check import check_achieved_gbps, check_roofline_time, check_vector_add
 
 cuda = backend.numba_cuda()
 
-SEEDS = ["11", "2024", "777777"]  # the hints must not depend on one lucky draw
-
-
-@pytest.fixture(params=SEEDS)
-def seed(request, monkeypatch):
-    monkeypatch.setenv("COURSE_CHECK_SEED", request.param)
-    return request.param
-
-
-def rejected_with(check, learner_code) -> str:
-    """Run ``check`` on wrong code; return the failure message after the checks every message must meet."""
-    with pytest.raises(CheckFailed) as failure:
-        check(learner_code)
-    message = str(failure.value)
-    assert len(message) < 600 and "Traceback" not in message
-    assert "rerun with COURSE_CHECK_SEED=" in message
-    return message
 
 
 # --- achieved_gbps -----------------------------------------------------------------------------------

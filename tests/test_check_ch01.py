@@ -10,31 +10,17 @@ import math
 
 import numba
 import pytest
+from checker_testing import rejected_with
 
 from course_lib import backend
-from course_lib.check import CheckFailed, check_block_sum, check_rms_norm, check_saxpy
+from course_lib.check import check_block_sum, check_rms_norm, check_saxpy
 
 cuda = backend.numba_cuda()
 
-SEEDS = ["11", "2024", "777777"]  # the hints must not depend on one lucky draw
+
+
 needs_gpu = pytest.mark.gpu  # tests/conftest.py skips these, saying why, where there is no GPU
 on_cpu_only = pytest.mark.skipif(backend.has_gpu(), reason="the simulator raises where a GPU goes on silently")
-
-
-@pytest.fixture(params=SEEDS)
-def seed(request, monkeypatch):
-    monkeypatch.setenv("COURSE_CHECK_SEED", request.param)
-    return request.param
-
-
-def rejected_with(check, learner_code) -> str:
-    """Run ``check`` on wrong code; return the failure message after the checks every message must meet."""
-    with pytest.raises(CheckFailed) as failure:
-        check(learner_code)
-    message = str(failure.value)
-    assert len(message) < 900 and "Traceback" not in message
-    assert "rerun with COURSE_CHECK_SEED=" in message
-    return message
 
 
 # --- saxpy ---------------------------------------------------------------------------------------

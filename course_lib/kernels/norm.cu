@@ -71,25 +71,25 @@ __device__ float block_sum(float v) {
     return result;
 }
 
-// ---- RMSNorm: y = x / sqrt(mean(x^2) + eps) * w ----------------------------------------------
-template <typename T, int ITEMS>
-__global__ void rms_norm_rows(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w,
-                              float eps, int hidden) {
-    constexpr int PACK = 16 / sizeof(T);
-    const int packs = hidden / PACK;
-    const size_t row = blockIdx.x;
-    float v[ITEMS][PACK];
-    float sum_sq = 0.0f;
+// ---- a row into registers: ITEMS packs per thread, zeros past the end of the row -------------------
+template <typename T, int ITEMS, int PACK>
+__device__ __forceinline__ void load_row(const T* row, float (&v)[ITEMS][PACK], int packs) {
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
         const int p = threadIdx.x + it * blockDim.x;
         if (p < packs) {
-            load_floats<T, PACK>(x + row * hidden, p, v[it]);
+            load_floats<T, PACK>(row, p, v[it]);
+        } else {
 #pragma unroll
-            for (int j = 0; j < PACK; ++j) sum_sq += v[it][j] * v[it][j];
+            for (int j = 0; j < PACK; ++j) v[it][j] = 0.0f;
         }
     }
-    const float inv_rms = rsqrtf(block_sum(sum_sq) / hidden + eps);
+}
+
+// ---- the last step of both RMSNorm kernels: out = v * inv_rms * w ----------------------------------
+template <typename T, int ITEMS, int PACK>
+__device__ __forceinline__ void scale_and_store(T* out_row, const T* w, float (&v)[ITEMS][PACK], float inv_rms,
+                                                int packs) {
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
         const int p = threadIdx.x + it * blockDim.x;
@@ -98,9 +98,42 @@ __global__ void rms_norm_rows(T* __restrict__ out, const T* __restrict__ x, cons
             load_floats<T, PACK>(w, p, weight);
 #pragma unroll
             for (int j = 0; j < PACK; ++j) v[it][j] = v[it][j] * inv_rms * weight[j];
-            store_floats<T, PACK>(out + row * hidden, p, v[it]);
+            store_floats<T, PACK>(out_row, p, v[it]);
         }
     }
+}
+
+// Same for rows too long to keep: the values are read again from `row` (x, or the new residual).
+template <typename T, int PACK>
+__device__ __forceinline__ void reload_scale_and_store(T* out_row, const T* row, const T* w, float inv_rms,
+                                                       int packs) {
+    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+        float v[PACK], weight[PACK];
+        load_floats<T, PACK>(row, p, v);
+        load_floats<T, PACK>(w, p, weight);
+#pragma unroll
+        for (int j = 0; j < PACK; ++j) v[j] = v[j] * inv_rms * weight[j];
+        store_floats<T, PACK>(out_row, p, v);
+    }
+}
+
+// ---- RMSNorm: y = x / sqrt(mean(x^2) + eps) * w ----------------------------------------------
+template <typename T, int ITEMS>
+__global__ void rms_norm_rows(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w,
+                              float eps, int hidden) {
+    constexpr int PACK = 16 / sizeof(T);
+    const int packs = hidden / PACK;
+    const size_t row = blockIdx.x;
+    float v[ITEMS][PACK];
+    load_row<T, ITEMS, PACK>(x + row * hidden, v, packs);
+    float sum_sq = 0.0f;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+#pragma unroll
+        for (int j = 0; j < PACK; ++j) sum_sq += v[it][j] * v[it][j];
+    }
+    const float inv_rms = rsqrtf(block_sum(sum_sq) / hidden + eps);
+    scale_and_store<T, ITEMS, PACK>(out + row * hidden, w, v, inv_rms, packs);
 }
 
 template <typename T, int PACK>
@@ -116,14 +149,7 @@ __global__ void rms_norm_long(T* __restrict__ out, const T* __restrict__ x, cons
         for (int j = 0; j < PACK; ++j) sum_sq += v[j] * v[j];
     }
     const float inv_rms = rsqrtf(block_sum(sum_sq) / hidden + eps);
-    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
-        float v[PACK], weight[PACK];
-        load_floats<T, PACK>(x_row, p, v);
-        load_floats<T, PACK>(w, p, weight);
-#pragma unroll
-        for (int j = 0; j < PACK; ++j) v[j] = v[j] * inv_rms * weight[j];
-        store_floats<T, PACK>(out + static_cast<size_t>(blockIdx.x) * hidden, p, v);
-    }
+    reload_scale_and_store<T, PACK>(out + static_cast<size_t>(blockIdx.x) * hidden, x_row, w, inv_rms, packs);
 }
 
 // ---- fused residual add + RMSNorm, as Llama-style blocks run it --------------------------------
@@ -153,17 +179,7 @@ __global__ void add_rms_norm_rows(T* __restrict__ out, T* __restrict__ residual,
         }
     }
     const float inv_rms = rsqrtf(block_sum(sum_sq) / hidden + eps);
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-        const int p = threadIdx.x + it * blockDim.x;
-        if (p < packs) {
-            float weight[PACK];
-            load_floats<T, PACK>(w, p, weight);
-#pragma unroll
-            for (int j = 0; j < PACK; ++j) v[it][j] = v[it][j] * inv_rms * weight[j];
-            store_floats<T, PACK>(out + row * hidden, p, v[it]);
-        }
-    }
+    scale_and_store<T, ITEMS, PACK>(out + row * hidden, w, v, inv_rms, packs);
 }
 
 template <typename T, int PACK>
@@ -184,14 +200,8 @@ __global__ void add_rms_norm_long(T* __restrict__ out, T* __restrict__ residual,
         store_floats<T, PACK>(residual + offset, p, v);
     }
     const float inv_rms = rsqrtf(block_sum(sum_sq) / hidden + eps);
-    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
-        float v[PACK], weight[PACK];
-        load_floats<T, PACK>(residual + offset, p, v);  // this thread wrote these: no barrier needed
-        load_floats<T, PACK>(w, p, weight);
-#pragma unroll
-        for (int j = 0; j < PACK; ++j) v[j] = v[j] * inv_rms * weight[j];
-        store_floats<T, PACK>(out + offset, p, v);
-    }
+    // Each thread reads back the packs it wrote itself: no barrier needed.
+    reload_scale_and_store<T, PACK>(out + offset, residual + offset, w, inv_rms, packs);
 }
 
 // ---- LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b ----------------------------------------
@@ -204,15 +214,12 @@ __global__ void layer_norm_rows(T* __restrict__ out, const T* __restrict__ x, co
     const int packs = hidden / PACK;
     const size_t row = blockIdx.x;
     float v[ITEMS][PACK];
+    load_row<T, ITEMS, PACK>(x + row * hidden, v, packs);
     float sum = 0.0f;
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
-        const int p = threadIdx.x + it * blockDim.x;
-        if (p < packs) {
-            load_floats<T, PACK>(x + row * hidden, p, v[it]);
 #pragma unroll
-            for (int j = 0; j < PACK; ++j) sum += v[it][j];
-        }
+        for (int j = 0; j < PACK; ++j) sum += v[it][j];
     }
     const float mean = block_sum(sum) / hidden;
     float sum_sq = 0.0f;
