@@ -7,5 +7,6 @@ Each suite module defines ``DESCRIPTION``, ``steps(quick) -> list[Step]`` and
 SUITES = {
     "coalescing": "course_lib.bench.suites.coalescing",
     "env": "course_lib.bench.suites.env",
+    "gemm": "course_lib.bench.suites.gemm",
     "norm": "course_lib.bench.suites.norm",
 }
