@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     print(backend.mode_line())
     result = run_suite(args.name, quick=args.quick)
     path = save_result(result, args.out)
+    width = max((len(key) for key in result["headline"]), default=0) + 2
     for key, value in result["headline"].items():
-        print(f"  {key:<28}{value:,.4g}")
+        print(f"  {key:<{width}}{value:,.4g}")
     print(f"wrote {path}")
     return 0
 
