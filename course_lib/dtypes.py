@@ -22,6 +22,14 @@ ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 
+def require_device_array(name: str, array: Any) -> None:
+    """Kernels take arrays of the current mode: CuPy on a GPU, NumPy in CPU mode."""
+    xp = backend.xp
+    if not isinstance(array, xp.ndarray):
+        raise TypeError(f"{name} must be a {xp.__name__} array in {backend.DECISION.mode.upper()} mode, got "
+                        f"{type(array).__module__}.{type(array).__name__}; move it with course_lib.dtypes.to_device")
+
+
 def element_type(array: Any, dtype: str | None = None) -> str:
     """'float32', 'float16' or 'bfloat16' for ``array``; ``dtype`` is required for uint16 bf16 bits."""
     if dtype is not None:

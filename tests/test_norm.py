@@ -116,6 +116,9 @@ def test_norm_kernels_compile_with_readable_names_and_no_spills():
     (lambda x, w, b: norm.add_rms_norm(x, x[:1].copy(), w), r"residual must have shape \(4, 16\)"),
     (lambda x, w, b: norm.rms_norm(x.astype("int32"), w), "expected float32, float16 or bfloat16"),
     (lambda x, w, b: norm.rms_norm(x.view("uint16"), w), "dtype='bfloat16'"),
+    (lambda x, w, b: norm.rms_norm(x, w, True), "eps must be a finite number > 0"),
+    (lambda x, w, b: norm.rms_norm(x.tolist(), w), "x must be a (numpy|cupy) array"),
+    (lambda x, w, b: norm.rms_norm(x, list(range(16))), "weight must be a (numpy|cupy) array"),
 ])
 def test_bad_inputs_get_clear_errors(call, message):
     xp = backend.xp
@@ -123,6 +126,18 @@ def test_bad_inputs_get_clear_errors(call, message):
     w, b = xp.ones(16, dtype=xp.float32), xp.zeros(16, dtype=xp.float32)
     with pytest.raises((ValueError, TypeError), match=message):
         call(x, w, b)
+
+
+def test_eps_may_be_any_positive_real():
+    xp = backend.xp
+    x, w = xp.ones((2, 16), dtype=xp.float32), xp.ones(16, dtype=xp.float32)
+    assert norm.rms_norm(x, w, np.float32(1e-6)).shape == (2, 16)
+
+
+@pytest.mark.gpu
+def test_host_arrays_on_a_gpu_get_a_clear_error():
+    with pytest.raises(TypeError, match="x must be a cupy array in GPU mode, got numpy.ndarray"):
+        norm.rms_norm(np.ones((2, 16), dtype=np.float32), backend.xp.ones(16, dtype=np.float32))
 
 
 def test_no_rows_is_an_empty_result():

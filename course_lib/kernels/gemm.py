@@ -44,6 +44,8 @@ def check_inputs(a: Any, b: Any, step: str, dtype: str | None) -> Product:
     """Validate operands for ``step``; raise a ValueError/TypeError that says what was expected."""
     if step not in STEPS:
         raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    dtypes.require_device_array("a", a)
+    dtypes.require_device_array("b", b)
     kind = dtypes.element_type(a, dtype)
     if dtypes.element_type(b, dtype) != kind:
         raise TypeError(f"a and b must hold the same element type, got {a.dtype} and {b.dtype}")

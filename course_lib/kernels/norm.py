@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,8 @@ class Rows:
 
 def check_inputs(x: Any, params: dict[str, Any], eps: float, dtype: str | None) -> Rows:
     """Validate ``x`` and the per-feature ``params`` (weight, bias, residual); raise what was expected."""
+    for name, array in {"x": x, **params}.items():
+        dtypes.require_device_array(name, array)
     kind = dtypes.element_type(x, dtype)
     if x.ndim < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have shape [..., hidden] with hidden >= 1, got {tuple(x.shape)}")
@@ -87,7 +90,7 @@ def check_inputs(x: Any, params: dict[str, Any], eps: float, dtype: str | None) 
             raise TypeError(f"{name} must hold {kind} like x, got {value.dtype}")
         if not value.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     return Rows(kind, math.prod(x.shape[:-1]), hidden)
 

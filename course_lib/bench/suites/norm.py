@@ -26,6 +26,7 @@ from course_lib.kernels import norm
 
 DESCRIPTION = "RMSNorm, fused add+RMSNorm, LayerNorm vs copy bandwidth and torch"
 HEADLINE_SHAPE = (16384, 8192)
+HEADLINE_BYTES = HEADLINE_SHAPE[0] * HEADLINE_SHAPE[1] * dtypes.ITEM_BYTES["bfloat16"]  # one array
 SWEEP_HIDDEN = 4096
 SWEEP_ROWS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 DTYPE = "bfloat16"
@@ -41,8 +42,7 @@ def steps(quick: bool) -> list[Step]:
         return [Step(f"{op} {shape} (NumPy)", lambda op=op, shape=shape: measure_op(op, shape)) for op in norm.OPS
                 for shape in shapes]
     shapes = [HEADLINE_SHAPE] + [(rows, SWEEP_HIDDEN) for rows in (SWEEP_ROWS[::3] if quick else SWEEP_ROWS)]
-    headline_bytes = HEADLINE_SHAPE[0] * HEADLINE_SHAPE[1] * dtypes.ITEM_BYTES[DTYPE]
-    measured = [Step("copy", lambda: copy_bandwidth(headline_bytes))]
+    measured = [Step("copy", lambda: copy_bandwidth(HEADLINE_BYTES))]
     measured += [Step(f"{op} {shape}", lambda op=op, shape=shape: measure_op(op, shape))
                  for shape in shapes for op in norm.OPS]
     measured += [Step(f"rms_norm {HEADLINE_SHAPE} with {items} packs per thread",
@@ -77,9 +77,9 @@ def run_course(op: str, inputs: dict[str, Any]) -> Any:
     return norm.rms_norm(inputs["x"], inputs["weight"], EPS, dtype=DTYPE)
 
 
-def check_output(op: str, inputs: dict[str, Any], rows: int = 8) -> float:
-    """Relative error of the course kernel on the first ``rows`` rows against float64: a fast wrong
-    answer is no benchmark."""
+def check_output(op: str, inputs: dict[str, Any], launch: norm.Launch | None = None, rows: int = 8) -> float:
+    """Relative error of the kernel (the ``launch`` that will be timed, by default the planned one) on
+    the first ``rows`` rows against float64: a fast wrong answer is no benchmark."""
     head = {name: (value[:rows].copy() if value.ndim == 2 else value) for name, value in inputs.items()}
     if op == "add_rms_norm":
         expected, _ = norm.add_rms_norm_reference(head["x"], head["residual"], head["weight"], EPS, DTYPE)
@@ -87,11 +87,28 @@ def check_output(op: str, inputs: dict[str, Any], rows: int = 8) -> float:
         expected = norm.layer_norm_reference(head["x"], head["weight"], head["bias"], EPS, DTYPE)
     else:
         expected = norm.rms_norm_reference(head["x"], head["weight"], EPS, DTYPE)
-    got = dtypes.to_float32(run_course(op, head), DTYPE)
+    got = dtypes.to_float32(run_course(op, head) if launch is None else _run_launch(op, head, launch), DTYPE)
     error = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
     if not error < 1e-2:
         raise RuntimeError(f"{op} is wrong on random inputs: relative error {error:.3g}")
     return error
+
+
+def _run_launch(op: str, inputs: dict[str, Any], launch: norm.Launch) -> Any:
+    """Run one specific instantiation on ``inputs`` (GPU mode), returning its output."""
+    out, arrays = _arrays(op, inputs)
+    norm.launch_kernel(op, norm.Rows(DTYPE, *inputs["x"].shape), arrays, EPS, launch)
+    return out
+
+
+def _arrays(op: str, inputs: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """A fresh output and the kernel's array arguments for ``op``, in norm.cu's order."""
+    out = dtypes.empty(inputs["x"].shape, DTYPE)
+    return out, {
+        "rms_norm": [out, inputs["x"], inputs["weight"]],
+        "add_rms_norm": [out, inputs.get("residual"), inputs["x"], inputs["weight"]],
+        "layer_norm": [out, inputs["x"], inputs["weight"], inputs.get("bias")],
+    }[op]
 
 
 def measure_op(
@@ -99,12 +116,16 @@ def measure_op(
 ) -> dict[str, Any]:
     """Check, then time the course kernel (and, if ``compare_torch``, PyTorch where installed) on one shape."""
     inputs = make_inputs(op, shape)
-    error = check_output(op, inputs)
     params = {"op": op, "shape": shape, "dtype": DTYPE, "bytes": bytes_moved(op, shape)}
     if not backend.has_gpu():
+        check_output(op, inputs)
         timing = time_call(run_course, op, inputs, repeats=5, warmup=1)
         return measurement(f"{op} {shape}", timing, params, gbps=achieved_gbps(params["bytes"], timing.median_s))
-    timing, launch = _time_course(op, shape, inputs, target_items)
+    launch = norm.plan(op, DTYPE, shape[1], target_items=target_items or norm.TARGET_ITEMS)
+    error = check_output(op, inputs, launch)
+    _, arrays = _arrays(op, inputs)
+    timing = time_graph(lambda: norm.launch_kernel(op, norm.Rows(DTYPE, *shape), arrays, EPS, launch),
+                        calls=_calls(shape))
     params.update(kernel=launch.kernel, threads=launch.threads, relative_error=error)
     label = f"{op} {shape}" + (f" items={target_items}" if target_items else "")
     derived = {"gbps": achieved_gbps(params["bytes"], timing.median_s)}
@@ -114,19 +135,6 @@ def measure_op(
         derived["torch_gbps"] = achieved_gbps(params["bytes"], torch_timing.median_s)
         derived["speedup_vs_torch"] = torch_timing.median_s / timing.median_s
     return measurement(label, timing, params, **derived)
-
-
-def _time_course(op: str, shape: tuple[int, int], inputs: dict[str, Any], target_items: int | None) -> tuple:
-    rows = norm.Rows(DTYPE, *shape)
-    out = dtypes.empty(shape, DTYPE)
-    arrays = {
-        "rms_norm": [out, inputs["x"], inputs["weight"]],
-        "add_rms_norm": [out, inputs.get("residual"), inputs["x"], inputs["weight"]],
-        "layer_norm": [out, inputs["x"], inputs["weight"], inputs.get("bias")],
-    }[op]
-    launch = norm.plan(op, DTYPE, shape[1], target_items=target_items or norm.TARGET_ITEMS)
-    timing = time_graph(lambda: norm.launch_kernel(op, rows, arrays, EPS, launch), calls=_calls(shape))
-    return timing, launch
 
 
 def _calls(shape: tuple[int, int]) -> int:
