@@ -66,6 +66,12 @@ def build_book() -> Path:
     return ROOT / "_build" / "html" / "index.html"
 
 
+def chapters() -> list[str]:
+    """The book's notebooks, chapters and labs."""
+    notebooks = (ROOT / "book").rglob("*.ipynb")
+    return sorted(str(p.relative_to(ROOT)) for p in notebooks if ".ipynb_checkpoints" not in p.parts)
+
+
 def test_steps() -> list[tuple[str, list[str | Path]]]:
     """Every check CI runs, in the order a failure is cheapest to find."""
     pytest = [PYTHON, "-m", "pytest", "-p", "no:cacheprovider"]
@@ -76,6 +82,8 @@ def test_steps() -> list[tuple[str, list[str | Path]]]:
         ("MPI tests on 2 ranks", [mpiexec(), "-n", "2", *pytest, "tests/mpi", "-m", "mpi", "-q"]),
         ("solutions pass their checks", [*pytest, "--nbval-lax", "solutions/"]),
         ("unsolved exercises fail at their checks", [PYTHON, "scripts/exercises.py", "verify-unsolved"]),
+        ("chapters run on CPU within 90 s each", [PYTHON, "scripts/execute_notebook.py", *chapters(),
+                                                  "--output-dir", "_build/executed", "--max-seconds", "90"]),
         ("book builds with every chapter executed", [PYTHON, "scripts/course.py", "book", "--no-setup"]),
     ]
 

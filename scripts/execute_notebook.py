@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Execute one notebook top to bottom and save it with its outputs (to look at a chapter's GPU run).
+"""Execute notebooks top to bottom, save them with their outputs, and hold them to a time budget.
 
-    python scripts/execute_notebook.py book/00_env_check.ipynb /tmp/00_env_check.ipynb
+    python scripts/execute_notebook.py book/00_env_check.ipynb --output-dir /tmp/executed
+    python scripts/execute_notebook.py book/*.ipynb --output-dir /tmp/executed --max-seconds 90
 
-Exits 1 if a cell raises. The notebook runs in its own folder, as the book build runs it.
+Exits 1 if a cell raises or a notebook runs longer than --max-seconds (the course promises each
+chapter runs on a laptop's CPU within its budget). Each notebook runs in its own folder, as the
+book build runs it.
 """
 
 import argparse
@@ -16,25 +19,40 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("notebook", type=Path, help="the notebook to run")
-    parser.add_argument("output", type=Path, help="where to write the executed copy")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell (default 600)")
-    args = parser.parse_args()
-    notebook = nbformat.read(args.notebook, as_version=4)
-    client = NotebookClient(notebook, timeout=args.timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(args.notebook.parent)}})
+def execute(notebook_path: Path, output_dir: Path, timeout: int) -> tuple[bool, float]:
+    """Run one notebook; save the executed copy; return (no cell failed, seconds taken)."""
+    notebook = nbformat.read(notebook_path, as_version=4)
+    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(notebook_path.parent)}})
     started = time.time()
     try:
         client.execute()
+        ok = True
     except CellExecutionError as error:
         print(error)
-        return 1
-    finally:
-        nbformat.write(notebook, args.output)
-        print(f"{args.notebook}: ran in {time.time() - started:.1f} s; saved to {args.output}")
-    return 0
+        ok = False
+    seconds = time.time() - started
+    nbformat.write(notebook, output_dir / notebook_path.name)
+    return ok, seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="+", type=Path, help="the notebooks to run")
+    parser.add_argument("--output-dir", type=Path, required=True, help="where to write the executed copies")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell (default 600)")
+    parser.add_argument("--max-seconds", type=float, help="fail a notebook that takes longer than this in all")
+    args = parser.parse_args()
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in args.notebooks:
+        ok, seconds = execute(path, args.output_dir, args.timeout)
+        over = args.max_seconds is not None and seconds > args.max_seconds
+        verdict = "FAILED" if not ok else ("TOO SLOW" if over else "ok")
+        budget = f" (budget {args.max_seconds:.0f} s)" if args.max_seconds else ""
+        print(f"{path}: {verdict}, ran in {seconds:.1f} s{budget}; saved to {args.output_dir / path.name}")
+        failures += (not ok) or over
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
