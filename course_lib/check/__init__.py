@@ -6,6 +6,7 @@ both values, a time limit on learner code, hints for known mistakes, and a seed 
 
 from course_lib.check.ch00 import check_achieved_gbps, check_roofline_time, check_vector_add
 from course_lib.check.ch01 import check_block_sum, check_rms_norm, check_saxpy
+from course_lib.check.ch03 import check_tiled_gemm
 from course_lib.check.compare import assert_close
 from course_lib.check.failure import CheckFailed
 from course_lib.check.learner import call_learner, default_time_limit_s, is_cuda_kernel, launch_learner_kernel
@@ -25,6 +26,7 @@ __all__ = [
     "check_rms_norm",
     "check_roofline_time",
     "check_saxpy",
+    "check_tiled_gemm",
     "check_vector_add",
     "default_time_limit_s",
     "is_cuda_kernel",

@@ -17,29 +17,16 @@ import numpy as np
 from course_lib import backend
 from course_lib.check.compare import assert_close
 from course_lib.check.failure import CheckFailed, describe_learner_error
-from course_lib.check.inputs import nonzero_float32
+from course_lib.check.inputs import nonzero_float32, size_past
 from course_lib.check.learner import launch_learner_kernel, run_with_time_limit
 from course_lib.check.mistakes import Mistake
-from course_lib.check.poison import is_poison, poison
+from course_lib.check.poison import is_poison, poison, require_unwritten
 from course_lib.check.run import CheckRun, mode_phrase
 from course_lib.check.tolerance import relative_error
 from course_lib.compile import CompileError, compile_cuda, load_module, nvrtc_problem
 from course_lib.kernels.norm import rms_norm_reference
 
 Symptom = Callable[[np.ndarray, np.ndarray], bool]  # (out, ref) -> does the output show this mistake?
-
-
-def _size_past(rng: np.random.Generator, low: int, high: int, block: int) -> int:
-    """A size in [low, high) that is not a multiple of ``block``: some block is left partly idle."""
-    size = int(rng.integers(low, high))
-    return size + 1 if size % block == 0 else size
-
-
-def _require_unwritten(padding: Any, what: str, hint: str) -> None:
-    """On a GPU nothing stops a write past the end of an array; the poisoned padding after it shows one."""
-    __tracebackhide__ = True
-    if not is_poison(padding).all():
-        raise CheckFailed(f"your kernel wrote past the end of {what}: {hint}")
 
 
 def _written_only_before(column: int) -> Symptom:
@@ -67,7 +54,7 @@ def _saxpy_grids(rng: np.random.Generator) -> list[tuple[int, int, int]]:
     grids = [(int(rng.integers(2, 5)), 64), (int(rng.integers(2, 5)), 128)]
     if backend.has_gpu():
         grids += [(int(rng.integers(8, 64)), 256), (int(rng.integers(100, 400)), 256)]
-    return [(_size_past(rng, blocks * threads + 1, 4 * blocks * threads, threads), blocks, threads)
+    return [(size_past(rng, blocks * threads + 1, 4 * blocks * threads, threads), blocks, threads)
             for blocks, threads in grids]
 
 
@@ -131,7 +118,7 @@ def _check_saxpy_out_of_place(kernel: Any, run: CheckRun, n: int, blocks: int, t
     buffer = poison(padded, np.float32)
     _launch_saxpy(kernel, blocks, threads, a, xp.asarray(x_host)[:n], xp.asarray(y_host)[:n], buffer[:n])
     written = backend.to_numpy(buffer)
-    _require_unwritten(written[n:], "out", f"the loop must stop before out.size, {STRIDE_LOOP}")
+    require_unwritten(written[n:], "out", f"the loop must stop before out.size, {STRIDE_LOOP}")
     inputs = (a, x_host[:n], y_host[:n])
     expected = np.float64(a) * inputs[1] + inputs[2]
     assert_close(written[:n], expected, np.float32, what="out", mistakes=_saxpy_mistakes(blocks * threads),
@@ -301,9 +288,9 @@ Launcher = Callable[[Any, Any, Any, float], None]  # launch(x, weight, out, eps)
 
 def _rms_norm_shapes(rng: np.random.Generator) -> list[tuple[int, int]]:
     """(rows, hidden): hidden never a multiple of 64 (so never of 128); the first rows are shorter than a block."""
-    hidden = [_size_past(rng, 33, 64, 64), _size_past(rng, 65, 300, 64)]
+    hidden = [size_past(rng, 33, 64, 64), size_past(rng, 65, 300, 64)]
     if backend.has_gpu():
-        hidden += [_size_past(rng, 300, 1_000, 64), _size_past(rng, 1_000, 5_000, 64)]
+        hidden += [size_past(rng, 300, 1_000, 64), size_past(rng, 1_000, 5_000, 64)]
     return [(64 if backend.has_gpu() else int(rng.integers(3, 6)), size) for size in hidden]
 
 
@@ -442,7 +429,7 @@ def _check_rms_norm_cases(run: CheckRun, launch: Launcher, threads: int, languag
         buffer = poison((rows + 1, hidden), np.float32)
         launch(xp.asarray(x), xp.asarray(weight), buffer[:rows], eps)
         written = backend.to_numpy(buffer)
-        _require_unwritten(written[rows], "out", f"column indices must stay below hidden, {ROW_LOOP}")
+        require_unwritten(written[rows], "out", f"column indices must stay below hidden, {ROW_LOOP}")
         assert_close(written[:rows], rms_norm_reference(x, weight, eps), np.float32, what="out",
                      mistakes=_rms_norm_mistakes(threads, x, weight, eps), inputs=(x, weight, eps))
     run.passed(len(shapes), detail=f"hidden up to {max(hidden for _, hidden in shapes)}, {language}", show_mode=True)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from course_lib import backend
+from course_lib.check.failure import CheckFailed
 
 
 def poison_value(dtype: Any) -> float | int:
@@ -36,3 +37,10 @@ def is_poison(values: Any) -> np.ndarray:
     if values.dtype.kind in "fc":
         return np.isnan(values)
     return values == poison_value(values.dtype)
+
+
+def require_unwritten(padding: Any, what: str, hint: str) -> None:
+    """On a GPU nothing stops a write past the end of an array; the poisoned padding after it shows one."""
+    __tracebackhide__ = True
+    if not is_poison(padding).all():
+        raise CheckFailed(f"your kernel wrote past the end of {what}: {hint}")
