@@ -44,7 +44,8 @@ def test_float16_overflows_where_bfloat16_does_not():
 def test_errors_grow_as_mantissas_shrink():
     errors = precision.error_by_format(64, 64, 256, np.random.default_rng())
     assert errors["float32"] < 1e-6
-    assert errors["tf32"] == errors["float16"]  # the same 10-bit mantissa; normal inputs stay in fp16's range
+    # the same 10-bit mantissa; they differ only on the rare input below fp16's normal range
+    assert errors["tf32"] == pytest.approx(errors["float16"], rel=1e-2)
     assert errors["float8_e5m2"] > errors["float8_e4m3"] > errors["bfloat16"] > errors["float16"]
 
 
