@@ -47,6 +47,14 @@ def test_gpu_vectorized_step_matches_the_reference(shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", RAGGED + PACKED, ids=str)
+def test_gpu_wmma_step_matches_the_reference(shape, dtype):
+    a, b = operands(*shape, dtype)
+    assert_product(gemm.matmul(a, b, step="wmma", dtype=dtype), a, b, dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("step", gemm.STEPS)
 def test_gpu_steps_write_every_element_and_nothing_more(step):
     m, n, k = 130, 136, 48
@@ -62,10 +70,17 @@ def test_every_launch_names_an_instantiated_kernel():
     names = set(gemm.kernel_names())
     for dtype in DTYPES:
         for step in gemm.STEPS:
-            if step == "vectorized" and dtype == "float32":
+            if step in ("vectorized", *gemm.TENSOR_CORE_STEPS) and dtype == "float32":
                 continue
             name, _, _ = gemm.launch_config(step, gemm.Product(dtype, 300, 200, 100))
             assert name in names
+
+
+def test_wmma_kernels_use_the_tensor_cores():
+    for arch in ("sm_80", "sm_90"):
+        compiled = cuda_compile.compile_file("gemm.cu", arch, gemm.kernel_names())
+        assert "wmma.mma.sync" in compiled.ptx
+        assert {k.kernel for k in compiled.kernels} >= {"gemm_wmma<__half>", "gemm_wmma<__nv_bfloat16>"}
 
 
 def test_register_blocked_kernels_do_not_spill():
@@ -79,6 +94,7 @@ def test_register_blocked_kernels_do_not_spill():
     ((4, 5), (5,), {}, "must be 2-D"),
     ((4, 12), (12, 12), {"step": "fast"}, "step must be one of"),
     ((4, 12), (12, 12), {"step": "vectorized"}, "use float16 or bfloat16"),
+    ((4, 12), (12, 12), {"step": "wmma"}, "tensor-core steps take float16 or bfloat16"),
     ((0, 5), (5, 3), {}, "M, N and K must be >= 1"),
 ])
 def test_bad_operands_get_clear_errors(a_shape, b_shape, kwargs, message):

@@ -1,9 +1,10 @@
-"""GEMM on the CUDA cores, steps 1-4 of chapter 03: launchers, input checks and the reference.
+"""The GEMM progression of chapter 03 (steps 1-5 so far): launchers, input checks and the reference.
 
 ``matmul(a, b, step=...)`` computes ``a @ b`` for row-major ``a`` [M, K] and ``b`` [K, N] of one
 element type (float32, float16, bfloat16), accumulating in fp32 and rounding once. On a GPU it runs
 the chosen kernel of ``gemm.cu``; in CPU mode it computes the same product with NumPy in fp32.
-The tensor-core steps (WMMA, ``mma.sync``, ``wgmma``) come with chapters 02-03.
+Steps 1-4 run on the CUDA cores; step 5 (``wmma``) on the tensor cores. ``mma.sync`` and ``wgmma``
+come next.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from course_lib import backend, dtypes
 from course_lib import compile as cuda_compile
 
 SOURCE = "gemm.cu"
-STEPS = ("naive", "smem_tiled", "register_blocked", "vectorized")
+STEPS = ("naive", "smem_tiled", "register_blocked", "vectorized", "wmma")
+TENSOR_CORE_STEPS = ("wmma",)
 PACK_ELEMENTS = 8  # a 16-byte load of fp16/bf16
 BLOCK_TILE = 128  # register-blocked kernels: a 128 x 128 tile of C per block of 256 threads
 SMEM_TILE = 32
+WMMA_TILE = 64  # gemm_wmma: a 64 x 64 tile of C per block of 4 warps
 
 
 def gemm_reference(a: Any, b: Any, dtype: str | None = None) -> np.ndarray:
@@ -60,6 +63,8 @@ def check_inputs(a: Any, b: Any, step: str, dtype: str | None) -> Product:
         raise ValueError("a and b must be C-contiguous (row-major); use xp.ascontiguousarray")
     if max(m * k, k * n, m * n) >= 2**31:
         raise ValueError("each matrix must have fewer than 2**31 elements (the kernels index rows with int)")
+    if step in TENSOR_CORE_STEPS:
+        _require_tensor_core_type(kind)
     if step == "vectorized":
         if kind == "float32":
             raise TypeError("the vectorized step loads 8 fp16/bf16 values at a time: use float16 or bfloat16")
@@ -67,6 +72,16 @@ def check_inputs(a: Any, b: Any, step: str, dtype: str | None) -> Product:
             raise ValueError(f"the vectorized step needs K and N multiples of {PACK_ELEMENTS} (16-byte rows), "
                              f"got K={k}, N={n}; use step='register_blocked' for other shapes")
     return Product(kind, m, n, k)
+
+
+def _require_tensor_core_type(kind: str) -> None:
+    """WMMA takes fp16 on sm_75 and newer, bf16 on sm_80 and newer."""
+    if kind == "float32":
+        raise TypeError("the tensor-core steps take float16 or bfloat16 operands (tf32 is a later step)")
+    if kind == "bfloat16" and backend.has_gpu():
+        major = int(backend.device_facts()["compute_capability"].split(".")[0])
+        if major < 8:
+            raise ValueError("bf16 tensor cores need sm_80 or newer; use float16 on this GPU")
 
 
 @functools.cache
@@ -81,7 +96,7 @@ def kernel_names() -> tuple[str, ...]:
         names += [f"gemm_naive<{cuda_type}>", f"gemm_smem_tiled<{cuda_type}>",
                   f"gemm_register_blocked<{cuda_type}, false>"]
         if dtype != "float32":
-            names.append(f"gemm_register_blocked<{cuda_type}, true>")
+            names += [f"gemm_register_blocked<{cuda_type}, true>", f"gemm_wmma<{cuda_type}>"]
     return tuple(names)
 
 
@@ -93,6 +108,8 @@ def launch_config(step: str, product: Product) -> tuple[str, tuple[int, int], tu
         return f"gemm_naive<{cuda_type}>", (math.ceil(n / 32), math.ceil(m / 8)), (32, 8)
     if step == "smem_tiled":
         return f"gemm_smem_tiled<{cuda_type}>", (math.ceil(n / SMEM_TILE), math.ceil(m / SMEM_TILE)), (32, 32)
+    if step == "wmma":
+        return f"gemm_wmma<{cuda_type}>", (math.ceil(n / WMMA_TILE), math.ceil(m / WMMA_TILE)), (128,)
     packed = "true" if step == "vectorized" else "false"
     grid = (math.ceil(n / BLOCK_TILE), math.ceil(m / BLOCK_TILE))
     return f"gemm_register_blocked<{cuda_type}, {packed}>", grid, (256,)
