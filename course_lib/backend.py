@@ -14,6 +14,7 @@ usable GPU is there, then checks that CuPy can use it. The answer is fixed for t
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 import os
 import platform
@@ -213,6 +214,13 @@ def mode_line() -> str:
     if has_gpu():
         return f"Mode: GPU ({DECISION.reason})"
     return f"Mode: CPU (NumPy + Numba CUDA simulator) - {DECISION.reason}"
+
+
+@functools.cache
+def compute_capability() -> tuple[int, int]:
+    """(major, minor) of the current GPU, e.g. (9, 0) for an H100; asked once (GPU mode only)."""
+    props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+    return int(props["major"]), int(props["minor"])
 
 
 def to_numpy(array: Any) -> Any:

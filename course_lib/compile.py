@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,8 +73,17 @@ def nvrtc_problem() -> str | None:
 
 
 def cuda_include_dirs() -> list[str]:
-    """Folders holding the CUDA headers (cuda_fp16.h, cuda_bf16.h, ...) and the course's own."""
+    """Folders holding the CUDA headers (cuda_fp16.h, mma.h, crt/, ...) and the course's own.
+
+    NVIDIA's wheels put their headers in ``site-packages/nvidia/cu13/include``. When packages come
+    from more than one site-packages folder (a virtual environment over a system one), the headers
+    are split between them, so every such folder on ``sys.path`` is listed, then a toolkit's.
+    """
     dirs = [str(KERNEL_DIR)]
+    for entry in sys.path:
+        for include in sorted(Path(entry or ".").glob("nvidia/cu1[2-9]/include")):
+            if str(include) not in dirs and any(include.joinpath(h).exists() for h in ("cuda_fp16.h", "crt")):
+                dirs.append(str(include))
     try:
         from cuda.pathfinder import find_nvidia_header_directory
 
@@ -84,7 +94,7 @@ def cuda_include_dirs() -> list[str]:
         if not candidate:
             continue
         include = Path(candidate) if Path(candidate, "cuda_fp16.h").exists() else Path(candidate, "include")
-        if include.joinpath("cuda_fp16.h").exists():
+        if include.joinpath("cuda_fp16.h").exists() and str(include) not in dirs:
             dirs.append(str(include))
             break
     return dirs

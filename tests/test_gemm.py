@@ -1,4 +1,4 @@
-"""GEMM steps 1-4 against the float64 reference, on shapes with ragged edges; and their input checks."""
+"""GEMM steps 1-7 against the float64 reference, on shapes with ragged edges; and their input checks."""
 
 import numpy as np
 import pytest
@@ -11,6 +11,9 @@ from course_lib.kernels import gemm
 DTYPES = ("float32", "float16", "bfloat16")
 RAGGED = [(1, 1, 1), (33, 65, 17), (130, 257, 40), (256, 256, 256), (1000, 24, 72)]
 PACKED = [(1, 8, 8), (130, 264, 40), (257, 136, 1000), (512, 512, 512)]
+# K and N multiples of 8 (16-byte rows), tails in every dimension against the 128 x 128/256 tiles, K
+# tails against BK = 32 and 64, and a wide one.
+ALIGNED = PACKED + [(1, 4096, 4096), (300, 520, 72), (1024, 2048, 72)]
 
 
 def operands(m, n, k, dtype):
@@ -55,6 +58,15 @@ def test_gpu_wmma_step_matches_the_reference(shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("step", ["mma_sync", "wgmma"])
+@pytest.mark.parametrize("shape", ALIGNED, ids=str)
+def test_gpu_mma_sync_and_wgmma_steps_match_the_reference(shape, step, dtype):
+    a, b = operands(*shape, dtype)
+    assert_product(gemm.matmul(a, b, step=step, dtype=dtype), a, b, dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("step", gemm.STEPS)
 def test_gpu_steps_write_every_element_and_nothing_more(step):
     m, n, k = 130, 136, 48
@@ -67,13 +79,33 @@ def test_gpu_steps_write_every_element_and_nothing_more(step):
 
 
 def test_every_launch_names_an_instantiated_kernel():
-    names = set(gemm.kernel_names())
     for dtype in DTYPES:
         for step in gemm.STEPS:
             if step in ("vectorized", *gemm.TENSOR_CORE_STEPS) and dtype == "float32":
                 continue
-            name, _, _ = gemm.launch_config(step, gemm.Product(dtype, 300, 200, 100))
-            assert name in names
+            name, _, _, _ = gemm.launch_config(step, gemm.Product(dtype, 300, 200, 64))
+            assert name in gemm.kernel_names(gemm.source_of(step))
+
+
+def test_every_source_compiles_with_its_instantiations():
+    compiled = gemm.compile_all("sm_90a")
+    assert [c.name for c in compiled] == list(gemm.SOURCES)
+    for source in compiled:
+        assert {k.kernel for k in source.kernels} == set(gemm.kernel_names(source.name))
+        assert all(k.spill_store_bytes == 0 and k.stack_bytes == 0 for k in source.kernels), source.name
+
+
+def test_mma_sync_kernels_use_ldmatrix_and_cp_async():
+    for arch in ("sm_80", "sm_90"):
+        ptx = cuda_compile.compile_file("gemm_mma_sync.cu", arch, gemm.kernel_names("gemm_mma_sync.cu")).ptx
+        assert all(word in ptx for word in ("mma.sync.aligned.m16n8k16", "ldmatrix", "cp.async.cg"))
+
+
+def test_wgmma_kernel_uses_wgmma_and_tma_on_sm_90a_only():
+    names = gemm.kernel_names("gemm_wgmma.cu")
+    ptx = cuda_compile.compile_file("gemm_wgmma.cu", "sm_90a", names).ptx
+    assert all(word in ptx for word in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier", "setmaxnreg"))
+    assert "wgmma.mma_async" not in cuda_compile.compile_file("gemm_wgmma.cu", "sm_90", names).ptx
 
 
 def test_wmma_kernels_use_the_tensor_cores():
@@ -103,10 +135,16 @@ def test_bad_operands_get_clear_errors(a_shape, b_shape, kwargs, message):
         gemm.matmul(xp.ones(a_shape, dtype=xp.float32), xp.ones(b_shape, dtype=xp.float32), **kwargs)
 
 
-def test_vectorized_step_names_the_shapes_it_needs():
+@pytest.mark.parametrize("step", gemm.ALIGNED_STEPS)
+def test_aligned_steps_name_the_shapes_they_need(step):
     a, b = operands(16, 12, 10, "float16")
     with pytest.raises(ValueError, match="K and N multiples of 8.*K=10, N=12"):
-        gemm.matmul(a, b, step="vectorized")
+        gemm.matmul(a, b, step=step)
+
+
+def test_unknown_steps_are_rejected_by_the_support_question():
+    with pytest.raises(ValueError, match="step must be one of"):
+        gemm.unsupported_reason("tcgen05")
 
 
 def test_mixed_types_and_layouts_are_rejected():
