@@ -54,7 +54,8 @@ def time_call(fn: Callable[..., Any], *args: Any, repeats: int = 20, warmup: int
     if backend.has_gpu():
         from cupyx.profiler import benchmark
 
-        result = benchmark(fn, args, n_repeat=repeats, n_warmup=warmup)
+        name = getattr(fn, "__name__", type(fn).__name__)  # any callable: a partial or an LtMatmul has no __name__
+        result = benchmark(fn, args, n_repeat=repeats, n_warmup=warmup, name=name)
         return Timing.from_samples(np.asarray(result.gpu_times[0]), "cuda-events")
     for _ in range(warmup):
         fn(*args)

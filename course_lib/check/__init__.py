@@ -6,6 +6,7 @@ both values, a time limit on learner code, hints for known mistakes, and a seed 
 
 from course_lib.check.ch00 import check_achieved_gbps, check_roofline_time, check_vector_add
 from course_lib.check.ch01 import check_block_sum, check_rms_norm, check_saxpy
+from course_lib.check.ch02 import check_wmma_gemm
 from course_lib.check.ch03 import check_tiled_gemm
 from course_lib.check.compare import assert_close
 from course_lib.check.failure import CheckFailed
@@ -28,6 +29,7 @@ __all__ = [
     "check_saxpy",
     "check_tiled_gemm",
     "check_vector_add",
+    "check_wmma_gemm",
     "default_time_limit_s",
     "is_cuda_kernel",
     "is_poison",

@@ -8,7 +8,6 @@ thread wrote is named as such; on a GPU, poisoned padding after an output catche
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,14 +15,19 @@ import numpy as np
 
 from course_lib import backend
 from course_lib.check.compare import assert_close
-from course_lib.check.failure import CheckFailed, describe_learner_error
+from course_lib.check.cuda_source import (
+    cannot_compile_here,
+    compile_learner_source,
+    launch_learner_source_kernel,
+    load_learner_kernel,
+    report_compiled_only,
+)
 from course_lib.check.inputs import nonzero_float32, size_past
-from course_lib.check.learner import launch_learner_kernel, run_with_time_limit
+from course_lib.check.learner import launch_learner_kernel
 from course_lib.check.mistakes import Mistake
 from course_lib.check.poison import is_poison, poison, require_unwritten
-from course_lib.check.run import CheckRun, mode_phrase
+from course_lib.check.run import CheckRun
 from course_lib.check.tolerance import relative_error
-from course_lib.compile import CompileError, compile_cuda, load_module, nvrtc_problem
 from course_lib.kernels.norm import rms_norm_reference
 
 Symptom = Callable[[np.ndarray, np.ndarray], bool]  # (out, ref) -> does the output show this mistake?
@@ -281,7 +285,6 @@ MEAN_OF_SQUARES = (
     "squares is never negative, the mean of x can be; accumulate x[row, j] * x[row, j]"
 )
 NEAR_ZERO_RTOL = 1e-3  # mean(x) + eps can come close to 0, where float32 rounding moves 1 / sqrt(...) a lot
-MAX_LOG_LINES = 12  # a compiler's first errors say what is wrong; the rest usually follow from them
 
 Launcher = Callable[[Any, Any, Any, float], None]  # launch(x, weight, out, eps) on device arrays, and wait
 
@@ -408,12 +411,8 @@ def _source_launcher(function: Any) -> Launcher:
     def launch(x: Any, weight: Any, out: Any, eps: float) -> None:
         __tracebackhide__ = True
         rows, hidden = x.shape
-
-        def run_and_wait() -> None:
-            function((rows,), (SOURCE_ROW_THREADS,), (x, weight, out, np.float32(eps), np.int32(hidden)))
-            backend.synchronize()
-
-        run_with_time_limit(run_and_wait, "rms_norm")
+        args = (x, weight, out, np.float32(eps), np.int32(hidden))
+        launch_learner_source_kernel(function, (rows,), (SOURCE_ROW_THREADS,), args, "rms_norm")
 
     return launch
 
@@ -435,47 +434,17 @@ def _check_rms_norm_cases(run: CheckRun, launch: Launcher, threads: int, languag
     run.passed(len(shapes), detail=f"hidden up to {max(hidden for _, hidden in shapes)}, {language}", show_mode=True)
 
 
-def _compile_source(source: str) -> Any:
-    """Compile CUDA C with NVRTC (no GPU needed); a CheckFailed quotes the compiler's first lines."""
-    __tracebackhide__ = True
-    try:
-        compiled = compile_cuda(source, SOURCE_ARCH, name="rms_norm.cu")
-    except CompileError as error:
-        log = "\n".join(str(error).splitlines()[1 : MAX_LOG_LINES + 1]).strip()
-        raise CheckFailed(f"your CUDA C source does not compile for {SOURCE_ARCH}:\n{log}") from None
-    if not re.search(r"\.entry\s+rms_norm\s*\(", compiled.ptx):
-        raise CheckFailed(f"your CUDA C source compiles but has no kernel named rms_norm; declare it as\n"
-                          f"  {SOURCE_SIGNATURE}\n(extern \"C\" keeps the name from being mangled)")
-    return compiled
-
-
-def _resource_summary(compiled: Any) -> str:
-    """'24 registers, 512 B shared memory, no spills' from ptxas' report, or '' where there is none."""
-    report = next((k for k in compiled.kernels if k.kernel == "rms_norm"), None)
-    if report is None:
-        return ""
-    spills = report.spill_store_bytes + report.spill_load_bytes
-    spilled = f"{spills} B of spills" if spills else "no spills"
-    return f" ({report.registers} registers, {report.shared_bytes} B shared memory, {spilled})"
-
-
 def _check_rms_norm_source(run: CheckRun, source: str) -> None:
     """CUDA C: compile it in both modes; run it only on a GPU, and say so plainly on CPU."""
     __tracebackhide__ = True
-    problem = nvrtc_problem()
-    if problem:
-        print(f"NOT CHECKED rms_norm (CUDA C): it cannot even be compiled here: {problem}")
+    if cannot_compile_here("rms_norm"):
         return
-    compiled = _compile_source(source)
+    compiled = compile_learner_source(source, "rms_norm", SOURCE_ARCH, SOURCE_SIGNATURE)
     if not backend.has_gpu():
-        print(f"COMPILED rms_norm (CUDA C) for {SOURCE_ARCH}{_resource_summary(compiled)}.\n"
-              f"NOT CHECKED numerically: running CUDA C needs a GPU, and this runs {mode_phrase()}. "
-              "Check it on a GPU, or check the Numba version of the kernel here.")
+        report_compiled_only(compiled, "rms_norm",
+                             next_step="Check it on a GPU, or check the Numba version of the kernel here.")
         return
-    try:
-        function = load_module(source).get_function("rms_norm")
-    except Exception as error:  # noqa: BLE001 - CuPy's compile or load errors, reported as the learner's
-        raise CheckFailed(describe_learner_error("rms_norm", error)) from None
+    function = load_learner_kernel(source, "rms_norm")
     _check_rms_norm_cases(run, _source_launcher(function), SOURCE_ROW_THREADS, "CUDA C")
 
 

@@ -54,6 +54,22 @@ def check_inputs(a: Any, b: Any, step: str, dtype: str | None) -> Product:
     """Validate operands for ``step``; raise a ValueError/TypeError that says what was expected."""
     if step not in STEPS:
         raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    product = check_operands(a, b, dtype)
+    kind, k, n = product.dtype, product.k, product.n
+    if step in TENSOR_CORE_STEPS and kind == "float32":
+        raise TypeError("the tensor-core steps take float16 or bfloat16 operands (tf32 is not one of the steps)")
+    if step == "vectorized" and kind == "float32":
+        raise TypeError("the vectorized step loads 8 fp16/bf16 values at a time: use float16 or bfloat16")
+    if step in ALIGNED_STEPS and (k % PACK_ELEMENTS or n % PACK_ELEMENTS):
+        raise ValueError(f"the {step} step copies rows in 16-byte pieces, so it needs K and N multiples of "
+                         f"{PACK_ELEMENTS}, got K={k}, N={n}; use step='register_blocked' or 'wmma' for other shapes")
+    if reason := unsupported_reason(step, kind):
+        raise ValueError(f"step {step!r} cannot run here: {reason}")
+    return product
+
+
+def check_operands(a: Any, b: Any, dtype: str | None) -> Product:
+    """What every product needs: two row-major device matrices of one element type whose shapes chain."""
     dtypes.require_device_array("a", a)
     dtypes.require_device_array("b", b)
     kind = dtypes.element_type(a, dtype)
@@ -70,15 +86,6 @@ def check_inputs(a: Any, b: Any, step: str, dtype: str | None) -> Product:
         raise ValueError("a and b must be C-contiguous (row-major); use xp.ascontiguousarray")
     if max(m * k, k * n, m * n) >= 2**31:
         raise ValueError("each matrix must have fewer than 2**31 elements (the kernels index rows with int)")
-    if step in TENSOR_CORE_STEPS and kind == "float32":
-        raise TypeError("the tensor-core steps take float16 or bfloat16 operands (tf32 is not one of the steps)")
-    if step == "vectorized" and kind == "float32":
-        raise TypeError("the vectorized step loads 8 fp16/bf16 values at a time: use float16 or bfloat16")
-    if step in ALIGNED_STEPS and (k % PACK_ELEMENTS or n % PACK_ELEMENTS):
-        raise ValueError(f"the {step} step copies rows in 16-byte pieces, so it needs K and N multiples of "
-                         f"{PACK_ELEMENTS}, got K={k}, N={n}; use step='register_blocked' or 'wmma' for other shapes")
-    if reason := unsupported_reason(step, kind):
-        raise ValueError(f"step {step!r} cannot run here: {reason}")
     return Product(kind, m, n, k)
 
 
@@ -147,8 +154,8 @@ def launch_config(step: str, product: Product) -> tuple[str, tuple[int, ...], tu
     if step == "wmma":
         return f"gemm_wmma<{cuda_type}>", (math.ceil(n / WMMA_TILE), math.ceil(m / WMMA_TILE)), (128,), 0
     if step == "mma_sync":
-        grid = (math.ceil(n / MMA_SYNC_TILE), math.ceil(m / MMA_SYNC_TILE))
-        return f"gemm_mma_sync<{cuda_type}>", grid, (128,), MMA_SYNC_SHARED_BYTES
+        tiles = math.ceil(m / MMA_SYNC_TILE) * math.ceil(n / MMA_SYNC_TILE)
+        return f"gemm_mma_sync<{cuda_type}>", (tiles,), (128,), MMA_SYNC_SHARED_BYTES
     if step == "wgmma":
         tiles = math.ceil(m / WGMMA_ROWS) * math.ceil(n / WGMMA_COLS)
         return f"gemm_wgmma<{cuda_type}>", (tiles,), (384,), WGMMA_SHARED_BYTES

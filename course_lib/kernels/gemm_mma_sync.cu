@@ -28,6 +28,7 @@ constexpr int WARP_M = 64, WARP_N = 64;                     // C block per warp:
 constexpr int FRAGS_M = WARP_M / 16, FRAGS_N = WARP_N / 8;  // mma tiles per warp: 4 x 8
 constexpr int CHUNK = 8;                                    // elements in one 16-byte chunk
 constexpr int PANEL = 64;                                   // B is stored in panels of 64 columns
+constexpr int GROUP_M = 8;                                  // tile rows walked together (grouped_tile)
 constexpr int A_CHUNKS = BM * BK / CHUNK, B_CHUNKS = BK * BN / CHUNK, STAGE_BYTES = (A_CHUNKS + B_CHUNKS) * 16;
 
 // Chunk index (in 16-byte units from the start of a stage's B tile) of B's element (k, col): its panel,
@@ -109,8 +110,8 @@ __device__ __forceinline__ void store_c(T* c, const float (&acc)[FRAGS_M][FRAGS_
 }  // namespace mma_sync_gemm
 
 // ---- 6. mma.sync + ldmatrix + cp.async pipeline ---------------------------------------------------
-// A block of 4 warps computes a 128 x 128 tile of C. Dynamic shared memory holds the STAGES stages
-// (64 KiB; the launcher opts in above the default 48 KiB).
+// A block of 4 warps computes a 128 x 128 tile of C (1-D grid, see grouped_tile). Dynamic shared memory
+// holds the STAGES stages (64 KiB; the launcher opts in above the default 48 KiB).
 template <typename T>
 __global__ void __launch_bounds__(mma_sync_gemm::THREADS)
     gemm_mma_sync(T* __restrict__ c, const T* __restrict__ a, const T* __restrict__ b, int m, int n, int k) {
@@ -121,7 +122,9 @@ __global__ void __launch_bounds__(mma_sync_gemm::THREADS)
     auto a_stage = [&](int s) { return base + s * STAGE_BYTES; };
     auto b_stage = [&](int s) { return base + s * STAGE_BYTES + A_CHUNKS * 16; };
 
-    const int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
+    int tile_m, tile_n;
+    grouped_tile((m + BM - 1) / BM, (n + BN - 1) / BN, GROUP_M, tile_m, tile_n);
+    const int row0 = tile_m * BM, col0 = tile_n * BN;
     const int warp = threadIdx.x / 32, warp_row = (warp / 2) * WARP_M, warp_col = (warp % 2) * WARP_N;
     const int k_tiles = (k + BK - 1) / BK;
     float acc[FRAGS_M][FRAGS_N][4] = {};

@@ -108,15 +108,6 @@ __device__ __forceinline__ void wgmma_m64n256k16<__nv_bfloat16>(float (&d)[128],
                  : "l"(a), "l"(b));
 }
 
-// Which tile of C this block computes: blocks walk GROUP_M tile rows down before moving right, so the
-// blocks running at once read a few panels of A and of B, which stay in L2 while they are reused.
-__device__ __forceinline__ void tile_of_block(int tiles_m, int tiles_n, int& tile_m, int& tile_n) {
-    const int per_group = GROUP_M * tiles_n, group = blockIdx.x / per_group, first = group * GROUP_M;
-    const int rows = min(GROUP_M, tiles_m - first), within = blockIdx.x % per_group;
-    tile_m = first + within % rows;
-    tile_n = within / rows;
-}
-
 // The consumer's accumulators hold, per 8 columns j, C[r][8j + 2t..] and C[r + 8][8j + 2t..] with
 // r = 16 * warp + lane / 4 and t = lane % 4 (the mma.sync layout, stacked over the 4 warps).
 template <typename T>
@@ -136,7 +127,7 @@ __device__ __forceinline__ void store_c(T* c, const float (&d)[128], int m, int 
 }  // namespace wgmma_gemm
 
 // ---- 7. wgmma + TMA, warp-specialised -------------------------------------------------------------
-// One block of 384 threads per 128 x 256 tile of C (1-D grid, see tile_of_block). Dynamic shared
+// One block of 384 threads per 128 x 256 tile of C (1-D grid, see grouped_tile). Dynamic shared
 // memory: STAGES * STAGE_BYTES + ALIGN (the launcher sets it). a_map tiles A in boxes of 64 x 128
 // (K x M), b_map tiles B in boxes of 64 x 64 (N x K), both with the 128-byte swizzle.
 template <typename T>
@@ -151,7 +142,7 @@ __global__ void __launch_bounds__(wgmma_gemm::THREADS, 1)
     auto b_tile = [&](int s) { return tiles + s * STAGE_BYTES + A_BYTES; };
 
     int tile_m, tile_n;
-    tile_of_block((m + BM - 1) / BM, (n + BN - 1) / BN, tile_m, tile_n);
+    grouped_tile((m + BM - 1) / BM, (n + BN - 1) / BN, GROUP_M, tile_m, tile_n);
     const int k_tiles = (k + BK - 1) / BK, warpgroup = threadIdx.x / 128;
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {

@@ -20,6 +20,17 @@ __device__ __forceinline__ unsigned smem_address(const void* p) {
 // exactly this pattern, and wgmma's 128B-swizzle descriptors read it.
 __device__ __forceinline__ unsigned swizzle_128b(unsigned chunk) { return chunk ^ ((chunk >> 3) & 7); }
 
+// ---- which tile of C a block computes ---------------------------------------------------------------
+// Blocks start in the order of blockIdx.x. Walking C row by row, the blocks resident at once would
+// share one panel of A but read all of B; walking `group` tile rows down before moving right, they
+// share a few panels of each, which stay in L2 while they are reused (fewer trips to HBM).
+__device__ __forceinline__ void grouped_tile(int tiles_m, int tiles_n, int group, int& tile_m, int& tile_n) {
+    const int per_group = group * tiles_n, first = blockIdx.x / per_group * group;
+    const int rows = min(group, tiles_m - first), within = blockIdx.x % per_group;
+    tile_m = first + within % rows;
+    tile_n = within / rows;
+}
+
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 // ---- cp.async: global -> shared without passing through registers (sm_80) ------------------------
 // Copies 16 bytes, or writes 16 zero bytes when `inside` is false (the source is then not read):

@@ -1,0 +1,98 @@
+"""Learner kernels written in CUDA C: compiled with NVRTC in both modes, run only on a GPU.
+
+NVRTC ships as a wheel, so a CUDA C string compiles on a laptop: a checker can quote the compiler's
+errors, read the PTX and show the resource report there. Running the kernel needs a GPU; in CPU
+mode a checker says so plainly ("NOT CHECKED numerically") instead of printing a pass.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from course_lib import backend
+from course_lib.check.failure import CheckFailed, describe_learner_error
+from course_lib.check.learner import run_with_time_limit
+from course_lib.check.run import mode_phrase
+from course_lib.compile import CompiledSource, CompileError, compile_cuda, load_module, nvrtc_problem
+
+MAX_LOG_LINES = 12  # a compiler's first errors say what is wrong; the rest usually follow from them
+COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+RUN_ON_A_GPU = "On this machine the check stops at compilation: run it on a GPU to check the results."
+
+
+def require_source_text(source: Any, kernel: str) -> str:
+    """The learner's CUDA C must arrive as a str; None usually means a function that forgot to return it."""
+    __tracebackhide__ = True
+    if not isinstance(source, str):
+        raise CheckFailed(f"expected the CUDA C source of {kernel} as a str, got {type(source).__name__}: "
+                          "does the function that builds it `return` the string?")
+    return source
+
+
+def code_without_comments(source: str) -> str:
+    """The source with its // and /* */ comments removed, so a commented-out call does not count."""
+    return COMMENTS.sub("", source)
+
+
+def cannot_compile_here(kernel: str) -> bool:
+    """True, after saying so, where NVRTC is missing: the check then stops without claiming anything."""
+    problem = nvrtc_problem()
+    if problem:
+        print(f"NOT CHECKED {kernel} (CUDA C): it cannot even be compiled here: {problem}")
+    return problem is not None
+
+
+def compile_learner_source(source: str, kernel: str, arch: str, signature: str) -> CompiledSource:
+    """Compile with NVRTC for ``arch``; a CheckFailed quotes the compiler's first lines or names a missing kernel."""
+    __tracebackhide__ = True
+    try:
+        compiled = compile_cuda(source, arch, name=f"{kernel}.cu")
+    except CompileError as error:
+        log = "\n".join(str(error).splitlines()[1 : MAX_LOG_LINES + 1]).strip()  # line 0 is NVRTC's status
+        raise CheckFailed(f"your CUDA C source does not compile for {arch}:\n{log}") from None
+    if not re.search(rf"\.entry\s+{kernel}\s*\(", compiled.ptx):
+        raise CheckFailed(f"your CUDA C source compiles but has no kernel named {kernel}; declare it as\n"
+                          f"  {signature}\n(extern \"C\" keeps the name from being mangled)")
+    return compiled
+
+
+def resource_summary(compiled: CompiledSource, kernel: str) -> str:
+    """'(32 registers, 0 B shared memory, no spills)' from ptxas' report, or '' where there is none."""
+    report = next((k for k in compiled.kernels if k.kernel == kernel), None)
+    if report is None:
+        return ""
+    spills = report.spill_store_bytes + report.spill_load_bytes
+    spilled = f"{spills} B of spills" if spills else "no spills"
+    return f" ({report.registers} registers, {report.shared_bytes} B shared memory, {spilled})"
+
+
+def report_compiled_only(
+    compiled: CompiledSource, kernel: str, finding: str = "", next_step: str = RUN_ON_A_GPU
+) -> None:
+    """CPU mode: say what compiling showed, that the numerical check did not run, and ``next_step``."""
+    found = f"; {finding}" if finding else ""
+    print(f"COMPILED {kernel} (CUDA C) for {compiled.arch}{resource_summary(compiled, kernel)}{found}.\n"
+          f"NOT CHECKED numerically: running CUDA C needs a GPU, and this runs {mode_phrase()}. {next_step}")
+
+
+def load_learner_kernel(source: str, kernel: str) -> Any:
+    """GPU mode: the compiled kernel as a CuPy RawKernel; CuPy's compile or load errors become a CheckFailed."""
+    __tracebackhide__ = True
+    try:
+        return load_module(source).get_function(kernel)
+    except Exception as error:  # noqa: BLE001 - CuPy's compile or load errors, reported as the learner's
+        raise CheckFailed(describe_learner_error(kernel, error)) from None
+
+
+def launch_learner_source_kernel(
+    function: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...], name: str
+) -> None:
+    """Launch a RawKernel as ``function(grid, block, args)`` and wait for it, under the checker's time limit."""
+    __tracebackhide__ = True
+
+    def run_and_wait() -> None:
+        function(grid, block, args)
+        backend.synchronize()  # a launch returns at once: wait, so errors and hangs show here
+
+    run_with_time_limit(run_and_wait, name)
