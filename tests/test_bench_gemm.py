@@ -98,3 +98,14 @@ def test_gpu_quick_suite_reports_the_headline_at_4096(tmp_path):
     assert {"cublas_tflops_4096", "best_vs_cublas_4096", "cublaslt_vs_cublas_4096", "bias_gelu_fusion_speedup"} <= \
         figures.keys()
     assert all(value > 0 for value in figures.values())
+
+
+def test_records_are_found_by_backend_group_and_shape():
+    done = {"label": "wgmma 8192^3", "parameters": {"backend": "wgmma", "group": "square", "shape": [8192] * 3},
+            "derived": {"tflops": 700.0}}
+    skipped = suite.skipped("wgmma 4096^3", {"backend": "wgmma", "group": "square", "shape": [4096] * 3}, "sm_80")
+    records = [done, skipped]
+    assert suite.find(records, "wgmma", "square", [8192, 8192, 8192]) is done
+    assert suite.missing_reason(done) is None
+    assert "sm_80" in suite.missing_reason(suite.find(records, "wgmma", "square", (4096,) * 3))
+    assert suite.missing_reason(suite.find(records, "cuBLAS", "square", [8192] * 3)).startswith("not measured")

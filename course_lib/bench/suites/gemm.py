@@ -371,3 +371,19 @@ def headline(measurements: list[dict[str, Any]]) -> dict[str, float]:
     if fusion:
         figures["bias_gelu_fusion_speedup"] = fusion[0]["derived"]["speedup_vs_unfused"]
     return figures
+
+
+# ---- reading a results file back (the chapters' figures) ------------------------------------------------------
+
+
+def find(measurements: list[dict[str, Any]], backend_name: str, group: str, mnk: list[int]) -> dict[str, Any] | None:
+    """The record of ``backend_name`` (a step, "cuBLAS" or "cuBLASLt") on one shape of one group, or None."""
+    return next((m for m in measurements if m["parameters"].get("backend") == backend_name
+                 and m["parameters"].get("group") == group and m["parameters"].get("shape") == list(mnk)), None)
+
+
+def missing_reason(record: dict[str, Any] | None) -> str | None:
+    """Why a record holds no figure ("not measured", or the skip reason it carries), or None when it holds one."""
+    if record is None:
+        return "not measured in this results file"
+    return f"skipped on the recorded GPU: {record['skipped']}" if record.get("skipped") else None
