@@ -340,7 +340,7 @@ def measure_algorithms() -> dict[str, Any]:
             params["candidates"].append({"heuristic_rank": rank, **cublaslt.describe(algorithm),
                                          "relative_error": error, "timing": timings[-1].asdict(),
                                          **_rates(shape, timings[-1])})
-        params["autotuned_id"] = cublaslt.describe(lt.autotune()[0])["id"]
+        params["autotuned"] = cublaslt.describe(lt.autotune()[0])  # id, tile, stages and split-K of the pick
     fastest = min(t.median_s for t in timings)
     return measurement(f"cuBLASLt algorithms {shape}", timings[0], params, **_rates(shape, timings[0]),
                        fastest_tflops=achieved_tflops(shape.flops, fastest),
