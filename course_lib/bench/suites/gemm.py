@@ -3,7 +3,7 @@
 What is measured (bf16 operands, fp32 accumulation; labels name a shape M x N x K, or N^3 for a cube):
 
 * **square** 4096^3 and 8192^3: every step of ``gemm.STEPS``, cuBLAS (``torch.matmul``) and cuBLASLt
-  (``LtMatmul``, planned once and autotuned). ``naive`` runs at 4096^3 only: at 8192^3 it would dominate the run.
+  (``LtMatmul``, planned once and autotuned). The slow CUDA-core steps are timed over fewer calls.
 * **decode** ``[M, h] @ [h, h]`` for M in 1..256 and h in 2048..8192, plus the MLP up-projection
   ``[M, 4096] @ [4096, 16384]``: with few rows the weights are most of the bytes, so these products are
   memory-bound and GB/s (weights + activations + output, each moved once) matters as much as TFLOP/s. The fast
@@ -43,7 +43,6 @@ DESCRIPTION = "GEMM steps vs cuBLAS and cuBLASLt, bf16: square, decode, prefill,
 DTYPE = "bfloat16"
 TOLERANCE = 1e-2  # bf16 outputs, ||out - ref|| / ||ref|| (DESIGN.md)
 SQUARE_SIZES = (4096, 8192)
-NAIVE_MAX = 4096  # naive is slow enough at 8192^3 to dominate the run
 FAST_STEPS = ("mma_sync", "wgmma")
 LIBRARIES = ("cuBLAS", "cuBLASLt")
 DECODE_ROWS = (1, 16, 64, 256)
@@ -89,7 +88,6 @@ PARAMETERS = {
     "dtype": DTYPE,
     "steps": list(gemm.STEPS),
     "square_sizes": list(SQUARE_SIZES),
-    "naive_only_up_to": NAIVE_MAX,
     "decode": {"rows": list(DECODE_ROWS), "hidden": list(DECODE_HIDDEN), "mlp_hidden": MLP_HIDDEN,
                "backends": [*FAST_STEPS, *LIBRARIES], "weights_cycle_over_l2": L2_MULTIPLE},
     "prefill": {"rows": list(PREFILL_ROWS), "hidden": PREFILL_HIDDEN},
@@ -120,7 +118,7 @@ def planned_shapes(quick: bool) -> list[tuple[Shape, tuple[str, ...]]]:
     decode = [Shape(m, h, h, "decode") for h in hidden for m in rows]
     decode += [Shape(m, 4 * MLP_HIDDEN, MLP_HIDDEN, "decode") for m in rows]
     prefill = [] if quick else [Shape(m, PREFILL_HIDDEN, PREFILL_HIDDEN, "prefill") for m in PREFILL_ROWS]
-    every_step = [(shape, tuple(s for s in gemm.STEPS if s != "naive" or shape.m <= NAIVE_MAX)) for shape in square]
+    every_step = [(shape, gemm.STEPS) for shape in square]
     return every_step + [(shape, FAST_STEPS) for shape in decode + prefill]
 
 
