@@ -21,7 +21,7 @@
 
 namespace paged {
 constexpr int THREADS = 128;
-constexpr int PACK = 8;    // 16 bytes of fp16/bf16: what one thread loads at a time
+constexpr int PACK = 8;    // values one thread loads at a time: 16 bytes of fp16/bf16 (32 of fp32)
 constexpr int CHUNK = 64;  // tokens per step of the online softmax
 
 __device__ __forceinline__ float negative_infinity() { return __int_as_float(0xff800000); }
@@ -179,15 +179,15 @@ __global__ void paged_attention_merge(T* __restrict__ out, const float* __restri
 }
 
 // ---- new tokens into the cache: slot = block * block_size + row; slot < 0 is padding ----------------
-// grid (num_tokens), num_kv_heads * HEAD_DIM / PACK threads (one 16-byte pack of K and of V each).
+// grid (num_tokens), up to num_kv_heads * HEAD_DIM / PACK threads (a pack of PACK values of K and of V each).
 template <typename T, int HEAD_DIM>
 __global__ void write_kv(T* __restrict__ key_cache, T* __restrict__ value_cache, const T* __restrict__ key,
-                         const T* __restrict__ value, const long long* __restrict__ slot_mapping, int num_kv_heads,
+                         const T* __restrict__ value, const int* __restrict__ slot_mapping, int num_kv_heads,
                          int block_size) {
     constexpr int PACKS = HEAD_DIM / paged::PACK;
-    const long long slot = slot_mapping[blockIdx.x];
+    const int slot = slot_mapping[blockIdx.x];
     if (slot < 0) return;
-    const long long block = slot / block_size, row = slot % block_size;
+    const size_t block = slot / block_size, row = slot % block_size;
     for (int i = threadIdx.x; i < num_kv_heads * PACKS; i += blockDim.x) {
         const int head = i / PACKS, pack = i % PACKS;
         const size_t src = (static_cast<size_t>(blockIdx.x) * num_kv_heads + head) * HEAD_DIM;
@@ -199,7 +199,8 @@ __global__ void write_kv(T* __restrict__ key_cache, T* __restrict__ value_cache,
 }
 
 // ---- the instantiations the launcher uses -----------------------------------------------------------
-// head_dim 64 and 128; block sizes 8, 16, 32; v1 (1 head a block), v2 with 1 or 4 heads a block (GQA 4:1).
+// fp32 (the tests' exact type), fp16, bf16; head_dim 64 and 128; block sizes 8, 16, 32; v1 (1 head a block),
+// v2 with 1 or 4 heads a block (4 when query heads come in groups of 4 per KV head, as Llama's 32:8).
 #define PAGED_KERNELS(T, D, B)                                                                                    \
     template __global__ void paged_attention<T, D, B, 1, false>(T*, float*, float*, float*, const T*, const T*,  \
                                                                 const T*, const int*, const int*, int, int, int, \
@@ -216,8 +217,10 @@ __global__ void write_kv(T* __restrict__ key_cache, T* __restrict__ value_cache,
     PAGED_KERNELS(T, D, 32)                                                                                        \
     template __global__ void paged_attention_merge<T, D>(T*, const float*, const float*, const float*, const int*, \
                                                          int, int, int);                                           \
-    template __global__ void write_kv<T, D>(T*, T*, const T*, const T*, const long long*, int, int);
+    template __global__ void write_kv<T, D>(T*, T*, const T*, const T*, const int*, int, int);
 
+PAGED_TYPE(float, 64)
+PAGED_TYPE(float, 128)
 PAGED_TYPE(__half, 64)
 PAGED_TYPE(__half, 128)
 PAGED_TYPE(__nv_bfloat16, 64)

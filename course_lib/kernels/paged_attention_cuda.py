@@ -1,0 +1,116 @@
+"""The GPU side of paged attention: launchers for the kernels of ``paged_attention.cu``.
+
+``paged_attention.py`` validates every input (block tables included) and then calls :func:`launch`
+with device arrays, outputs first. Nothing here checks indices again: it only picks the kernel
+instantiation and the grid.
+
+* v1: one block of THREADS threads per (sequence, query head), the whole context in one pass.
+* v2: one block per (sequence, partition, group of query heads sharing a KV head), then a merge kernel
+  that combines the partitions with their log-sum-exp.
+* prefill: the same decode kernel, one "sequence" per new token: new token i of a sequence whose
+  context ends at L attends to the first L - num_new + i + 1 tokens through the same block table,
+  which is exactly causal attention over the cached prefix and the new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from course_lib import backend, dtypes
+from course_lib import compile as cuda_compile
+
+if TYPE_CHECKING:
+    from course_lib.kernels.paged_attention import Attention, Cache
+
+SOURCE = "paged_attention.cu"
+HEAD_DIMS = (64, 128)  # the head sizes paged_attention.cu is instantiated for
+BLOCK_SIZES = (8, 16, 32)
+THREADS = 128
+GROUPED_HEADS = 4  # v2 reads a K/V tile once for 4 query heads when heads come in groups of 4 per KV head
+PACK = 8  # values per thread and load in write_kv
+PREFILL_PARTITION = 512
+
+
+def kernel_names() -> tuple[str, ...]:
+    """Every instantiation in paged_attention.cu, as name expressions."""
+    names = []
+    for cuda_type in dtypes.CUDA_TYPES.values():
+        for head_dim in HEAD_DIMS:
+            for block_size in BLOCK_SIZES:
+                names += [f"paged_attention<{cuda_type}, {head_dim}, {block_size}, 1, false>",
+                          f"paged_attention<{cuda_type}, {head_dim}, {block_size}, 1, true>",
+                          f"paged_attention<{cuda_type}, {head_dim}, {block_size}, {GROUPED_HEADS}, true>"]
+            names += [f"paged_attention_merge<{cuda_type}, {head_dim}>", f"write_kv<{cuda_type}, {head_dim}>"]
+    return tuple(names)
+
+
+@functools.cache
+def _module() -> Any:
+    return cuda_compile.load_file(SOURCE, name_expressions=kernel_names())
+
+
+def _kernel(name: str) -> Any:
+    return _module().get_function(name)
+
+
+def launch(op: str, problem: Cache | Attention, arrays: list[Any]) -> None:
+    """Launch ``op`` ("decode_v1", "decode_v2", "write_kv" or "prefill") on validated device arrays."""
+    cache = getattr(problem, "cache", problem)
+    if cache.head_dim not in HEAD_DIMS:
+        raise ValueError(f"the CUDA kernels are built for head_dim in {HEAD_DIMS}, got {cache.head_dim}")
+    if op == "write_kv":
+        _write_kv(cache, *arrays)
+    elif op == "prefill":
+        _prefill(problem, *arrays)
+    else:
+        _decode(op.removeprefix("decode_"), problem, *arrays)
+
+
+def _write_kv(cache: Cache, key_cache: Any, value_cache: Any, key: Any, value: Any, slot_mapping: Any) -> None:
+    threads = min(1024, cache.num_kv_heads * cache.head_dim // PACK)
+    name = f"write_kv<{dtypes.CUDA_TYPES[cache.dtype]}, {cache.head_dim}>"
+    _kernel(name)((key.shape[0],), (threads,), (key_cache, value_cache, key, value, slot_mapping,
+                                                np.int32(cache.num_kv_heads), np.int32(cache.block_size)))
+
+
+def _prefill(problem: Attention, out: Any, query: Any, key_cache: Any, value_cache: Any, block_table: Any) -> None:
+    xp = backend.xp
+    first = problem.max_context_len - problem.rows  # context before the first new token
+    tables = xp.ascontiguousarray(xp.broadcast_to(block_table[None, :], (problem.rows, block_table.shape[0])))
+    context_lens = xp.arange(first + 1, problem.max_context_len + 1, dtype=xp.int32)
+    decode = dataclasses.replace(problem, partition_size=PREFILL_PARTITION)
+    _decode("v2", decode, out, query, key_cache, value_cache, tables, context_lens)
+
+
+def _decode(version: str, problem: Attention, out: Any, query: Any, key_cache: Any, value_cache: Any,
+            block_tables: Any, context_lens: Any) -> None:
+    xp, cache = backend.xp, problem.cache
+    cuda_type, head_dim = dtypes.CUDA_TYPES[cache.dtype], cache.head_dim
+    common = (query, key_cache, value_cache, block_tables, context_lens, np.int32(problem.num_heads),
+              np.int32(cache.num_kv_heads), np.int32(problem.max_blocks_per_seq))
+    scale = np.float32(problem.scale)
+    if version == "v1":  # one partition as long as the longest context, written straight to out
+        unused = xp.empty(1, dtype=xp.float32)
+        name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, 1, false>"
+        grid = (1, problem.num_heads, problem.rows)
+        _kernel(name)(grid, (THREADS,), (out, unused, unused, unused, *common, np.int32(problem.max_context_len),
+                                         scale))
+        return
+    heads = GROUPED_HEADS if problem.queries_per_kv % GROUPED_HEADS == 0 else 1
+    partitions = math.ceil(problem.max_context_len / problem.partition_size)
+    partial_out = xp.empty((problem.rows, problem.num_heads, partitions, head_dim), dtype=xp.float32)
+    partial_max = xp.empty((problem.rows, problem.num_heads, partitions), dtype=xp.float32)
+    partial_sum = xp.empty_like(partial_max)
+    name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, {heads}, true>"
+    grid = (partitions, problem.num_heads // heads, problem.rows)
+    _kernel(name)(grid, (THREADS,), (out, partial_out, partial_max, partial_sum, *common,
+                                     np.int32(problem.partition_size), scale))
+    merge = f"paged_attention_merge<{cuda_type}, {head_dim}>"
+    _kernel(merge)((problem.num_heads, problem.rows), (head_dim,),
+                   (out, partial_out, partial_max, partial_sum, context_lens, np.int32(problem.num_heads),
+                    np.int32(partitions), np.int32(problem.partition_size)))
