@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -466,20 +467,40 @@ def paged_attention_decode(
     ``version="v1"`` is one softmax per (sequence, head); ``"v2"`` splits the context into partitions
     of ``partition_size`` tokens and merges them. Both give the same result.
     """
+    return decode_step(query, key_cache, value_cache, block_tables, context_lens, scale=scale, version=version,
+                       partition_size=partition_size, out=out, dtype=dtype)()
+
+
+def decode_step(
+    query: Any, key_cache: Any, value_cache: Any, block_tables: Any, context_lens: Any, *,
+    scale: float | None = None, version: str = "v2", partition_size: int = DEFAULT_PARTITION_SIZE, out: Any = None,
+    dtype: str | None = None,
+) -> Callable[[], Any]:
+    """Validate a decode step once and return a function that runs it and returns ``out``.
+
+    Checking the block tables costs a copy to the host; an engine (or a benchmark, or a CUDA graph
+    capture, which forbids such copies) checks once and then launches the same step many times while
+    only the contents of the arrays change.
+    """
     require_device_arrays({"query": query, "key_cache": key_cache, "value_cache": value_cache,
-                            "block_tables": block_tables, "context_lens": context_lens})
+                           "block_tables": block_tables, "context_lens": context_lens})
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     problem = check_decode_inputs(query, key_cache, value_cache, block_tables, context_lens, scale, dtype)
     if version == "v2":
         problem = replace(problem, partition_size=check_partition_size(partition_size, problem.cache.block_size))
     out = output_buffer(out, tuple(query.shape), problem.cache.dtype, dtype)
-    if backend.has_gpu():
-        launch_kernel(f"decode_{version}", problem, [out, query, key_cache, value_cache, block_tables, context_lens])
-    else:
-        out[...] = _decode(_float32(query, dtype), _float32(key_cache, dtype), _float32(value_cache, dtype),
-                           block_tables, context_lens, problem.scale, problem.partition_size).astype(out.dtype)
-    return out
+
+    def run() -> Any:
+        if backend.has_gpu():
+            launch_kernel(f"decode_{version}", problem, [out, query, key_cache, value_cache, block_tables,
+                                                         context_lens])
+        else:
+            out[...] = _decode(_float32(query, dtype), _float32(key_cache, dtype), _float32(value_cache, dtype),
+                               block_tables, context_lens, problem.scale, problem.partition_size).astype(out.dtype)
+        return out
+
+    return run
 
 
 def write_kv(key: Any, value: Any, key_cache: Any, value_cache: Any, slot_mapping: Any, *,

@@ -87,15 +87,22 @@ def _prefill(problem: Attention, out: Any, query: Any, key_cache: Any, value_cac
     _decode("v2", decode, out, query, key_cache, value_cache, tables, context_lens)
 
 
+@functools.lru_cache(maxsize=32)
+def _workspace(shape: tuple[int, ...], which: str = "out") -> Any:
+    """A float32 scratch buffer of ``shape``, allocated once and reused: a launch then allocates nothing,
+    so it can be captured in a CUDA graph (launches run in stream order, so reuse is safe)."""
+    return backend.xp.empty(shape, dtype=backend.xp.float32)
+
+
 def _decode(version: str, problem: Attention, out: Any, query: Any, key_cache: Any, value_cache: Any,
             block_tables: Any, context_lens: Any) -> None:
-    xp, cache = backend.xp, problem.cache
+    cache = problem.cache
     cuda_type, head_dim = dtypes.CUDA_TYPES[cache.dtype], cache.head_dim
     common = (query, key_cache, value_cache, block_tables, context_lens, np.int32(problem.num_heads),
               np.int32(cache.num_kv_heads), np.int32(problem.max_blocks_per_seq))
     scale = np.float32(problem.scale)
     if version == "v1":  # one partition as long as the longest context, written straight to out
-        unused = xp.empty(1, dtype=xp.float32)
+        unused = _workspace((1,))
         name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, 1, false>"
         grid = (1, problem.num_heads, problem.rows)
         _kernel(name)(grid, (THREADS,), (out, unused, unused, unused, *common, np.int32(problem.max_context_len),
@@ -103,9 +110,9 @@ def _decode(version: str, problem: Attention, out: Any, query: Any, key_cache: A
         return
     heads = GROUPED_HEADS if problem.queries_per_kv % GROUPED_HEADS == 0 else 1
     partitions = math.ceil(problem.max_context_len / problem.partition_size)
-    partial_out = xp.empty((problem.rows, problem.num_heads, partitions, head_dim), dtype=xp.float32)
-    partial_max = xp.empty((problem.rows, problem.num_heads, partitions), dtype=xp.float32)
-    partial_sum = xp.empty_like(partial_max)
+    partial_out = _workspace((problem.rows, problem.num_heads, partitions, head_dim))
+    partial_max, partial_sum = (_workspace((problem.rows, problem.num_heads, partitions), which)
+                                for which in ("max", "sum"))
     name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, {heads}, true>"
     grid = (partitions, problem.num_heads // heads, problem.rows)
     _kernel(name)(grid, (THREADS,), (out, partial_out, partial_max, partial_sum, *common,

@@ -10,4 +10,5 @@ SUITES = {
     "env": "course_lib.bench.suites.env",
     "gemm": "course_lib.bench.suites.gemm",
     "norm": "course_lib.bench.suites.norm",
+    "paged_attention": "course_lib.bench.suites.paged_attention",
 }
