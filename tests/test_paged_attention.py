@@ -411,3 +411,11 @@ def test_valid_inputs_reach_the_launch_with_their_validated_shape(launches):
     assert v2.partition_size == 16 and v2.scale == pytest.approx(0.25)
     assert cache == pa.Cache("float32", num_blocks(problem), 2, 8, 16)
     assert (prefilled.rows, prefilled.max_context_len) == (3, 16)
+
+
+def test_decode_grids_spread_a_long_context_over_partitions_and_group_gqa_heads():
+    from course_lib.kernels.paged_attention_cuda import decode_grids
+
+    assert decode_grids("v1", 1, 32, 8, 32768) == {"decode": (1, 32, 1)}
+    assert decode_grids("v2", 1, 32, 8, 32768, 512) == {"decode": (64, 8, 1), "merge": (32, 1, 1)}
+    assert decode_grids("v2", 3, 8, 4, 1000, 512)["decode"] == (2, 8, 3)  # 2 query heads a KV head: no grouping

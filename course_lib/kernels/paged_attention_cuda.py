@@ -94,6 +94,20 @@ def _workspace(shape: tuple[int, ...], which: str = "out") -> Any:
     return backend.xp.empty(shape, dtype=backend.xp.float32)
 
 
+def decode_grids(version: str, rows: int, num_heads: int, num_kv_heads: int, max_context_len: int,
+                 partition_size: int | None = None) -> dict[str, tuple[int, int, int]]:
+    """The grid of each kernel a decode step launches: how many thread blocks share the work.
+
+    v1: one block per (sequence, query head). v2: one per (partition, group of query heads, sequence),
+    then one merge block per (query head, sequence).
+    """
+    if version == "v1":
+        return {"decode": (1, num_heads, rows)}
+    heads = GROUPED_HEADS if (num_heads // num_kv_heads) % GROUPED_HEADS == 0 else 1
+    partitions = math.ceil(max_context_len / partition_size)
+    return {"decode": (partitions, num_heads // heads, rows), "merge": (num_heads, rows, 1)}
+
+
 def _decode(version: str, problem: Attention, out: Any, query: Any, key_cache: Any, value_cache: Any,
             block_tables: Any, context_lens: Any) -> None:
     cache = problem.cache
@@ -101,23 +115,23 @@ def _decode(version: str, problem: Attention, out: Any, query: Any, key_cache: A
     common = (query, key_cache, value_cache, block_tables, context_lens, np.int32(problem.num_heads),
               np.int32(cache.num_kv_heads), np.int32(problem.max_blocks_per_seq))
     scale = np.float32(problem.scale)
+    grids = decode_grids(version, problem.rows, problem.num_heads, cache.num_kv_heads, problem.max_context_len,
+                         problem.partition_size)
     if version == "v1":  # one partition as long as the longest context, written straight to out
         unused = _workspace((1,))
         name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, 1, false>"
-        grid = (1, problem.num_heads, problem.rows)
-        _kernel(name)(grid, (THREADS,), (out, unused, unused, unused, *common, np.int32(problem.max_context_len),
-                                         scale))
+        _kernel(name)(grids["decode"], (THREADS,), (out, unused, unused, unused, *common,
+                                                    np.int32(problem.max_context_len), scale))
         return
-    heads = GROUPED_HEADS if problem.queries_per_kv % GROUPED_HEADS == 0 else 1
-    partitions = math.ceil(problem.max_context_len / problem.partition_size)
+    partitions, head_groups, _ = grids["decode"]
+    heads = problem.num_heads // head_groups
     partial_out = _workspace((problem.rows, problem.num_heads, partitions, head_dim))
     partial_max, partial_sum = (_workspace((problem.rows, problem.num_heads, partitions), which)
                                 for which in ("max", "sum"))
     name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, {heads}, true>"
-    grid = (partitions, problem.num_heads // heads, problem.rows)
-    _kernel(name)(grid, (THREADS,), (out, partial_out, partial_max, partial_sum, *common,
-                                     np.int32(problem.partition_size), scale))
+    _kernel(name)(grids["decode"], (THREADS,), (out, partial_out, partial_max, partial_sum, *common,
+                                                np.int32(problem.partition_size), scale))
     merge = f"paged_attention_merge<{cuda_type}, {head_dim}>"
-    _kernel(merge)((problem.num_heads, problem.rows), (head_dim,),
+    _kernel(merge)(grids["merge"], (head_dim,),
                    (out, partial_out, partial_max, partial_sum, context_lens, np.int32(problem.num_heads),
                     np.int32(partitions), np.int32(problem.partition_size)))
