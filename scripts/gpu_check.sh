@@ -22,7 +22,7 @@ step "environment report with COURSE_DEVICE=cpu" env COURSE_DEVICE=cpu $py -m co
 step "tests in GPU mode" $py -m pytest -p no:cacheprovider tests --ignore=tests/mpi -m "not mpi" -q -rs
 step "solutions in GPU mode" $py -m pytest -p no:cacheprovider --nbval-lax solutions/ -q
 step "unsolved exercises fail at their checks in GPU mode" $py scripts/exercises.py verify-unsolved
-step "execute the chapters" $py scripts/execute_notebook.py book/*.ipynb --output-dir "$out"
+step "execute the chapters and labs" $py scripts/execute_notebook.py book/*.ipynb book/labs/*.ipynb --output-dir "$out"
 for suite in "$@"; do
     step "benchmark $suite" $py -m course_lib.bench "$suite" --out "$out"
 done
