@@ -8,6 +8,7 @@ from course_lib.check.ch00 import check_achieved_gbps, check_roofline_time, chec
 from course_lib.check.ch01 import check_block_sum, check_rms_norm, check_saxpy
 from course_lib.check.ch02 import check_wmma_gemm
 from course_lib.check.ch03 import check_tiled_gemm
+from course_lib.check.ch04 import check_block_hashes, check_paged_decode, check_slot_mapping
 from course_lib.check.compare import assert_close
 from course_lib.check.failure import CheckFailed
 from course_lib.check.learner import call_learner, default_time_limit_s, is_cuda_kernel, launch_learner_kernel
@@ -23,10 +24,13 @@ __all__ = [
     "assert_close",
     "call_learner",
     "check_achieved_gbps",
+    "check_block_hashes",
     "check_block_sum",
+    "check_paged_decode",
     "check_rms_norm",
     "check_roofline_time",
     "check_saxpy",
+    "check_slot_mapping",
     "check_tiled_gemm",
     "check_vector_add",
     "check_wmma_gemm",

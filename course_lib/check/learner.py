@@ -95,12 +95,24 @@ def launch_learner_kernel(
     _require_signature(_python_function(kernel), args, name, expected_signature)
 
     def launch() -> None:
-        with warnings.catch_warnings():  # the checker's small grids are deliberate
-            warnings.filterwarnings("ignore", message=".*under-utilization")
-            kernel[blocks, threads](*args)
-        backend.numba_cuda().synchronize()  # a launch returns at once: wait, so errors and hangs show here
+        before = set(threading.enumerate())
+        try:
+            with warnings.catch_warnings():  # the checker's small grids are deliberate
+                warnings.filterwarnings("ignore", message=".*under-utilization")
+                kernel[blocks, threads](*args)
+            backend.numba_cuda().synchronize()  # a launch returns at once: wait, so errors and hangs show here
+        finally:
+            _wind_down(set(threading.enumerate()) - before)
 
     run_with_time_limit(launch, name, time_limit_s, explain_error)
+
+
+def _wind_down(threads: set[threading.Thread], timeout_s: float = 5.0) -> None:
+    """Wait for the simulator's threads of a launch that failed: when one simulated CUDA thread raises,
+    the launch returns while the block's other threads are still running, and the simulator runs one
+    kernel at a time, so the next launch could see their writes."""
+    for thread in threads:
+        thread.join(timeout=timeout_s)
 
 
 def _require_signature(function: Callable[..., Any], args: tuple[Any, ...], name: str, expected: str | None) -> None:

@@ -1,0 +1,266 @@
+"""Chapter 04 checkers: the right solutions pass, and each known mistake is rejected with its hint.
+
+The decode kernels are real @cuda.jit kernels built from one template with one part changed; in CPU
+mode they run in Numba's CUDA simulator, where an index past an array raises IndexError. On a GPU the
+same kernels read on into the checker's padding, and the checker recognises them by their values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from checker_testing import rejected_with
+from numba import float32
+
+from course_lib import backend
+from course_lib.check import check_block_hashes, check_paged_decode, check_slot_mapping
+from course_lib.check.ch04 import DecodeShape, decode_as_read, decode_case
+from course_lib.engine.block_pool import hash_block_tokens
+from course_lib.kernels.paged_attention import MAX_HEAD_DIM
+from course_lib.kernels.paged_attention_numba import THREADS, block_reduce
+
+cuda = backend.numba_cuda()
+
+needs_gpu = pytest.mark.gpu  # tests/conftest.py skips these, saying why, where there is no GPU
+on_cpu_only = pytest.mark.skipif(backend.has_gpu(), reason="the simulator raises where a GPU reads on")
+
+MAX_CONTEXT_LEN = 1024  # the notebook's: the logits of a whole context fit in shared memory
+
+
+# --- slot_mapping ----------------------------------------------------------------------------------
+
+
+def slot_mapping(block_table, positions, block_size):
+    return block_table[positions // block_size] * block_size + positions % block_size
+
+
+def test_slot_mapping_accepts_the_solution(capsys):
+    assert check_slot_mapping(slot_mapping) is None
+    assert capsys.readouterr().out.startswith("PASSED slot_mapping: 3 random cases (block sizes 8, 16, 32, seed ")
+
+
+def test_slot_mapping_accepts_a_loop_returning_a_list():
+    def one_at_a_time(block_table, positions, block_size):
+        return [int(block_table[p // block_size]) * block_size + int(p) % block_size for p in positions]
+
+    check_slot_mapping(one_at_a_time)
+
+
+@pytest.mark.parametrize(
+    ("wrong", "hint"),
+    [
+        (lambda table, p, size: table[p // size] * size + p, "not the position itself"),
+        (lambda table, p, size: table[p] * size + p % size, "one entry per block, not per token"),
+        (lambda table, p, size: table[-(-p // size)] * size + p % size, "floor division with no + 1"),
+        (lambda table, p, size: table[p // size] + p % size, "block b starts at slot b * block_size"),
+        (lambda table, p, size: table[p // size] * size + p % size + 1, "every slot is one off"),
+        (lambda table, p, size: table[(p - 1) // size] * size + p % size, "an off-by-one at a block boundary"),
+        (lambda table, p, size: table[(p + 1) // size] * size + p % size, "an off-by-one at a block boundary"),
+        (lambda table, p, size: table[np.floor(p / size)] * size + p % size, "use // (floor division)"),
+        (lambda table, p, size: table[p // size] * size + p % size + 0.0, "slots are whole numbers"),
+    ],
+    ids=["offset-is-position", "table-by-position", "ceil-block", "block-not-scaled", "plus-one", "block-of-p-minus-1",
+         "block-of-p-plus-1", "float-index", "float-slots"],
+)
+def test_slot_mapping_rejects_known_mistakes(seed, wrong, hint):
+    assert hint in rejected_with(check_slot_mapping, wrong)
+
+
+def test_slot_mapping_missing_return():
+    assert "forget to `return`" in rejected_with(check_slot_mapping, lambda table, p, size: None)
+
+
+# --- paged_decode ----------------------------------------------------------------------------------
+
+
+@cuda.jit(device=True)
+def grouped(head, num_heads, num_kv_heads):
+    return head // (num_heads // num_kv_heads)
+
+
+@cuda.jit(device=True)
+def round_robin(head, num_heads, num_kv_heads):
+    return head % num_kv_heads
+
+
+@cuda.jit(device=True)
+def divided_by_kv_heads(head, num_heads, num_kv_heads):
+    return head // num_kv_heads
+
+
+@cuda.jit(device=True)
+def same_as_query_head(head, num_heads, num_kv_heads):
+    return head
+
+
+def make_paged_decode(kv_head_of=grouped, offset_is_token=False, table_by_token=False, scale_power=1,
+                      subtract_max=True, normalise=True):
+    """The solution's decode kernel, or a known mistake when one of the arguments is changed."""
+
+    @cuda.jit
+    def paged_decode(out, query, key_cache, value_cache, block_tables, context_lens, scale):
+        head, seq = cuda.blockIdx.x, cuda.blockIdx.y
+        t = cuda.threadIdx.x
+        num_heads, head_dim = query.shape[1], query.shape[2]
+        num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
+        kv_head = kv_head_of(head, num_heads, num_kv_heads)
+        context_len = context_lens[seq]
+        q = cuda.shared.array(MAX_HEAD_DIM, float32)
+        partials = cuda.shared.array(THREADS, float32)
+        logits = cuda.shared.array(MAX_CONTEXT_LEN, float32)
+
+        for d in range(t, head_dim, THREADS):
+            q[d] = query[seq, head, d] * scale**scale_power
+        cuda.syncthreads()
+        thread_max = float32(-math.inf)
+        for token in range(t, context_len, THREADS):
+            block = block_tables[seq, token if table_by_token else token // block_size]
+            offset = token if offset_is_token else token % block_size
+            dot = float32(0)
+            for d in range(head_dim):
+                dot += q[d] * key_cache[block, kv_head, offset, d]
+            logits[token] = dot
+            thread_max = max(thread_max, dot)
+        max_logit = block_reduce(partials, thread_max, True) if subtract_max else float32(0)
+        thread_sum = float32(0)
+        for token in range(t, context_len, THREADS):
+            weight = math.exp(logits[token] - max_logit)
+            logits[token] = weight
+            thread_sum += weight
+        exp_sum = block_reduce(partials, thread_sum, False)
+        for d in range(t, head_dim, THREADS):
+            acc = float32(0)
+            for token in range(context_len):
+                block = block_tables[seq, token if table_by_token else token // block_size]
+                offset = token if offset_is_token else token % block_size
+                acc += logits[token] * value_cache[block, kv_head, offset, d]
+            out[seq, head, d] = acc / exp_sum if normalise else acc
+
+    return paged_decode
+
+
+@cuda.jit
+def paged_decode_stub(out, query, key_cache, value_cache, block_tables, context_lens, scale):
+    raise NotImplementedError
+
+
+def test_decode_model_with_the_right_indices_is_the_reference():
+    case = decode_case(np.random.default_rng(4), DecodeShape((37, 5), 6, 2, 16, 8))
+    np.testing.assert_allclose(decode_as_read(case), case.reference(), rtol=1e-12)
+
+
+def test_paged_decode_accepts_the_solution(capsys):
+    assert check_paged_decode(make_paged_decode()) is None
+    line = capsys.readouterr().out
+    assert line.startswith("PASSED paged_decode: ") and "grouped-query heads" in line and "mode" in line
+
+
+@pytest.mark.parametrize(
+    ("wrong", "hint"),
+    [
+        (make_paged_decode(kv_head_of=round_robin), "round-robin"),
+        (make_paged_decode(scale_power=0), "not multiplied by scale"),
+        (make_paged_decode(scale_power=2), "multiplied by scale twice"),
+        (make_paged_decode(subtract_max=False), "subtract the largest logit first"),
+        (make_paged_decode(normalise=False), "not divided by the sum of the weights"),
+    ],
+    ids=["kv-heads-round-robin", "scale-missing", "scale-twice", "softmax-without-max", "not-normalised"],
+)
+def test_paged_decode_rejects_known_mistakes(seed, wrong, hint):
+    assert hint in rejected_with(check_paged_decode, wrong)
+
+
+@on_cpu_only
+@pytest.mark.parametrize(
+    ("wrong", "hint"),
+    [
+        (make_paged_decode(offset_is_token=True), "a wrong block offset"),
+        (make_paged_decode(table_by_token=True), "one entry per block, not per token"),
+        (make_paged_decode(kv_head_of=divided_by_kv_heads), "h // (num_heads // num_kv_heads)"),
+        (make_paged_decode(kv_head_of=same_as_query_head), "h // (num_heads // num_kv_heads)"),
+    ],
+    ids=["offset-is-token", "table-by-token", "kv-head-divided-by-kv-heads", "kv-head-is-query-head"],
+)
+def test_paged_decode_simulator_names_an_index_past_the_end(wrong, hint):
+    message = rejected_with(check_paged_decode, wrong)
+    assert "IndexError" in message and hint in message
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    ("wrong", "hint"),
+    [
+        (make_paged_decode(offset_is_token=True), "a wrong block offset"),
+        (make_paged_decode(table_by_token=True), "one entry per block, not per token"),
+        (make_paged_decode(kv_head_of=divided_by_kv_heads), "divides by the wrong number"),
+        (make_paged_decode(kv_head_of=same_as_query_head), "each query head read its own kv head"),
+    ],
+    ids=["offset-is-token", "table-by-token", "kv-head-divided-by-kv-heads", "kv-head-is-query-head"],
+)
+def test_gpu_paged_decode_recognises_reads_past_the_end(seed, wrong, hint):
+    assert hint in rejected_with(check_paged_decode, wrong)
+
+
+def test_paged_decode_stub_is_not_implemented_yet():
+    assert "paged_decode is not implemented yet" in rejected_with(check_paged_decode, paged_decode_stub)
+
+
+# --- block_hashes ----------------------------------------------------------------------------------
+
+
+def chain(token_blocks):
+    hashes = []
+    for block in token_blocks:
+        hashes.append(hash_block_tokens(hashes[-1] if hashes else None, block))
+    return hashes
+
+
+def block_hashes(token_ids, block_size):
+    full = len(token_ids) // block_size * block_size
+    return chain(token_ids[start : start + block_size] for start in range(0, full, block_size))
+
+
+def test_block_hashes_accepts_the_solution(capsys):
+    assert check_block_hashes(block_hashes) is None
+    assert capsys.readouterr().out.startswith("PASSED block_hashes: 9 random cases (block sizes 4, 8, 16, ")
+
+
+def hashed_alone(token_ids, block_size):
+    full = len(token_ids) // block_size * block_size
+    return [hash_block_tokens(None, token_ids[start : start + block_size]) for start in range(0, full, block_size)]
+
+
+@pytest.mark.parametrize(
+    ("wrong", "hint"),
+    [
+        (hashed_alone, "hashed alone, with parent None"),
+        (lambda tokens, size: chain(tokens[start : start + size] for start in range(0, len(tokens), size)),
+         "a partial block"),
+        (lambda tokens, size: chain(tokens[start : start + size] for start in range(0, len(tokens) - size, size)),
+         "the last full block has no hash"),
+        (lambda tokens, size: [hash_block_tokens(None, tokens[:end]) for end in range(size, len(tokens) + 1, size)],
+         "each hash is of the whole prefix"),
+        (lambda tokens, size: chain(tokens[start : start + size + 1]
+                                    for start in range(0, len(tokens) - size + 1, size)), "off by one"),
+        (lambda tokens, size: chain(tokens[start + 1 : start + size + 1]
+                                    for start in range(0, len(tokens) - size + 1, size)), "off by one"),
+    ],
+    ids=["alone", "partial-included", "last-full-missing", "whole-prefix", "slice-too-long", "slice-shifted"],
+)
+def test_block_hashes_rejects_known_mistakes(seed, wrong, hint):
+    assert hint in rejected_with(check_block_hashes, wrong)
+
+
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        (lambda tokens, size: None, "forget to `return`"),
+        (lambda tokens, size: "".join(block_hashes(tokens, size)), "should return a list of hashes"),
+        (lambda tokens, size: [bytes.fromhex(h) for h in block_hashes(tokens, size)], "the hex string"),
+    ],
+    ids=["none", "one-string", "bytes"],
+)
+def test_block_hashes_rejects_what_is_not_a_list_of_hashes(wrong, message):
+    assert message in rejected_with(check_block_hashes, wrong)
