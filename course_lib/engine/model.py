@@ -1,0 +1,295 @@
+"""A Llama forward pass over a flat batch of tokens from many sequences, reading and writing a paged KV cache.
+
+An engine does not pad sequences into a rectangle. Each step it concatenates the new tokens of every
+scheduled sequence (a whole prompt, a chunk of one, or the single next token of a sequence being
+decoded) into one flat batch of ``T`` tokens, as vLLM does. Everything but attention treats the ``T``
+rows alike: the norms, projections and MLP are per-token, so one matrix product serves all sequences.
+Attention is where sequences differ, and ``AttentionMetadata`` tells it how:
+
+* each sequence's slice of the flat batch, its context length after this step and its block table;
+* the *slot* of every new token: where in the paged cache its key and value are written;
+* prefill slices (several new tokens) run causal ``paged_prefill`` one sequence at a time; decode
+  slices (one new token) are gathered into one batched ``paged_attention_decode``.
+
+All arrays live in ``course_lib.backend.xp``: CuPy and cuBLAS on a GPU, NumPy in CPU mode, one code path.
+Element types: float32 and float16 everywhere, bfloat16 in CPU mode (CuPy has no bfloat16 arithmetic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from course_lib import backend, dtypes
+from course_lib.engine.block_pool import BlockCopy
+from course_lib.engine.config import ModelConfig
+from course_lib.engine.weights import check_weights
+from course_lib.kernels.norm import add_rms_norm, rms_norm
+from course_lib.kernels.paged_attention import blocks_for, paged_attention_decode, paged_prefill, write_kv
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    """One sequence's share of a step: its ``num_new_tokens`` newest tokens, at the end of its context."""
+
+    num_new_tokens: int
+    context_len: int  # tokens in the cache once this step has written its new ones
+    block_table: Sequence[int]  # the blocks holding the context, in order
+
+    @property
+    def first_position(self) -> int:
+        """The position of the first new token (the tokens before it are already cached)."""
+        return self.context_len - self.num_new_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token: it joins the batched decode attention instead of a prefill of its own."""
+        return self.num_new_tokens == 1
+
+
+class AttentionMetadata:
+    """How a flat batch splits into sequences: built once per step on the host, shared by every layer.
+
+    The sequences' new tokens appear in the flat batch in the order of ``sequences``.
+    """
+
+    def __init__(self, sequences: Iterable[ScheduledSequence], block_size: int) -> None:
+        self.sequences = tuple(sequences)
+        self.block_size = block_size
+        if not self.sequences:
+            raise ValueError("a step needs at least one sequence")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        for index, seq in enumerate(self.sequences):
+            _check_sequence(index, seq, block_size)
+        sizes = [seq.num_new_tokens for seq in self.sequences]
+        self.starts = np.cumsum([0, *sizes[:-1]])  # where each sequence's slice begins in the flat batch
+        self.num_tokens = int(sum(sizes))
+        self.last_token_rows = backend.xp.asarray(self.starts + np.array(sizes) - 1)  # the rows sampled from
+        positions = np.concatenate([np.arange(seq.first_position, seq.context_len) for seq in self.sequences])
+        self.positions = backend.xp.asarray(positions.astype(np.int32))
+        self.slot_mapping = backend.xp.asarray(
+            np.concatenate([slots_of(seq, block_size) for seq in self.sequences]).astype(np.int32)
+        )
+        decodes = [i for i, seq in enumerate(self.sequences) if seq.is_decode]
+        self.decode_rows = backend.xp.asarray(self.starts[decodes])
+        self.decode_block_tables = backend.xp.asarray(_padded_tables([self.sequences[i] for i in decodes]))
+        self.decode_context_lens = backend.xp.asarray(
+            np.array([self.sequences[i].context_len for i in decodes], dtype=np.int32)
+        )
+        self.prefill_tables = {
+            i: backend.xp.asarray(np.asarray(seq.block_table, dtype=np.int32))
+            for i, seq in enumerate(self.sequences)
+            if not seq.is_decode
+        }
+
+    @classmethod
+    def build(cls, sequences: Iterable[tuple[int, int, Sequence[int]]], block_size: int) -> AttentionMetadata:
+        """From ``(num_new_tokens, context_len, block_table)`` triples, the scheduler's view of a step."""
+        return cls((ScheduledSequence(*triple) for triple in sequences), block_size)
+
+
+def slots_of(seq: ScheduledSequence, block_size: int) -> np.ndarray:
+    """The cache slots of a sequence's new tokens: position ``p`` goes to ``table[p // bs] * bs + p % bs``."""
+    positions = np.arange(seq.first_position, seq.context_len)
+    return np.asarray(seq.block_table, dtype=np.int64)[positions // block_size] * block_size + positions % block_size
+
+
+def _check_sequence(index: int, seq: ScheduledSequence, block_size: int) -> None:
+    """Counts and table length; the block ids themselves are checked against the pool by the kernels."""
+    if not 1 <= seq.num_new_tokens <= seq.context_len:
+        raise ValueError(
+            f"sequence {index}: need 1 <= num_new_tokens <= context_len, got num_new_tokens="
+            f"{seq.num_new_tokens}, context_len={seq.context_len}"
+        )
+    needed = blocks_for(seq.context_len, block_size)
+    if len(seq.block_table) < needed:
+        raise ValueError(
+            f"sequence {index}: context_len={seq.context_len} needs {needed} blocks of {block_size}, "
+            f"its block table has {len(seq.block_table)}"
+        )
+
+
+def _padded_tables(sequences: list[ScheduledSequence]) -> np.ndarray:
+    """Block tables as one int32 ``[num_seqs, longest]`` array; entries past a sequence's own are -1 (never read)."""
+    width = max((len(seq.block_table) for seq in sequences), default=1)
+    tables = np.full((len(sequences), width), -1, dtype=np.int32)
+    for row, seq in enumerate(sequences):
+        tables[row, : len(seq.block_table)] = seq.block_table
+    return tables
+
+
+class KVCache:
+    """Each layer's key and value cache, ``[num_blocks, num_kv_heads, block_size, head_dim]``, in one pool of blocks.
+
+    A block id means the same block in every layer: the block pool's bookkeeping covers all layers at once.
+    """
+
+    def __init__(self, keys: list[Any], values: list[Any]) -> None:
+        self.keys, self.values = keys, values
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype: str = "float32") -> KVCache:
+        """Zeroed caches for every layer of ``config``."""
+        shape = (num_blocks, config.num_kv_heads, block_size, config.head_dim)
+
+        def zeros() -> Any:
+            array = dtypes.empty(shape, dtype)
+            array[...] = 0
+            return array
+
+        return cls([zeros() for _ in range(config.num_layers)], [zeros() for _ in range(config.num_layers)])
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.keys[0].shape[0])
+
+    @property
+    def block_size(self) -> int:
+        return int(self.keys[0].shape[2])
+
+    def copy_blocks(self, copies: Iterable[BlockCopy]) -> None:
+        """Carry out the block pool's copy-on-writes: block ``src`` into block ``dst``, in every layer."""
+        for copy in copies:
+            for cache in (*self.keys, *self.values):
+                cache[copy.dst] = cache[copy.src]
+
+
+def rotate_half(x: Any) -> Any:
+    """``[x1, x2] -> [-x2, x1]`` on the last axis: Llama's RoPE pairs feature ``i`` with ``i + head_dim/2``."""
+    half = x.shape[-1] // 2
+    return backend.xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def rope_cos_sin(positions: Any, head_dim: int, theta: float) -> tuple[Any, Any]:
+    """cos and sin of the rotation angles ``position * theta**(-2i / head_dim)``, ``[T, 1, head_dim]`` in fp32."""
+    xp = backend.xp
+    inverse_frequencies = 1.0 / theta ** (xp.arange(0, head_dim, 2, dtype=xp.float32) / head_dim)
+    angles = positions.astype(xp.float32)[:, None] * inverse_frequencies[None, :]
+    angles = xp.concatenate([angles, angles], axis=-1)[:, None, :]  # one angle per pair, same for every head
+    return xp.cos(angles), xp.sin(angles)
+
+
+def apply_rope(x: Any, cos: Any, sin: Any) -> Any:
+    """Rotate each head's feature pairs by its token's angles: ``x * cos + rotate_half(x) * sin``."""
+    return (x * cos + rotate_half(x) * sin).astype(x.dtype)
+
+
+def silu(x: Any) -> Any:
+    """``x * sigmoid(x)``, the gate's activation in Llama's SwiGLU MLP."""
+    return x / (1 + backend.xp.exp(-x))
+
+
+class LlamaModel:
+    """A Llama decoder on the current device: ``forward`` maps a step's flat batch of tokens to logits.
+
+    ``weights`` use Hugging Face names (``course_lib.engine.weights``); they are converted to ``dtype``
+    (default: the embedding's) and moved to the device once, here.
+    """
+
+    def __init__(self, config: ModelConfig, weights: dict[str, Any], dtype: str | None = None) -> None:
+        check_weights(config, weights)
+        self.config = config
+        self.dtype = dtype or dtypes.element_type(weights["model.embed_tokens.weight"])
+        if self.dtype == "bfloat16" and backend.has_gpu():
+            raise ValueError(
+                "bfloat16 needs CPU mode: CuPy has no bfloat16 arithmetic for the projections and "
+                "elementwise steps; run the model in float16 on a GPU"
+            )
+        host_type = dtypes.host_dtype(self.dtype)
+        self.weights = {
+            name: dtypes.to_device(np.ascontiguousarray(backend.to_numpy(array).astype(host_type)))
+            for name, array in weights.items()
+        }
+        self.lm_head = self.weights.get("lm_head.weight", self.weights["model.embed_tokens.weight"])
+
+    def forward(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
+        """Logits ``[num_sequences, vocab]`` (fp32) for the last new token of each sequence of the step."""
+        return self.compute_logits(self.hidden_states(token_ids, positions, kv_cache, attention), attention)
+
+    def hidden_states(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
+        """The final-normed hidden state of every token of the flat batch: ``[T, hidden_size]``."""
+        self._check_step(token_ids, positions, kv_cache, attention)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        residual = self.weights["model.embed_tokens.weight"][token_ids]
+        eps = self.config.rms_norm_eps
+        for i in range(self.config.num_layers):
+            layer = f"model.layers.{i}."
+            normed = rms_norm(residual, self.weights[layer + "input_layernorm.weight"], eps)
+            attended = self.self_attention(i, normed, cos, sin, kv_cache, attention)
+            normed = add_rms_norm(attended, residual, self.weights[layer + "post_attention_layernorm.weight"], eps)
+            residual += self.mlp(i, normed)  # residual now holds attention's output too (add_rms_norm added it)
+        return rms_norm(residual, self.weights["model.norm.weight"], eps)
+
+    def compute_logits(self, hidden: Any, attention: AttentionMetadata) -> Any:
+        """Project only the rows a token is sampled from: the last new token of each sequence."""
+        return linear(hidden[attention.last_token_rows], self.lm_head).astype(backend.xp.float32)
+
+    def self_attention(
+        self, i: int, x: Any, cos: Any, sin: Any, kv_cache: KVCache, attention: AttentionMetadata
+    ) -> Any:
+        """Grouped-query attention of layer ``i``: project, rotate, cache the new keys and values, attend, project."""
+        config, prefix, tokens = self.config, f"model.layers.{i}.self_attn.", x.shape[0]
+        query = linear(x, self.weights[prefix + "q_proj.weight"]).reshape(tokens, config.num_heads, config.head_dim)
+        key = linear(x, self.weights[prefix + "k_proj.weight"]).reshape(tokens, config.num_kv_heads, config.head_dim)
+        value = linear(x, self.weights[prefix + "v_proj.weight"]).reshape(tokens, config.num_kv_heads, config.head_dim)
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        key_cache, value_cache = kv_cache.keys[i], kv_cache.values[i]
+        write_kv(key, value, key_cache, value_cache, attention.slot_mapping)
+        out = backend.xp.empty_like(query)
+        for index, table in attention.prefill_tables.items():
+            seq, start = attention.sequences[index], int(attention.starts[index])
+            rows = slice(start, start + seq.num_new_tokens)
+            out[rows] = paged_prefill(query[rows], key_cache, value_cache, table, seq.context_len, seq.num_new_tokens)
+        if attention.decode_rows.size:
+            out[attention.decode_rows] = paged_attention_decode(
+                query[attention.decode_rows],
+                key_cache,
+                value_cache,
+                attention.decode_block_tables,
+                attention.decode_context_lens,
+            )
+        return linear(out.reshape(tokens, -1), self.weights[prefix + "o_proj.weight"])
+
+    def mlp(self, i: int, x: Any) -> Any:
+        """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+        prefix = f"model.layers.{i}.mlp."
+        gate = linear(x, self.weights[prefix + "gate_proj.weight"])
+        up = linear(x, self.weights[prefix + "up_proj.weight"])
+        return linear((silu(gate) * up).astype(x.dtype), self.weights[prefix + "down_proj.weight"])
+
+    def _check_step(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> None:
+        """The step's arrays must agree with its metadata, and every token id must index the embedding."""
+        dtypes.require_device_array("token_ids", token_ids)
+        dtypes.require_device_array("positions", positions)
+        expected = (attention.num_tokens,)
+        if tuple(token_ids.shape) != expected or tuple(positions.shape) != expected:
+            raise ValueError(
+                f"token_ids and positions must both have shape {expected} (the step's new tokens), "
+                f"got {tuple(token_ids.shape)} and {tuple(positions.shape)}"
+            )
+        ids = backend.to_numpy(token_ids)
+        if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(
+                f"token_ids must be integers in [0, {self.config.vocab_size}), got {ids.dtype} values "
+                f"from {ids.min()} to {ids.max()}"
+            )
+        if kv_cache.block_size != attention.block_size or len(kv_cache.keys) != self.config.num_layers:
+            raise ValueError(
+                f"the KV cache (block_size {kv_cache.block_size}, {len(kv_cache.keys)} layers) does not "
+                f"match the step (block_size {attention.block_size}) and model "
+                f"({self.config.num_layers} layers)"
+            )
+
+
+def linear(x: Any, weight: Any) -> Any:
+    """``x @ weight.T`` for a ``[out, in]`` weight: cuBLAS through CuPy on a GPU, NumPy on the CPU.
+
+    NumPy has no fast bfloat16 product, so bf16 is multiplied in fp32 and rounded once, as a GPU would.
+    """
+    if x.dtype == dtypes.bfloat16:
+        return (x.astype(np.float32) @ weight.T.astype(np.float32)).astype(dtypes.bfloat16)
+    return x @ weight.T

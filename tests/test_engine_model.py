@@ -1,0 +1,242 @@
+"""The engine's Llama against the dense float64 reference: one-step prefill, chunked prefill then decode,
+sequences batched together, scattered block tables; checkpoints on disk; every configuration and input check.
+
+The model is TINY (two layers, hidden 64), so the whole file runs in a few seconds on a laptop CPU.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from course_lib import backend, dtypes
+from course_lib.check import relative_error, tolerance_for
+from course_lib.engine.block_pool import BlockCopy
+from course_lib.engine.config import LLAMA_1B_SHAPED, TINY, ModelConfig
+from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel, ScheduledSequence, slots_of
+from course_lib.engine.reference import dense_forward
+from course_lib.engine.weights import expected_shapes, load_checkpoint, random_weights, save_checkpoint
+
+BLOCK_SIZE = 8
+NUM_BLOCKS = 32
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    seed = np.random.SeedSequence().entropy
+    print(f"random tokens and block tables from seed {seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="module")
+def weights() -> dict[str, np.ndarray]:
+    return random_weights(TINY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(weights) -> LlamaModel:
+    return LlamaModel(TINY, weights)
+
+
+def scattered_tables(rng: np.random.Generator, *lengths: int) -> list[list[int]]:
+    """Block tables for sequences of ``lengths`` tokens, drawn from a shuffled pool: no two share a block."""
+    pool = list(rng.permutation(NUM_BLOCKS))
+    return [[int(pool.pop()) for _ in range(-(-length // BLOCK_SIZE))] for length in lengths]
+
+
+def run_step(model: LlamaModel, cache: KVCache, steps: list[tuple[np.ndarray, int, list[int]]]) -> np.ndarray:
+    """One engine step: ``steps`` holds each sequence's (new token ids, context_len after the step, block table)."""
+    attention = AttentionMetadata.build([(len(tokens), context, table) for tokens, context, table in steps],
+                                        BLOCK_SIZE)
+    token_ids = backend.xp.asarray(np.concatenate([tokens for tokens, _, _ in steps]))
+    return backend.to_numpy(model.forward(token_ids, attention.positions, cache, attention))
+
+
+def assert_matches(logits: np.ndarray, reference: np.ndarray, dtype: str = "float32") -> None:
+    error = relative_error(logits, reference)
+    assert error < tolerance_for(dtype), f"relative error {error:.3g} over {tolerance_for(dtype)} for {dtype}"
+
+
+# ---- the forward pass against the dense reference ------------------------------------------------------
+
+
+def test_prefill_in_one_step_matches_the_dense_model(model, weights, rng):
+    prompt = rng.integers(0, TINY.vocab_size, 21)
+    cache = KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE)
+    (table,) = scattered_tables(rng, len(prompt))
+    logits = run_step(model, cache, [(prompt, len(prompt), table)])
+    assert logits.shape == (1, TINY.vocab_size) and logits.dtype == np.float32
+    assert_matches(logits[0], dense_forward(TINY, weights, prompt)[-1])
+
+
+def test_chunked_prefill_then_decode_matches_the_dense_model_at_every_step(model, weights, rng):
+    tokens = rng.integers(0, TINY.vocab_size, 19)  # a 13-token prompt, then 6 tokens decoded one at a time
+    reference = dense_forward(TINY, weights, tokens)
+    cache = KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE)
+    (table,) = scattered_tables(rng, len(tokens))
+    for start, end in [(0, 8), (8, 13), *((t, t + 1) for t in range(13, 19))]:
+        logits = run_step(model, cache, [(tokens[start:end], end, table)])
+        assert_matches(logits[0], reference[end - 1])
+
+
+def test_sequences_batched_together_match_each_alone(model, weights, rng):
+    """A decode, a prefill and another decode in one flat batch: the decode rows are not contiguous."""
+    first, second, third = (rng.integers(0, TINY.vocab_size, n) for n in (11, 9, 17))
+    cache = KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE)
+    tables = scattered_tables(rng, len(first), len(second), len(third))
+    run_step(model, cache, [(first[:-1], 10, tables[0]), (third[:-1], 16, tables[2])])  # their prompts, batched
+    logits = run_step(model, cache, [(first[-1:], 11, tables[0]), (second, 9, tables[1]), (third[-1:], 17, tables[2])])
+    for row, tokens in enumerate((first, second, third)):
+        assert_matches(logits[row], dense_forward(TINY, weights, tokens)[-1])
+
+
+def test_tied_embeddings_and_bfloat16(rng):
+    config = ModelConfig(**{**vars(TINY), "tie_word_embeddings": True})
+    weights = random_weights(config, seed=1, dtype="bfloat16")
+    assert "lm_head.weight" not in weights
+    prompt = rng.integers(0, config.vocab_size, 12)
+    reference = dense_forward(config, weights, prompt)[-1]
+    dtype = "float32" if backend.has_gpu() else "bfloat16"  # bf16 arithmetic needs CPU mode
+    cache = KVCache.allocate(config, NUM_BLOCKS, BLOCK_SIZE, dtype)
+    logits = run_step(LlamaModel(config, weights, dtype), cache, [(prompt, 12, scattered_tables(rng, 12)[0])])
+    assert_matches(logits[0], reference, "bfloat16")
+
+
+# ---- the metadata a scheduler hands the model ----------------------------------------------------------
+
+
+def test_metadata_lays_out_the_flat_batch():
+    attention = AttentionMetadata([ScheduledSequence(3, 10, [4, 2]), ScheduledSequence(1, 9, [7, 5])], BLOCK_SIZE)
+    assert attention.num_tokens == 4
+    assert backend.to_numpy(attention.positions).tolist() == [7, 8, 9, 8]
+    assert backend.to_numpy(attention.slot_mapping).tolist() == [4 * 8 + 7, 2 * 8 + 0, 2 * 8 + 1, 5 * 8 + 0]
+    assert backend.to_numpy(attention.last_token_rows).tolist() == [2, 3]
+    assert backend.to_numpy(attention.decode_rows).tolist() == [3]
+    assert slots_of(ScheduledSequence(2, 2, [6]), BLOCK_SIZE).tolist() == [48, 49]
+
+
+@pytest.mark.parametrize(("sequence", "message"), [
+    (ScheduledSequence(0, 4, [1]), "1 <= num_new_tokens <= context_len"),
+    (ScheduledSequence(5, 4, [1]), "1 <= num_new_tokens <= context_len"),
+    (ScheduledSequence(2, 9, [1]), "needs 2 blocks of 8"),
+])
+def test_metadata_rejects_impossible_sequences(sequence, message):
+    with pytest.raises(ValueError, match=message):
+        AttentionMetadata([sequence], BLOCK_SIZE)
+
+
+def test_forward_rejects_bad_inputs(model):
+    cache = KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE)
+    attention = AttentionMetadata.build([(2, 2, [0])], BLOCK_SIZE)
+    with pytest.raises(ValueError, match=r"token_ids must be integers in \[0, 512\)"):
+        model.forward(backend.xp.asarray([1, 512]), attention.positions, cache, attention)
+    with pytest.raises(ValueError, match=r"must both have shape \(2,\)"):
+        model.forward(backend.xp.asarray([1, 2, 3]), attention.positions, cache, attention)
+    outside = AttentionMetadata.build([(2, 2, [NUM_BLOCKS])], BLOCK_SIZE)
+    with pytest.raises(ValueError, match="slots must lie in"):  # the kernels check every index
+        model.forward(backend.xp.asarray([1, 2]), outside.positions, cache, outside)
+
+
+def test_copy_blocks_copies_every_layer():
+    cache = KVCache.allocate(TINY, 4, BLOCK_SIZE)
+    for array in (*cache.keys, *cache.values):
+        array[1] = 1.5
+    cache.copy_blocks([BlockCopy(src=1, dst=3)])
+    for array in (*cache.keys, *cache.values):
+        assert float(array[3].min()) == float(array[3].max()) == 1.5
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_checkpoint_round_trip(tmp_path, dtype):
+    weights = random_weights(TINY, seed=2, dtype=dtype)
+    save_checkpoint(tmp_path, TINY, weights)
+    config, loaded = load_checkpoint(tmp_path)
+    assert config == TINY
+    assert loaded.keys() == weights.keys()
+    for name, array in weights.items():
+        assert loaded[name].dtype == array.dtype, name
+        np.testing.assert_array_equal(loaded[name], array)
+    assert json.loads((tmp_path / "config.json").read_text())["num_key_value_heads"] == TINY.num_kv_heads
+
+
+def test_load_names_a_missing_tensor(tmp_path, weights):
+    save_checkpoint(tmp_path, TINY, weights)
+    save_file({name: array for name, array in weights.items() if "layers.1.mlp.up" not in name},
+              tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"no tensor 'model.layers.1.mlp.up_proj.weight' \(expected shape \(128, 64\)"):
+        load_checkpoint(tmp_path)
+
+
+def test_load_names_a_misshapen_tensor(tmp_path, weights):
+    save_checkpoint(tmp_path, TINY, weights)
+    save_file({**weights, "model.norm.weight": np.ones(65, dtype=np.float32)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"'model.norm.weight' should have shape \(64,\) for this config, got \(65,\)"):
+        load_checkpoint(tmp_path)
+
+
+def test_load_needs_config_and_weights_files(tmp_path, weights):
+    with pytest.raises(FileNotFoundError, match="no config.json in"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(tmp_path, TINY, weights)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors in"):
+        load_checkpoint(tmp_path)
+
+
+def test_model_rejects_weights_of_another_config(weights):
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.k_proj.weight' should have shape"):
+        LlamaModel(ModelConfig(**{**vars(TINY), "num_kv_heads": 4}), weights)
+
+
+# ---- the configuration ---------------------------------------------------------------------------------
+
+
+def test_config_round_trips_through_hugging_face_names():
+    assert ModelConfig.from_hf(LLAMA_1B_SHAPED.to_hf()) == LLAMA_1B_SHAPED
+    assert LLAMA_1B_SHAPED.head_dim == 64 and LLAMA_1B_SHAPED.queries_per_kv == 4
+    assert sum(np.prod(shape) for shape in expected_shapes(LLAMA_1B_SHAPED).values()) / 1e9 == pytest.approx(1.10, 0.01)
+    hf = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+          "num_attention_heads": 4}
+    assert ModelConfig.from_hf(hf).num_kv_heads == 4  # no num_key_value_heads: multi-head attention
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"num_kv_heads": 3}, "must be a multiple of num_kv_heads=3"),
+    ({"num_heads": 3, "num_kv_heads": 1}, "hidden_size=64 must split evenly over num_heads=3"),
+    ({"head_dim": 15}, "head_dim must be even"),
+    ({"num_layers": 0}, "num_layers must be a positive integer"),
+    ({"vocab_size": 2.5}, "vocab_size must be a positive integer"),
+    ({"rms_norm_eps": 0.0}, "rms_norm_eps must be a finite number > 0"),
+])
+def test_config_rejects_impossible_shapes(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{**vars(TINY), "head_dim": 0, **changes})
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"model_type": "mistral"}, "expected a Llama config"),
+    ({"rope_scaling": {"rope_type": "llama3"}}, "rope_scaling=.* is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+])
+def test_config_refuses_what_the_engine_does_not_implement(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf({**TINY.to_hf(), **changes})
+
+
+def test_config_names_missing_fields():
+    with pytest.raises(ValueError, match="lacks num_hidden_layers"):
+        ModelConfig.from_hf({key: value for key, value in TINY.to_hf().items() if key != "num_hidden_layers"})
+
+
+@pytest.mark.gpu
+def test_bfloat16_is_refused_on_a_gpu(weights):
+    with pytest.raises(ValueError, match="bfloat16 needs CPU mode"):
+        LlamaModel(TINY, weights, "bfloat16")
+
+
+def test_weights_move_to_the_model_dtype(weights):
+    assert dtypes.element_type(LlamaModel(TINY, weights, "float16").lm_head) == "float16"
