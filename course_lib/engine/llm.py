@@ -1,0 +1,131 @@
+"""The engine's front door, in the manner of vLLM: ``LLM(...).generate(prompts, params)`` and a token stream.
+
+One engine step, the loop every serving engine runs:
+
+1. the scheduler picks the sequences that run and how many tokens each computes (decode: one; prefill:
+   a chunk of the prompt, under a budget of tokens a step);
+2. the KV cache performs the copy-on-write copies the block pool asked for;
+3. the model runs every scheduled token in one flat batch and returns, per sequence, the logits of its
+   last new token;
+4. the sampler draws a token for each sequence that reached its last token (a prefill chunk that stops
+   short of the prompt's end samples nothing);
+5. the scheduler appends the tokens, finishes what is done and frees its blocks.
+
+Prompts are lists of token ids (the course's models have random weights and no tokenizer). A request that
+can never run (an empty prompt, one longer than the model's context, one that could never fit the KV
+pool) comes back finished with ``finish_reason`` ``"error: ..."``; the other requests are unaffected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from course_lib import backend
+from course_lib.engine import sequence as sequences
+from course_lib.engine.block_pool import BlockPool
+from course_lib.engine.config import TINY, ModelConfig
+from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
+from course_lib.engine.sampling import SamplingParams, sample
+from course_lib.engine.scheduler import Scheduler
+from course_lib.engine.weights import load_checkpoint, random_weights
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A finished request: its prompt, the tokens generated, and why it stopped."""
+
+    request_id: int
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    finish_reason: str  # "length", "stop", or "error: <why>" for a request that could not run
+    num_preemptions: int  # times the scheduler evicted it and recomputed its KV (the outputs do not change)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token, as the stream hands it out."""
+
+    request_id: int
+    token_id: int
+    finished: bool
+
+
+class LLM:
+    """A small paged-attention engine: a Llama model, a KV-cache block pool, a scheduler and a sampler.
+
+    ``weights`` default to random ones drawn from ``seed``; ``LLM.from_checkpoint`` loads a Hugging Face-style
+    directory. ``num_blocks`` x ``block_size`` is the KV cache in tokens; ``max_num_batched_tokens`` the
+    token budget of a step; ``max_num_seqs`` how many sequences run at once.
+    """
+
+    def __init__(self, config: ModelConfig = TINY, weights: dict | None = None, *, seed: int = 0,
+                 dtype: str = "float32", num_blocks: int = 256, block_size: int = 16,
+                 max_num_batched_tokens: int = 512, max_num_seqs: int = 64, max_model_len: int | None = None,
+                 eos_token_id: int | None = None) -> None:
+        weights = random_weights(config, seed, dtype) if weights is None else weights
+        self.config = config
+        self.model = LlamaModel(config, weights, dtype)
+        self.kv_cache = KVCache.allocate(config, num_blocks, block_size, dtype)
+        self.block_pool = BlockPool(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_pool, max_num_batched_tokens, max_num_seqs,
+                                   max_model_len or config.max_position_embeddings, eos_token_id)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, **options: object) -> LLM:
+        """An engine on the weights of a ``config.json`` + ``*.safetensors`` directory."""
+        config, weights = load_checkpoint(directory)
+        return cls(config, weights, **options)
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion, batched continuously; outputs in the order of ``prompts``."""
+        requests = self._add_requests(prompts, params)
+        while self.scheduler.has_unfinished():
+            self.step()
+        return [_output(index, seq) for index, seq in enumerate(requests)]
+
+    def stream(self, prompts: Sequence[Sequence[int]],
+               params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[TokenEvent]:
+        """The same work as :meth:`generate`, handing out each token as soon as a step samples it."""
+        requests = self._add_requests(prompts, params)
+        request_of = {seq.seq_id: index for index, seq in enumerate(requests)}
+        while self.scheduler.has_unfinished():
+            for seq, token in self.step():
+                yield TokenEvent(request_of[seq.seq_id], token, seq.is_finished)
+
+    def step(self) -> list[tuple[sequences.Sequence, int]]:
+        """One engine step; returns the (sequence, token) pairs it sampled."""
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            raise RuntimeError("the scheduler found nothing it could run: the KV pool is too small for the "
+                               "waiting requests even after preempting every running one")
+        self.kv_cache.copy_blocks(plan.block_copies)
+        attention = AttentionMetadata.build(
+            ((step.num_new_tokens, step.context_len, step.block_table) for step in plan.scheduled),
+            self.block_pool.block_size)
+        token_ids = np.concatenate([step.token_ids for step in plan.scheduled]).astype(np.int32)
+        logits = self.model.forward(backend.xp.asarray(token_ids), attention.positions, self.kv_cache, attention)
+        rows = [row for row, step in enumerate(plan.scheduled) if step.samples]
+        sampling = plan.sampling_sequences
+        tokens = sample(backend.to_numpy(logits[rows]), [seq.sampling_params for seq in sampling],
+                        [seq.generator for seq in sampling]) if rows else np.empty(0, dtype=np.int64)
+        self.scheduler.update(plan, tokens)
+        return [(seq, int(token)) for seq, token in zip(sampling, tokens, strict=True)]
+
+    def _add_requests(self, prompts: Sequence[Sequence[int]],
+                      params: SamplingParams | Sequence[SamplingParams] | None) -> list[sequences.Sequence]:
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"give one SamplingParams or one per prompt: {len(prompts)} prompts, "
+                             f"{len(params)} SamplingParams")
+        return [self.scheduler.add_request(prompt, param) for prompt, param in zip(prompts, params, strict=True)]
+
+
+def _output(request_id: int, seq: sequences.Sequence) -> RequestOutput:
+    return RequestOutput(request_id, tuple(seq.prompt_token_ids), tuple(seq.output_token_ids),
+                         seq.finish_reason or "", seq.num_preemptions)

@@ -1,0 +1,89 @@
+"""The LLM front door: continuous batching, chunked prefill and preemption never change what is generated."""
+
+import numpy as np
+import pytest
+
+from course_lib.engine.config import TINY
+from course_lib.engine.llm import LLM, TokenEvent
+from course_lib.engine.reference import dense_forward
+from course_lib.engine.sampling import SamplingParams
+from course_lib.engine.weights import random_weights, save_checkpoint
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
+
+
+def prompts(count, seed=0, low=3, high=40):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(0, TINY.vocab_size, size=int(rng.integers(low, high)))) for _ in range(count)]
+
+
+def tokens_of(outputs):
+    return [out.output_token_ids for out in outputs]
+
+
+def test_greedy_generation_follows_the_dense_reference():
+    weights = random_weights(TINY, seed=3)
+    prompt = prompts(1, seed=1)[0]
+    generated = LLM(TINY, weights, block_size=8).generate([prompt], GREEDY)[0].output_token_ids
+    tokens = list(prompt)
+    for _ in range(GREEDY.max_tokens):
+        tokens.append(int(np.argmax(dense_forward(TINY, weights, np.array(tokens))[-1])))
+    assert list(generated) == tokens[len(prompt):]
+
+
+def test_batched_results_equal_one_request_at_a_time():
+    batch = prompts(6)
+    together = tokens_of(LLM(TINY, seed=5).generate(batch, GREEDY))
+    alone = [tokens_of(LLM(TINY, seed=5).generate([p], GREEDY))[0] for p in batch]
+    assert together == alone
+
+
+def test_preemption_and_chunked_prefill_do_not_change_the_outputs():
+    batch, longer = prompts(5, seed=2), SamplingParams(temperature=0.0, max_tokens=12)
+    roomy = tokens_of(LLM(TINY, seed=1, num_blocks=256, block_size=8).generate(batch, longer))
+    squeezed = LLM(TINY, seed=1, num_blocks=10, block_size=8, max_num_batched_tokens=24).generate(batch, longer)
+    assert tokens_of(squeezed) == roomy
+    assert sum(out.num_preemptions for out in squeezed) > 0
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch():
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_tokens=5, seed=11)
+    batch = prompts(3, seed=4)
+    first = tokens_of(LLM(TINY, seed=2).generate(batch, params))
+    assert tokens_of(LLM(TINY, seed=2).generate(batch[1:2], params))[0] == first[1]
+
+
+def test_the_stream_hands_out_the_generated_tokens_in_order():
+    batch = prompts(3, seed=6)
+    expected = tokens_of(LLM(TINY, seed=4).generate(batch, GREEDY))
+    streamed = [[] for _ in batch]
+    events = list(LLM(TINY, seed=4).stream(batch, GREEDY))
+    for event in events:
+        assert isinstance(event, TokenEvent)
+        streamed[event.request_id].append(event.token_id)
+    assert [tuple(s) for s in streamed] == expected
+    assert sum(event.finished for event in events) == len(batch)
+
+
+def test_a_bad_request_is_rejected_alone():
+    good = prompts(2, seed=7)
+    outputs = LLM(TINY, seed=3, num_blocks=64, block_size=8).generate(
+        [good[0], [], list(range(TINY.max_position_embeddings + 1)), good[1]], GREEDY)
+    assert outputs[1].finish_reason.startswith("error") and outputs[2].finish_reason.startswith("error")
+    assert outputs[1].output_token_ids == outputs[2].output_token_ids == ()
+    assert tokens_of([outputs[0], outputs[3]]) == tokens_of(LLM(TINY, seed=3).generate(good, GREEDY))
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+
+
+def test_params_are_one_for_all_or_one_per_prompt():
+    with pytest.raises(ValueError, match="one per prompt"):
+        LLM(TINY).generate(prompts(2), [GREEDY])
+
+
+def test_a_checkpoint_directory_serves_the_same_tokens(tmp_path):
+    weights = random_weights(TINY, seed=9)
+    save_checkpoint(tmp_path, TINY, weights)
+    batch = prompts(2, seed=8)
+    assert tokens_of(LLM.from_checkpoint(tmp_path).generate(batch, GREEDY)) == \
+        tokens_of(LLM(TINY, weights).generate(batch, GREEDY))
