@@ -1,5 +1,6 @@
 """The command-line examples run on CPU with the tiny model and explain themselves with --help."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ def run(script, *args):
                           timeout=120, check=False)
 
 
-@pytest.mark.parametrize("script", ["single_gpu_infer.py"])
+@pytest.mark.parametrize("script", ["single_gpu_infer.py", "latency_bench.py"])
 def test_every_example_has_help(script):
     done = run(script, "--help")
     assert done.returncode == 0 and "usage:" in done.stdout
@@ -26,3 +27,13 @@ def test_single_gpu_infer_streams_tokens_and_prints_timings():
     generated = next(line for line in done.stdout.splitlines() if line.startswith("generated:"))
     assert len(generated.split()) == 1 + 4
     assert "time to first token" in done.stdout and "Mode:" in done.stdout
+
+
+def test_latency_bench_writes_a_results_file_and_a_plot(tmp_path):
+    done = run("latency_bench.py", "--batch-sizes", "1", "2", "--prompt-lengths", "8", "--output-lengths", "3",
+               "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "latency_bench.json").read_text())
+    assert [(m["batch"], m["output_length"]) for m in result["measurements"]] == [(1, 3), (2, 3)]
+    assert all(m["ttft_s"] > 0 and m["tokens_per_s"] > 0 for m in result["measurements"])
+    assert result["mode"] and (tmp_path / "latency_bench.png").stat().st_size > 0
