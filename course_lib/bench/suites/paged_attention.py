@@ -52,6 +52,7 @@ def steps(quick: bool) -> list[Step]:
     if not backend.has_gpu():
         return [Step(f"{version} batch 2 x context 40 (NumPy)", functools.partial(measure_smoke, version))
                 for version in pa.VERSIONS]
+    _import_torch()
     batches, contexts = ((1, 64), (4096,)) if quick else (BATCHES, CONTEXTS)
     shapes = [(batch, context) for batch in batches for context in contexts]
     measured = [Step(f"{version} {batch} x {context}", functools.partial(measure_paged, version, batch, context))
@@ -59,6 +60,11 @@ def steps(quick: bool) -> list[Step]:
     measured += [Step(f"SDPA {batch} x {context}", functools.partial(measure_sdpa, batch, context))
                  for batch, context in shapes]
     return measured
+
+
+def _import_torch() -> None:
+    """PyTorch first: imported after numba.cuda in one process, torch fails to load."""
+    import torch  # noqa: F401
 
 
 def kv_bytes(batch: int, context: int) -> int:
