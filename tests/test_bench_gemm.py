@@ -72,7 +72,7 @@ def test_decode_weights_are_copied_until_they_overflow_the_l2(monkeypatch):
 
 def test_the_full_gpu_plan_covers_every_group(monkeypatch):
     monkeypatch.setattr(backend, "has_gpu", lambda: True)
-    monkeypatch.setattr(suite, "_import_torch", lambda: None)
+    monkeypatch.setattr(suite, "require_torch", lambda purpose: None)
     labels = [step.label for step in suite.steps(quick=False)]
     assert all(f"{name} {n}^3" in labels for name in (*suite.gemm.STEPS, "cuBLAS", "cuBLASLt") for n in (4096, 8192))
     assert "cuBLASLt 1x2048x2048" in labels and "wgmma 256x16384x4096" in labels and "cuBLAS 8192x4096x4096" in labels

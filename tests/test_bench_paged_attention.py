@@ -31,7 +31,7 @@ def test_a_headline_without_its_measurements_is_left_out():
 
 def test_the_gpu_plan_covers_every_shape_with_both_versions_and_sdpa(monkeypatch):
     monkeypatch.setattr(backend, "has_gpu", lambda: True)
-    monkeypatch.setattr(suite, "_import_torch", lambda: None)
+    monkeypatch.setattr(suite, "require_torch", lambda purpose: None)
     labels = [step.label for step in suite.steps(quick=False)]
     for batch in suite.BATCHES:
         for context in suite.CONTEXTS:

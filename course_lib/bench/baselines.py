@@ -1,11 +1,13 @@
 """The baselines every ratio in the course is taken against, measured in the same run as the kernel.
 
 Copy bandwidth is a device-to-device ``cudaMemcpy`` (the DMA path the driver tunes for the card),
-counting bytes read plus bytes written; on CPU, NumPy's ``copyto``.
+counting bytes read plus bytes written; on CPU, NumPy's ``copyto``. Library baselines (cuBLAS, SDPA) run
+through PyTorch, which must be imported before ``numba.cuda`` (``require_torch``).
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -30,3 +32,15 @@ def copy_bandwidth(nbytes: int) -> dict[str, Any]:
     if not bool((target == source).all()):
         raise RuntimeError("the copy benchmark's target differs from its source")
     return measurement("copy", timing, {"bytes": nbytes, "how": how}, gbps=achieved_gbps(2 * nbytes, timing.median_s))
+
+
+def require_torch(purpose: str) -> ModuleType:
+    """PyTorch, which runs a baseline (cuBLAS, SDPA) for ``purpose``.
+
+    Import it before anything imports ``numba.cuda``: in the other order torch fails to load.
+    """
+    try:
+        import torch
+    except ImportError as error:
+        raise RuntimeError(f"{purpose} runs through PyTorch: pip install torch") from error
+    return torch

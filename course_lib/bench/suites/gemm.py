@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from course_lib import backend, dtypes
+from course_lib.bench.baselines import require_torch
 from course_lib.bench.roofline import achieved_gbps, achieved_tflops
 from course_lib.bench.runner import Step, measurement
 from course_lib.bench.timing import Timing, time_call, time_graph, time_torch_graph
@@ -102,7 +103,7 @@ def steps(quick: bool) -> list[Step]:
         smoke = Shape(256, 256, 256, "square")
         return [Step(f"{name} {smoke} (NumPy)", functools.partial(measure, name, smoke))
                 for name in (*gemm.STEPS[2:], "cuBLASLt")]
-    _import_torch()
+    require_torch("the gemm suite's cuBLAS baseline")
     measured = [Step(f"{name} {shape}", functools.partial(measure, name, shape))
                 for shape, course_steps in planned_shapes(quick) for name in (*course_steps, *LIBRARIES)]
     measured.append(Step(f"bias+GELU epilogue {FUSION_SHAPE}", measure_fusion))
@@ -120,14 +121,6 @@ def planned_shapes(quick: bool) -> list[tuple[Shape, tuple[str, ...]]]:
     prefill = [] if quick else [Shape(m, PREFILL_HIDDEN, PREFILL_HIDDEN, "prefill") for m in PREFILL_ROWS]
     every_step = [(shape, gemm.STEPS) for shape in square]
     return every_step + [(shape, FAST_STEPS) for shape in decode + prefill]
-
-
-def _import_torch() -> None:
-    """PyTorch runs the cuBLAS baseline. Import it before anything imports numba.cuda: the other order crashes."""
-    try:
-        import torch  # noqa: F401
-    except ImportError as error:
-        raise RuntimeError("the gemm suite's cuBLAS baseline runs through PyTorch: pip install torch") from error
 
 
 def _as_torch(array: Any) -> Any:

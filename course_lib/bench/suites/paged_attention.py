@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from course_lib import backend, dtypes
-from course_lib.bench.baselines import copy_bandwidth
+from course_lib.bench.baselines import copy_bandwidth, require_torch
 from course_lib.bench.roofline import achieved_gbps
 from course_lib.bench.runner import Step, measurement
 from course_lib.bench.timing import Timing, time_call, time_graph, time_torch_graph
@@ -52,7 +52,7 @@ def steps(quick: bool) -> list[Step]:
     if not backend.has_gpu():
         return [Step(f"{version} batch 2 x context 40 (NumPy)", functools.partial(measure_smoke, version))
                 for version in pa.VERSIONS]
-    _import_torch()
+    require_torch("the paged_attention suite's SDPA baseline")
     batches, contexts = ((1, 64), (4096,)) if quick else (BATCHES, CONTEXTS)
     shapes = [(batch, context) for batch in batches for context in contexts]
     measured = [Step(f"{version} {batch} x {context}", functools.partial(measure_paged, version, batch, context))
@@ -60,11 +60,6 @@ def steps(quick: bool) -> list[Step]:
     measured += [Step(f"SDPA {batch} x {context}", functools.partial(measure_sdpa, batch, context))
                  for batch, context in shapes]
     return measured
-
-
-def _import_torch() -> None:
-    """PyTorch first: imported after numba.cuda in one process, torch fails to load."""
-    import torch  # noqa: F401
 
 
 def kv_bytes(batch: int, context: int) -> int:
