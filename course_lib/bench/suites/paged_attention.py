@@ -16,7 +16,7 @@ its inputs once and times the launches alone (``decode_step``): a CUDA graph can
 host copy the block-table check makes.
 
 In CPU mode the suite times the NumPy path on a tiny problem: a smoke test, never shown as GPU
-figures.
+figures. The headline's ``paged_waste_fraction`` is chapter 04's request-mix model (the same in both modes).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from course_lib.bench.baselines import copy_bandwidth, require_torch
 from course_lib.bench.roofline import achieved_gbps
 from course_lib.bench.runner import Step, measurement
 from course_lib.bench.timing import Timing, time_call, time_graph, time_torch_graph
+from course_lib.engine import kv_waste
 from course_lib.kernels import paged_attention as pa
 
 DESCRIPTION = "paged decode attention (v1, v2) vs copy bandwidth and torch SDPA, bf16"
@@ -43,9 +44,11 @@ PARTITION_SIZE = pa.DEFAULT_PARTITION_SIZE
 COPY_CAP = 4 << 30
 FILL_CHUNK = 1 << 28  # elements generated at a time when filling a cache on the GPU
 TOLERANCE = 1e-2
+WASTE_REQUESTS, WASTE_SEED = 10_000, 0  # the synthetic request mix of chapter 04 (course_lib.engine.kv_waste)
 PARAMETERS = {"dtype": DTYPE, "batches": list(BATCHES), "contexts": list(CONTEXTS), "num_heads": NUM_HEADS,
               "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
-              "partition_size": PARTITION_SIZE, "timing": "CUDA graph replay"}
+              "partition_size": PARTITION_SIZE, "timing": "CUDA graph replay",
+              "waste_mix": {"requests": WASTE_REQUESTS, "seed": WASTE_SEED}}
 
 
 def steps(quick: bool) -> list[Step]:
@@ -205,8 +208,14 @@ def measure_smoke(version: str) -> dict[str, Any]:
     return measurement(f"{version} smoke", timing, {"version": version, "batch": 2, "context": 40})
 
 
+def request_mix_waste() -> float:
+    """The fraction of paged KV memory the course's synthetic request mix leaves empty (a model, not a timing)."""
+    mix = kv_waste.request_mix(WASTE_REQUESTS, seed=WASTE_SEED)
+    return kv_waste.paged_waste(mix.context_lens, BLOCK_SIZE)
+
+
 def headline(measurements: list[dict[str, Any]]) -> dict[str, float]:
-    """The figures issue 5 names: v2 against copy and v2 against SDPA."""
+    """The figures issue 5 names: v2 against copy, v2 against SDPA, and the request mix's paged waste."""
     found = {(m["parameters"].get("version"), m["parameters"].get("batch"), m["parameters"].get("context")): m
              for m in measurements}
     figures = {}
@@ -217,4 +226,5 @@ def headline(measurements: list[dict[str, Any]]) -> dict[str, float]:
     v2, sdpa = found.get(("v2", 64, 4096)), found.get(("sdpa", 64, 4096))
     if v2 and sdpa and "gbps" in v2["derived"]:
         figures["time_vs_sdpa_b64_c4096"] = v2["timing"]["median_s"] / sdpa["timing"]["median_s"]
+    figures["paged_waste_fraction"] = request_mix_waste()
     return figures
