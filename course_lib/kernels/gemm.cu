@@ -34,7 +34,7 @@ template <typename T>
 __global__ void gemm_smem_tiled(T* __restrict__ c, const T* __restrict__ a, const T* __restrict__ b, int m,
                                 int n, int k) {
     __shared__ float a_tile[TILE][TILE];
-    __shared__ float b_tile[TILE][TILE + 1];  // +1: a column walk hits 32 different banks
+    __shared__ float b_tile[TILE][TILE];  // a warp reads along a row (b_tile[i][tx]): 32 banks, no conflict
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int row = blockIdx.y * TILE + ty, col = blockIdx.x * TILE + tx;
     float acc = 0.0f;
