@@ -8,9 +8,10 @@
 //     an mbarrier. No address arithmetic, no per-thread copies, no bounds checks in the kernel.
 //   * wgmma: a warpgroup (4 warps, 128 threads) multiplies a 64 x 16 slice of A by a 16 x 256 slice
 //     of B straight from shared memory (described by 64-bit descriptors; no ldmatrix) into 128 fp32
-//     registers per thread, asynchronously: the threads issue it and wait only when they need to.
-//   * warp specialisation: warpgroup 0 is the producer (one thread issues TMA copies, the others
-//     give their registers away with setmaxnreg); warpgroups 1 and 2 are consumers, each owning 64
+//     registers per thread, asynchronously: the threads issue it and wait only when they need to
+//     (here at the end of each stage, before the stage is handed back to the producer).
+//   * warp specialisation: warpgroup 0 is the producer (it lowers its register limit with setmaxnreg,
+//     and one of its threads issues the TMA copies); warpgroups 1 and 2 are consumers, each owning 64
 //     rows of the block's 128 x 256 tile of C. Producer and consumers meet on two mbarriers per
 //     stage: `full` (the tile has landed) and `empty` (both consumers are done reading it).
 // Shared memory per stage: A's 128 x 64 tile (128-byte rows, K-major) and B's 64 x 256 tile as four
