@@ -4,7 +4,11 @@ sequences batched together, scattered block tables; checkpoints on disk; every c
 The model is TINY (two layers, hidden 64), so the whole file runs in a few seconds on a laptop CPU.
 """
 
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,14 +171,16 @@ def test_load_names_a_missing_tensor(tmp_path, weights):
     save_checkpoint(tmp_path, TINY, weights)
     save_file({name: array for name, array in weights.items() if "layers.1.mlp.up" not in name},
               tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"no tensor 'model.layers.1.mlp.up_proj.weight' \(expected shape \(128, 64\)"):
+    missing = r"no tensor 'model.layers.1.mlp.up_proj.weight' \(expected shape \(512, 256\)"
+    with pytest.raises(ValueError, match=missing):
         load_checkpoint(tmp_path)
 
 
 def test_load_names_a_misshapen_tensor(tmp_path, weights):
     save_checkpoint(tmp_path, TINY, weights)
     save_file({**weights, "model.norm.weight": np.ones(65, dtype=np.float32)}, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"'model.norm.weight' should have shape \(64,\) for this config, got \(65,\)"):
+    misshapen = r"'model.norm.weight' should have shape \(256,\) for this config, got \(65,\)"
+    with pytest.raises(ValueError, match=misshapen):
         load_checkpoint(tmp_path)
 
 
@@ -206,7 +212,7 @@ def test_config_round_trips_through_hugging_face_names():
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"num_kv_heads": 3}, "must be a multiple of num_kv_heads=3"),
-    ({"num_heads": 3, "num_kv_heads": 1}, "hidden_size=64 must split evenly over num_heads=3"),
+    ({"num_heads": 3, "num_kv_heads": 1}, "hidden_size=256 must split evenly over num_heads=3"),
     ({"head_dim": 15}, "head_dim must be even"),
     ({"num_layers": 0}, "num_layers must be a positive integer"),
     ({"vocab_size": 2.5}, "vocab_size must be a positive integer"),
@@ -240,3 +246,13 @@ def test_bfloat16_is_refused_on_a_gpu(weights):
 
 def test_weights_move_to_the_model_dtype(weights):
     assert dtypes.element_type(LlamaModel(TINY, weights, "float16").lm_head) == "float16"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,
+                    reason="Hugging Face transformers and torch are installed on the GPU node, not in CI")
+def test_logits_match_transformers_llama_for_a_gqa_checkpoint():
+    program = Path(__file__).parent / "programs" / "compare_with_transformers.py"
+    done = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert errors["dense_vs_transformers"] < 1e-4 and errors["paged_vs_transformers"] < 1e-4, errors
