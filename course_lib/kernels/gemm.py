@@ -119,6 +119,15 @@ def _module(source: str) -> Any:
     return cuda_compile.load_file(source, arch=arch, name_expressions=kernel_names(source))
 
 
+@functools.cache
+def _kernel(source: str, name: str, shared_bytes: int) -> Any:
+    """The kernel ``name``, allowed ``shared_bytes`` of dynamic shared memory (set once, not on every launch)."""
+    kernel = _module(source).get_function(name)
+    if shared_bytes > kernel.max_dynamic_shared_size_bytes:
+        kernel.max_dynamic_shared_size_bytes = shared_bytes  # above 48 KiB a kernel must opt in
+    return kernel
+
+
 def kernel_names(source: str = "gemm.cu") -> tuple[str, ...]:
     """Every instantiation in ``source`` (one of ``SOURCES``), as name expressions."""
     names = []
@@ -169,9 +178,7 @@ def launch(step: str, product: Product, c: Any, a: Any, b: Any) -> None:
     if step in ALIGNED_STEPS and any(x.data.ptr % 16 for x in (a, b, c)):
         raise ValueError(f"the {step} step needs 16-byte aligned a, b and c (a fresh array is)")
     name, grid, block, shared = launch_config(step, product)
-    kernel = _module(source_of(step)).get_function(name)
-    if shared > kernel.max_dynamic_shared_size_bytes:
-        kernel.max_dynamic_shared_size_bytes = shared  # above 48 KiB a kernel must opt in
+    kernel = _kernel(source_of(step), name, shared)
     if step == "wgmma":  # the kernel reads A and B through TMA tensor maps, not pointers
         a, b = (tensor_map.tiled_map(a, product.dtype, WGMMA_ROWS, WGMMA_BK),
                 tensor_map.tiled_map(b, product.dtype, WGMMA_BK, WGMMA_PANEL))

@@ -79,7 +79,7 @@ def bytes_moved(batch: int, context: int) -> int:
 
 def measure_paged(version: str, batch: int, context: int) -> dict[str, Any]:
     """One version on one shape, checked then timed, with the copy of the same bytes measured alongside."""
-    copy_gbps = copy_bandwidth(min(kv_bytes(batch, context), COPY_CAP) // 2)["derived"]["gbps"]  # read + written
+    copy_gbps = _copy_gbps(min(kv_bytes(batch, context), COPY_CAP))
     problem = _paged_problem(batch, context)
     out = dtypes.empty((batch, NUM_HEADS, HEAD_DIM), DTYPE)
     run = pa.decode_step(*problem, version=version, partition_size=PARTITION_SIZE, out=out, dtype=DTYPE)
@@ -88,6 +88,12 @@ def measure_paged(version: str, batch: int, context: int) -> dict[str, Any]:
     gbps = achieved_gbps(bytes_moved(batch, context), timing.median_s)
     params = {"version": version, "batch": batch, "context": context, "relative_error": error, "copy_gbps": copy_gbps}
     return measurement(f"{version} {batch} x {context}", timing, params, gbps=gbps, fraction_of_copy=gbps / copy_gbps)
+
+
+@functools.cache
+def _copy_gbps(nbytes: int) -> float:
+    """A copy moving ``nbytes`` (read + written), measured once per size in the run: v1 and v2 share it."""
+    return copy_bandwidth(nbytes // 2)["derived"]["gbps"]
 
 
 def _calls(batch: int, context: int) -> int:
