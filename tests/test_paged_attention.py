@@ -419,3 +419,15 @@ def test_decode_grids_spread_a_long_context_over_partitions_and_group_gqa_heads(
     assert decode_grids("v1", 1, 32, 8, 32768) == {"decode": (1, 32, 1)}
     assert decode_grids("v2", 1, 32, 8, 32768, 512) == {"decode": (64, 8, 1), "merge": (32, 1, 1)}
     assert decode_grids("v2", 3, 8, 4, 1000, 512)["decode"] == (2, 8, 3)  # 2 query heads a KV head: no grouping
+
+
+def test_launcher_sizes_shared_memory_with_the_kernels_own_constants():
+    """ring_bytes() must describe the rings the .cu file indexes, or a launch would read past its shared memory."""
+    from course_lib import compile as cuda_compile
+    from course_lib.kernels import paged_attention_cuda as cuda_side
+
+    source = cuda_compile.kernel_path(cuda_side.SOURCE).read_text()
+    assert f"constexpr int THREADS = {cuda_side.THREADS}," in source
+    assert f"constexpr int TILE = {cuda_side.TILE_TOKENS};" in source
+    assert f"constexpr int STAGES = {cuda_side.STAGES};" in source
+    assert cuda_side.ring_bytes(128, "bfloat16") == 4 * cuda_side.STAGES * 2 * cuda_side.TILE_TOKENS * 128 * 2

@@ -205,6 +205,15 @@ class DecodeCase:
         return (self.query, self.key_buffer[: self.num_blocks], self.value_buffer[: self.num_blocks],
                 self.table_buffer[:num_seqs], self.context_lens)
 
+    def device_arrays(self) -> tuple[Any, ...]:
+        """The same views on the device, cut from whole buffers copied there: copying a view alone would
+        leave nothing after it, and a wrong index on a GPU would then read outside the allocation."""
+        xp = backend.xp
+        keys, values, tables = (xp.asarray(buffer) for buffer in (self.key_buffer, self.value_buffer,
+                                                                     self.table_buffer))
+        return (xp.asarray(self.query), keys[: self.num_blocks], values[: self.num_blocks],
+                tables[: self.query.shape[0]], xp.asarray(self.context_lens))
+
     def reference(self) -> np.ndarray:
         return paged_decode_reference(*self.arrays(), scale=self.scale)
 
@@ -341,9 +350,8 @@ def _decode_shapes(rng: np.random.Generator) -> list[DecodeShape]:
 def _run_decode(kernel: Any, shape: DecodeShape, case: DecodeCase) -> np.ndarray:
     """Launch on a (num_heads, num_seqs) grid of THREADS threads into a poisoned out; return out on the host."""
     __tracebackhide__ = True
-    xp = backend.xp
     out = poison(case.query.shape, np.float32)
-    query, key_cache, value_cache, block_tables, context_lens = (xp.asarray(array) for array in case.arrays())
+    query, key_cache, value_cache, block_tables, context_lens = case.device_arrays()
     launch_learner_kernel(
         kernel, (shape.num_heads, len(shape.context_lens)), THREADS,
         out, query, key_cache, value_cache, block_tables, context_lens, np.float32(case.scale),

@@ -25,6 +25,7 @@ namespace mma_sync_gemm {
 // barrier the other keeps the tensor cores busy.
 constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, THREADS = 128;
 constexpr int WARP_M = 64, WARP_N = 64;                     // C block per warp: 2 x 2 warps
+static_assert((BM / WARP_M) * (BN / WARP_N) * 32 == THREADS, "one warp per C block");
 constexpr int FRAGS_M = WARP_M / 16, FRAGS_N = WARP_N / 8;  // mma tiles per warp: 4 x 8
 constexpr int CHUNK = 8;                                    // elements in one 16-byte chunk
 constexpr int PANEL = 64;                                   // B is stored in panels of 64 columns
@@ -125,7 +126,8 @@ __global__ void __launch_bounds__(mma_sync_gemm::THREADS)
     int tile_m, tile_n;
     grouped_tile((m + BM - 1) / BM, (n + BN - 1) / BN, GROUP_M, tile_m, tile_n);
     const int row0 = tile_m * BM, col0 = tile_n * BN;
-    const int warp = threadIdx.x / 32, warp_row = (warp / 2) * WARP_M, warp_col = (warp % 2) * WARP_N;
+    const int warp = threadIdx.x / 32, warp_row = (warp / (BN / WARP_N)) * WARP_M,
+              warp_col = (warp % (BN / WARP_N)) * WARP_N;
     const int k_tiles = (k + BK - 1) / BK;
     float acc[FRAGS_M][FRAGS_N][4] = {};
 

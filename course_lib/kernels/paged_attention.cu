@@ -11,49 +11,153 @@
 //     thread block per (sequence, partition, group of query heads sharing a KV head), and a second
 //     kernel merges the partitions' partial results with their log-sum-exp. Long contexts then
 //     spread over many SMs, and with GQA each K/V tile is read once for all the heads that use it.
-// Inside a block the softmax is "online": tokens go in chunks of CHUNK; for each chunk the block
-// computes the logits, raises the running maximum, rescales what it has accumulated so far by
-// exp(old max - new max), and adds the chunk's weighted values. No logit array the size of the
-// context is ever needed, and every exponent is of a number <= 0 (no overflow).
+// Inside a block every warp walks its own tiles of TILE tokens (warp w takes tiles w, w + WARPS, ...)
+// through a private ring of STAGES tiles in shared memory: cp.async copies the K and V rows of the
+// next STAGES - 1 tiles while the warp computes on the current one, so many bytes are in flight
+// without holding them in registers (the one thing a memory-bound kernel needs), and no warp ever
+// waits for another inside the loop: there is no block barrier until the end.
+// Computing on a tile, a token row of HEAD_DIM values is split over GROUP = HEAD_DIM / PACK lanes,
+// PACK values (16 bytes of fp16/bf16) each, so a dot product needs a log2(GROUP)-step shuffle and
+// a warp works on 32 / GROUP rows at once. Each lane group keeps its own "online" softmax over the
+// rows it sees: a running maximum m, a running sum l of exp(logit - m) and an accumulator of
+// exp(logit - m) * v, rescaled by exp(old m - new m) once per tile. At the end the groups' and then
+// the warps' states are merged with the same log-sum-exp rule v2 uses between partitions. No logit
+// array the size of the context is ever needed, and every exponent is of a number <= 0 (no overflow).
 // The host checks every block-table entry and context length before a launch (paged_attention.py).
 
 #include "elements.cuh"
+#include "tensor_core.cuh"
 
 namespace paged {
-constexpr int THREADS = 128;
-constexpr int PACK = 8;    // values one thread loads at a time: 16 bytes of fp16/bf16 (32 of fp32)
-constexpr int CHUNK = 64;  // tokens per step of the online softmax
+// The launcher (paged_attention_cuda.py) sizes the dynamic shared memory from THREADS, TILE and STAGES.
+constexpr int THREADS = 128, WARPS = THREADS / 32;
+constexpr int TILE = 8;     // tokens per stage of a warp's ring
+constexpr int STAGES = 2;   // tiles of a warp's ring: one computed on while the next is copied
+constexpr int PACK = 8;     // values a lane owns of each row: 16 bytes of fp16/bf16 (32 of fp32)
 
 __device__ __forceinline__ float negative_infinity() { return __int_as_float(0xff800000); }
 
-// Sum over the `width` consecutive lanes that share one token row (width a power of two <= 32).
-template <int WIDTH>
-__device__ __forceinline__ float row_sum(float v) {
+// Sum over the GROUP lanes that share a token row.
+template <int GROUP>
+__device__ __forceinline__ float group_sum(float v) {
 #pragma unroll
-    for (int offset = WIDTH / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    for (int offset = GROUP / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
+// exp(x - top) with top = -inf read as 0: a state that has seen no token yet (m = -inf) rescales to 0
+// and a masked token (logit -inf) weighs 0, instead of exp(-inf + inf) = NaN.
+__device__ __forceinline__ float exp_below(float x, float top) {
+    return __expf(x - (top == negative_infinity() ? 0.0f : top));
 }
 
-__device__ __forceinline__ float warp_sum(float v) { return row_sum<32>(v); }
+// ---- copies into the ring: cp.async from sm_80, through registers before ------------------------------
+__device__ __forceinline__ void copy_16(void* dst, const void* src, bool inside) {
+#if __CUDA_ARCH__ >= 800
+    cp_async_16(smem_address(dst), src, inside);  // zero-fills when !inside
+#else
+    *static_cast<uint4*>(dst) = inside ? *static_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+__device__ __forceinline__ void commit_copies() {
+#if __CUDA_ARCH__ >= 800
+    cp_async_commit();
+#endif
+}
+template <int PENDING>
+__device__ __forceinline__ void wait_copies() {
+#if __CUDA_ARCH__ >= 800
+    cp_async_wait<PENDING>();
+#endif
+    __syncwarp();  // every lane's copies are visible to the whole warp
+}
 
-// Where token `token` of a sequence keeps its row for one KV head.
-template <int HEAD_DIM, int BLOCK_SIZE>
-__device__ __forceinline__ size_t row_offset(const int* table, int token, int kv_head, int num_kv_heads) {
-    const int block = table[token / BLOCK_SIZE];
-    return ((static_cast<size_t>(block) * num_kv_heads + kv_head) * BLOCK_SIZE + token % BLOCK_SIZE) * HEAD_DIM;
+// One warp copies the K and V rows of tokens [first, first + TILE) into a stage of its ring
+// ([TILE][HEAD_DIM] each), 16 bytes per lane per copy; rows at or past `end` are zero-filled.
+template <typename T, int HEAD_DIM, int BLOCK_SIZE>
+__device__ __forceinline__ void load_tile(T* keys, T* values, const T* key_cache, const T* value_cache,
+                                          const int* table, int first, int end, int kv_head, int num_kv_heads) {
+    constexpr int ROW_CHUNKS = HEAD_DIM * sizeof(T) / 16, CHUNK_VALUES = 16 / sizeof(T);
+#pragma unroll
+    for (int c = threadIdx.x % 32; c < TILE * ROW_CHUNKS; c += 32) {
+        const int token = first + c / ROW_CHUNKS;
+        const bool inside = token < end;
+        const size_t offset = inside ? ((static_cast<size_t>(table[token / BLOCK_SIZE]) * num_kv_heads + kv_head) *
+                                            BLOCK_SIZE + token % BLOCK_SIZE) * HEAD_DIM + (c % ROW_CHUNKS) * CHUNK_VALUES
+                                     : 0;
+        copy_16(keys + c * CHUNK_VALUES, key_cache + offset, inside);
+        copy_16(values + c * CHUNK_VALUES, value_cache + offset, inside);
+    }
+}
+
+// The running softmax of some tokens for one query head: max logit, sum of exp(logit - max), and
+// the accumulator sum of exp(logit - max) * v over the lane's PACK dimensions of the head.
+struct Running {
+    float max, sum, acc[PACK];
+};
+
+// Fold `other` into `state`: both are rescaled to the larger maximum, then added.
+__device__ __forceinline__ void merge(Running& state, float other_max, float other_sum, const float (&other_acc)[PACK]) {
+    const float top = fmaxf(state.max, other_max);
+    const float mine = exp_below(state.max, top), theirs = exp_below(other_max, top);
+    state.sum = state.sum * mine + other_sum * theirs;
+#pragma unroll
+    for (int j = 0; j < PACK; ++j) state.acc[j] = state.acc[j] * mine + other_acc[j] * theirs;
+    state.max = top;
+}
+
+// One lane group's online-softmax step over the tile rows it owns (slot, slot + ROWS, ...) for HEADS
+// query heads at once: every K and V value read from shared memory serves all HEADS heads. First the
+// logits of all its rows, then one rescale per head, then the weighted values.
+template <typename T, int HEAD_DIM, int HEADS>
+__device__ __forceinline__ void attend_tile(Running (&state)[HEADS], const float (&q)[HEADS][PACK], const T* keys,
+                                            const T* values, int first, int end) {
+    constexpr int GROUP = HEAD_DIM / PACK, ROWS = 32 / GROUP, OWNED = TILE / ROWS;
+    const int slot = threadIdx.x % 32 / GROUP, piece = threadIdx.x % GROUP;
+    float logits[OWNED][HEADS];
+#pragma unroll
+    for (int o = 0; o < OWNED; ++o) {
+        const int r = slot + o * ROWS;
+        float k[PACK];
+        load_floats<T, PACK>(keys + r * HEAD_DIM, piece, k);
+#pragma unroll
+        for (int h = 0; h < HEADS; ++h) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int j = 0; j < PACK; ++j) dot += q[h][j] * k[j];
+            const float logit = group_sum<GROUP>(dot);  // every lane shuffles, masked rows too: a
+            logits[o][h] = first + r < end ? logit : negative_infinity();  // sync shuffle needs all 32
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < HEADS; ++h) {
+        float top = state[h].max;
+#pragma unroll
+        for (int o = 0; o < OWNED; ++o) top = fmaxf(top, logits[o][h]);
+        const float rescale = exp_below(state[h].max, top);  // 0 while nothing was seen (max -inf)
+        state[h].sum *= rescale;
+#pragma unroll
+        for (int j = 0; j < PACK; ++j) state[h].acc[j] *= rescale;
+#pragma unroll
+        for (int o = 0; o < OWNED; ++o) logits[o][h] = exp_below(logits[o][h], top), state[h].sum += logits[o][h];
+        state[h].max = top;
+    }
+#pragma unroll
+    for (int o = 0; o < OWNED; ++o) {
+        float v[PACK];
+        load_floats<T, PACK>(values + (slot + o * ROWS) * HEAD_DIM, piece, v);
+#pragma unroll
+        for (int h = 0; h < HEADS; ++h)
+#pragma unroll
+            for (int j = 0; j < PACK; ++j) state[h].acc[j] += logits[o][h] * v[j];
+    }
 }
 }  // namespace paged
 
 // ---- decode attention: v1 (PARTIAL = false, one partition) and v2's partition step ------------------
-// grid (partitions, num_heads / HEADS, num_seqs), THREADS threads. A block handles HEADS query heads,
-// all mapped to one KV head, over tokens [partition * partition_size, ... + partition_size).
-// Threads: HEAD_DIM / PACK lanes hold one token row (PACK values each), THREADS / that many rows at once.
+// grid (partitions, num_heads / HEADS, num_seqs), THREADS threads, dynamic shared memory for the warps'
+// rings (WARPS * STAGES * 2 * TILE * HEAD_DIM elements). A block handles HEADS query heads, all mapped
+// to one KV head, over tokens [partition * partition_size, ... + partition_size).
 // v1 writes out [num_seqs, num_heads, HEAD_DIM]; v2 writes each partition's unnormalised output,
 // running max and sum to partial_* [num_seqs, num_heads, max_partitions(, HEAD_DIM)].
 template <typename T, int HEAD_DIM, int BLOCK_SIZE, int HEADS, bool PARTIAL>
@@ -64,11 +168,10 @@ __global__ void __launch_bounds__(paged::THREADS)
                     const int* __restrict__ context_lens, int num_heads, int num_kv_heads, int max_blocks,
                     int partition_size, float scale) {
     using namespace paged;
-    constexpr int LANES = HEAD_DIM / PACK, ROWS = THREADS / LANES;
-    static_assert(LANES <= 32 && THREADS % LANES == 0, "a token row must fit in one warp");
-    __shared__ float weights[HEADS][CHUNK];  // logits, then exp(logit - running max)
-    __shared__ float running_max[HEADS], running_sum[HEADS], rescale[HEADS];
-    __shared__ float total[HEADS][HEAD_DIM];
+    constexpr int GROUP = HEAD_DIM / PACK;  // lanes that share a token row, PACK values each
+    static_assert(HEAD_DIM % PACK == 0 && 32 % GROUP == 0 && TILE % (32 / GROUP) == 0, "rows split over lanes");
+    extern __shared__ __align__(16) unsigned char rings[];
+    __shared__ float warp_max[WARPS][HEADS], warp_sum[WARPS][HEADS], warp_acc[WARPS][HEADS][HEAD_DIM];
 
     const int seq = blockIdx.z, head0 = blockIdx.y * HEADS, partition = blockIdx.x;
     const int kv_head = head0 / (num_heads / num_kv_heads);
@@ -76,82 +179,77 @@ __global__ void __launch_bounds__(paged::THREADS)
     if (start >= context) return;  // a partition past this sequence's end: the merge skips it
     const int end = min(context, start + partition_size);
     const int* table = block_tables + static_cast<size_t>(seq) * max_blocks;
-    const int lane = threadIdx.x % LANES, row = threadIdx.x / LANES;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, piece = lane % GROUP;
+    T* ring = reinterpret_cast<T*>(rings) + static_cast<size_t>(warp) * STAGES * 2 * TILE * HEAD_DIM;
+    auto keys = [&](int stage) { return ring + stage * 2 * TILE * HEAD_DIM; };
+    auto values = [&](int stage) { return ring + (stage * 2 + 1) * TILE * HEAD_DIM; };
 
-    float q[HEADS][PACK], acc[HEADS][PACK];
+    // This warp's tiles start at start + (warp + i * WARPS) * TILE, i < count.
+    const int tiles = (end - start + TILE - 1) / TILE, count = tiles > warp ? (tiles - warp + WARPS - 1) / WARPS : 0;
+    auto first_token = [&](int i) { return start + (warp + i * WARPS) * TILE; };
+    auto load = [&](int i) {  // start copying tile i into stage i % STAGES (an empty group past the end)
+        if (i < count) load_tile<T, HEAD_DIM, BLOCK_SIZE>(keys(i % STAGES), values(i % STAGES), key_cache, value_cache,
+                                                          table, first_token(i), end, kv_head, num_kv_heads);
+        commit_copies();
+    };
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) load(i);
+
+    float q[HEADS][PACK];
+    Running state[HEADS];
 #pragma unroll
     for (int h = 0; h < HEADS; ++h) {
-        load_floats<T, PACK>(query + (static_cast<size_t>(seq) * num_heads + head0 + h) * HEAD_DIM, lane, q[h]);
+        load_floats<T, PACK>(query + (static_cast<size_t>(seq) * num_heads + head0 + h) * HEAD_DIM, piece, q[h]);
+        state[h].max = negative_infinity(), state[h].sum = 0.0f;
 #pragma unroll
-        for (int j = 0; j < PACK; ++j) q[h][j] *= scale, acc[h][j] = 0.0f;
+        for (int j = 0; j < PACK; ++j) q[h][j] *= scale, state[h].acc[j] = 0.0f;
     }
-    for (int i = threadIdx.x; i < HEADS * HEAD_DIM; i += THREADS) total[i / HEAD_DIM][i % HEAD_DIM] = 0.0f;
-    if (threadIdx.x < HEADS) running_max[threadIdx.x] = negative_infinity(), running_sum[threadIdx.x] = 0.0f;
 
-    for (int chunk = start; chunk < end; chunk += CHUNK) {
-        // 1. logits of the chunk: each row of lanes takes a token, each lane PACK of its dimensions.
-        for (int t = row; t < CHUNK; t += ROWS) {
-            const int token = chunk + t;
-            float k[PACK] = {};
-            if (token < end) load_floats<T, PACK>(key_cache + row_offset<HEAD_DIM, BLOCK_SIZE>(table, token, kv_head,
-                                                                                               num_kv_heads), lane, k);
-#pragma unroll
-            for (int h = 0; h < HEADS; ++h) {
-                float dot = 0.0f;
-#pragma unroll
-                for (int j = 0; j < PACK; ++j) dot += q[h][j] * k[j];
-                dot = row_sum<LANES>(dot);
-                if (lane == 0) weights[h][t] = token < end ? dot : negative_infinity();
-            }
-        }
-        __syncthreads();
-        // 2. online softmax, one warp per head: new max, weights exp(logit - max), rescale of the past.
-        for (int h = threadIdx.x / 32; h < HEADS; h += THREADS / 32) {
-            const int l = threadIdx.x % 32;
-            const float chunk_max = warp_max(fmaxf(weights[h][l], weights[h][l + 32]));
-            const float new_max = fmaxf(running_max[h], chunk_max);
-            const float w0 = __expf(weights[h][l] - new_max), w1 = __expf(weights[h][l + 32] - new_max);
-            weights[h][l] = w0, weights[h][l + 32] = w1;
-            const float chunk_sum = warp_sum(w0 + w1);
-            if (l == 0) {
-                rescale[h] = __expf(running_max[h] - new_max);  // 0 for the first chunk (max was -inf)
-                running_sum[h] = running_sum[h] * rescale[h] + chunk_sum;
-                running_max[h] = new_max;
-            }
-        }
-        __syncthreads();
-        // 3. values: acc = acc * rescale + sum of weight * v over the chunk (rows past the end are skipped).
-#pragma unroll
-        for (int h = 0; h < HEADS; ++h)
-#pragma unroll
-            for (int j = 0; j < PACK; ++j) acc[h][j] *= rescale[h];
-        for (int t = row; t < CHUNK && chunk + t < end; t += ROWS) {
-            float v[PACK];
-            load_floats<T, PACK>(value_cache + row_offset<HEAD_DIM, BLOCK_SIZE>(table, chunk + t, kv_head, num_kv_heads),
-                                 lane, v);
-#pragma unroll
-            for (int h = 0; h < HEADS; ++h)
-#pragma unroll
-                for (int j = 0; j < PACK; ++j) acc[h][j] += weights[h][t] * v[j];
-        }
-        __syncthreads();  // the next chunk overwrites weights
+    for (int i = 0; i < count; ++i) {
+        load(i + STAGES - 1);         // refills the stage tile i - 1 used (the warp is done with it)
+        wait_copies<STAGES - 1>();    // tile i has landed
+        attend_tile<T, HEAD_DIM, HEADS>(state, q, keys(i % STAGES), values(i % STAGES), first_token(i), end);
+        __syncwarp();                 // every lane is done reading stage i % STAGES before it is refilled
     }
-    // The rows' accumulators hold different tokens of the same dimensions: add them up.
+
+    // Merge the warp's lane groups (shuffles), then the block's warps (shared memory).
 #pragma unroll
     for (int h = 0; h < HEADS; ++h)
 #pragma unroll
-        for (int j = 0; j < PACK; ++j) atomicAdd(&total[h][lane * PACK + j], acc[h][j]);
+        for (int offset = GROUP; offset < 32; offset *= 2) {
+            float other_acc[PACK];
+#pragma unroll
+            for (int j = 0; j < PACK; ++j) other_acc[j] = __shfl_xor_sync(0xffffffffu, state[h].acc[j], offset);
+            const float other_max = __shfl_xor_sync(0xffffffffu, state[h].max, offset);
+            merge(state[h], other_max, __shfl_xor_sync(0xffffffffu, state[h].sum, offset), other_acc);
+        }
+    if (lane < GROUP) {
+#pragma unroll
+        for (int h = 0; h < HEADS; ++h) {
+            warp_max[warp][h] = state[h].max, warp_sum[warp][h] = state[h].sum;
+#pragma unroll
+            for (int j = 0; j < PACK; ++j) warp_acc[warp][h][piece * PACK + j] = state[h].acc[j];
+        }
+    }
     __syncthreads();
     for (int i = threadIdx.x; i < HEADS * HEAD_DIM; i += THREADS) {
         const int h = i / HEAD_DIM, d = i % HEAD_DIM;
+        float top = negative_infinity();
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) top = fmaxf(top, warp_max[w][h]);
+        float sum = 0.0f, value = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float weight = exp_below(warp_max[w][h], top);  // a warp that saw no token weighs 0
+            sum += warp_sum[w][h] * weight, value += warp_acc[w][h][d] * weight;
+        }
         const size_t head = static_cast<size_t>(seq) * num_heads + head0 + h;
         if constexpr (PARTIAL) {
             const int partitions = gridDim.x;
-            partial_out[(head * partitions + partition) * HEAD_DIM + d] = total[h][d];
-            if (d == 0) partial_max[head * partitions + partition] = running_max[h];
-            if (d == 0) partial_sum[head * partitions + partition] = running_sum[h];
+            partial_out[(head * partitions + partition) * HEAD_DIM + d] = value;
+            if (d == 0) partial_max[head * partitions + partition] = top, partial_sum[head * partitions + partition] = sum;
         } else {
-            out[head * HEAD_DIM + d] = from_float<T>(total[h][d] / running_sum[h]);
+            out[head * HEAD_DIM + d] = from_float<T>(value / sum);
         }
     }
 }

@@ -31,6 +31,9 @@ SOURCE = "paged_attention.cu"
 HEAD_DIMS = (64, 128)  # the head sizes paged_attention.cu is instantiated for
 BLOCK_SIZES = (8, 16, 32)
 THREADS = 128
+# Each warp of a decode block streams the cache through a ring of STAGES tiles of TILE_TOKENS K rows and
+# as many V rows, in dynamic shared memory; these mirror paged::TILE and paged::STAGES in the .cu file.
+TILE_TOKENS, STAGES = 8, 2
 GROUPED_HEADS = 4  # v2 reads a K/V tile once for 4 query heads when heads come in groups of 4 per KV head
 PACK = 8  # values per thread and load in write_kv
 PREFILL_PARTITION = 512
@@ -54,8 +57,20 @@ def _module() -> Any:
     return cuda_compile.load_file(SOURCE, name_expressions=kernel_names())
 
 
-def _kernel(name: str) -> Any:
-    return _module().get_function(name)
+@functools.cache
+def _kernel(name: str, shared_bytes: int = 0) -> Any:
+    """The kernel ``name``, allowed ``shared_bytes`` of dynamic shared memory (set once: above 48 KiB a
+    kernel must opt in)."""
+    kernel = _module().get_function(name)
+    if shared_bytes > kernel.max_dynamic_shared_size_bytes:
+        kernel.max_dynamic_shared_size_bytes = shared_bytes
+    return kernel
+
+
+def ring_bytes(head_dim: int, dtype: str) -> int:
+    """Dynamic shared memory of one decode block: every warp's ring of STAGES tiles of K and V rows."""
+    warps = THREADS // 32
+    return warps * STAGES * 2 * TILE_TOKENS * head_dim * dtypes.ITEM_BYTES[dtype]
 
 
 def launch(op: str, problem: Cache | Attention, arrays: list[Any]) -> None:
@@ -115,13 +130,15 @@ def _decode(version: str, problem: Attention, out: Any, query: Any, key_cache: A
     common = (query, key_cache, value_cache, block_tables, context_lens, np.int32(problem.num_heads),
               np.int32(cache.num_kv_heads), np.int32(problem.max_blocks_per_seq))
     scale = np.float32(problem.scale)
+    shared = ring_bytes(head_dim, cache.dtype)
     grids = decode_grids(version, problem.rows, problem.num_heads, cache.num_kv_heads, problem.max_context_len,
                          problem.partition_size)
     if version == "v1":  # one partition as long as the longest context, written straight to out
         unused = _workspace((1,))
         name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, 1, false>"
-        _kernel(name)(grids["decode"], (THREADS,), (out, unused, unused, unused, *common,
-                                                    np.int32(problem.max_context_len), scale))
+        _kernel(name, shared)(grids["decode"], (THREADS,), (out, unused, unused, unused, *common,
+                                                            np.int32(problem.max_context_len), scale),
+                              shared_mem=shared)
         return
     partitions, head_groups, _ = grids["decode"]
     heads = problem.num_heads // head_groups
@@ -129,8 +146,8 @@ def _decode(version: str, problem: Attention, out: Any, query: Any, key_cache: A
     partial_max, partial_sum = (_workspace((problem.rows, problem.num_heads, partitions), which)
                                 for which in ("max", "sum"))
     name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, {heads}, true>"
-    _kernel(name)(grids["decode"], (THREADS,), (out, partial_out, partial_max, partial_sum, *common,
-                                                np.int32(problem.partition_size), scale))
+    _kernel(name, shared)(grids["decode"], (THREADS,), (out, partial_out, partial_max, partial_sum, *common,
+                                                        np.int32(problem.partition_size), scale), shared_mem=shared)
     merge = f"paged_attention_merge<{cuda_type}, {head_dim}>"
     _kernel(merge)(grids["merge"], (head_dim,),
                    (out, partial_out, partial_max, partial_sum, context_lens, np.int32(problem.num_heads),

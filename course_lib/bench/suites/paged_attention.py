@@ -160,6 +160,7 @@ def measure_sdpa(batch: int, context: int) -> dict[str, Any]:
     """torch SDPA (GQA, one query token a sequence) on contiguous K/V of the paged shape."""
     import torch
 
+    backend.xp.get_default_memory_pool().free_all_blocks()  # the paged caches' memory, cached by CuPy: to torch
     agreement = sdpa_agrees_with_paged()
     timing = _time_sdpa(batch, context)
     torch.cuda.empty_cache()  # the contiguous K/V are gone: hand their memory back for the next shape
