@@ -95,6 +95,29 @@ def test_sequences_batched_together_match_each_alone(model, weights, rng):
         assert_matches(logits[row], dense_forward(TINY, weights, tokens)[-1])
 
 
+def test_a_step_checks_its_tables_and_slots_once_for_all_layers(model, rng, monkeypatch):
+    """Reading indices on the host waits for the GPU: once a step, not once a layer (TINY has 2 layers)."""
+    from course_lib.kernels import paged_attention
+
+    calls = {"tables": 0, "slots": 0}
+    check_tables, check_slots = paged_attention.validate_block_tables, paged_attention.check_write_inputs
+
+    def counting(name, check):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return check(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(paged_attention, "validate_block_tables", counting("tables", check_tables))
+    monkeypatch.setattr(paged_attention, "check_write_inputs", counting("slots", check_slots))
+    cache = KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE)
+    first, second = scattered_tables(rng, 12, 9)
+    run_step(model, cache, [(rng.integers(0, TINY.vocab_size, 11), 11, first), (rng.integers(0, 50, 9), 9, second)])
+    assert TINY.num_layers == 2 and calls == {"tables": 2, "slots": 1}  # one table check per prefilled sequence
+    run_step(model, cache, [(rng.integers(0, 50, 1), 12, first), (rng.integers(0, 50, 1), 10, second)])
+    assert calls == {"tables": 3, "slots": 2}  # one batched decode: one more check of each kind
+
+
 def test_tied_embeddings_and_bfloat16(rng):
     config = ModelConfig(**{**vars(TINY), "tie_word_embeddings": True})
     weights = random_weights(config, seed=1, dtype="bfloat16")

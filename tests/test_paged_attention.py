@@ -431,3 +431,24 @@ def test_launcher_sizes_shared_memory_with_the_kernels_own_constants():
     assert f"constexpr int TILE = {cuda_side.TILE_TOKENS};" in source
     assert f"constexpr int STAGES = {cuda_side.STAGES};" in source
     assert cuda_side.ring_bytes(128, "bfloat16") == 4 * cuda_side.STAGES * 2 * cuda_side.TILE_TOKENS * 128 * 2
+
+
+def test_a_prepared_decode_step_runs_again_with_another_layers_arrays(rng):
+    """decode_step checks the tables once; a call with new query and caches of the same layouts reuses them."""
+    first = paged_problem(rng, [13, 30], heads=(8, 2), head_dim=64, block_size=8)
+    second = replace(first, query=dtypes.random_normal(first.query.shape, "float32", rng),
+                     key_cache=dtypes.random_normal(first.key_cache.shape, "float32", rng),
+                     value_cache=dtypes.random_normal(first.value_cache.shape, "float32", rng))
+    step = pa.decode_step(*first.args(), partition_size=16)
+    assert_close(step(), pa.paged_decode_reference(*first.args()), "float32")
+    again = step(query=second.query, key_cache=second.key_cache, value_cache=second.value_cache)
+    assert_close(again, pa.paged_decode_reference(*second.args()), "float32")
+
+
+def test_a_prepared_step_refuses_new_indices_and_other_layouts(rng):
+    problem = paged_problem(rng, [13, 30], heads=(8, 2), head_dim=64, block_size=8)
+    step = pa.decode_step(*problem.args())
+    with pytest.raises(TypeError, match="cannot be swapped"):
+        step(block_tables=problem.block_tables)
+    with pytest.raises(ValueError, match="must keep the layout"):
+        step(query=dtypes.random_normal((3, 8, 64), "float32", rng))

@@ -17,8 +17,9 @@ Element types: float32 and float16 everywhere, bfloat16 in CPU mode (CuPy has no
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,8 @@ from course_lib.engine.block_pool import BlockCopy
 from course_lib.engine.config import ModelConfig
 from course_lib.engine.weights import check_weights
 from course_lib.kernels.norm import add_rms_norm, rms_norm
-from course_lib.kernels.paged_attention import blocks_for, paged_attention_decode, paged_prefill, write_kv
+from course_lib.kernels.paged_attention import blocks_for, decode_step, prefill_step, write_kv_step
+from course_lib.kernels.prepared import PreparedStep
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,9 @@ class ScheduledSequence:
 class AttentionMetadata:
     """How a flat batch splits into sequences: built once per step on the host, shared by every layer.
 
-    The sequences' new tokens appear in the flat batch in the order of ``sequences``.
+    The sequences' new tokens appear in the flat batch in the order of ``sequences``. The kernel calls
+    of the step (``prepared``) are checked by the first layer that makes them and reused by the others:
+    every layer follows the same tables and slots, so their indices are read on the host once a step.
     """
 
     def __init__(self, sequences: Iterable[ScheduledSequence], block_size: int) -> None:
@@ -85,6 +89,13 @@ class AttentionMetadata:
             for i, seq in enumerate(self.sequences)
             if not seq.is_decode
         }
+        self._prepared: dict[str, PreparedStep] = {}
+
+    def prepared(self, name: str, prepare: Callable[[], PreparedStep]) -> PreparedStep:
+        """The step's kernel call ``name``: checked (``prepare()``) the first time a layer asks, then reused."""
+        if name not in self._prepared:
+            self._prepared[name] = prepare()
+        return self._prepared[name]
 
     @classmethod
     def build(cls, sequences: Iterable[tuple[int, int, Sequence[int]]], block_size: int) -> AttentionMetadata:
@@ -237,21 +248,23 @@ class LlamaModel:
         key = linear(x, self.weights[prefix + "k_proj.weight"]).reshape(tokens, config.num_kv_heads, config.head_dim)
         value = linear(x, self.weights[prefix + "v_proj.weight"]).reshape(tokens, config.num_kv_heads, config.head_dim)
         query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
-        key_cache, value_cache = kv_cache.keys[i], kv_cache.values[i]
-        write_kv(key, value, key_cache, value_cache, attention.slot_mapping)
+        caches = {"key_cache": kv_cache.keys[i], "value_cache": kv_cache.values[i]}
+        write = attention.prepared("write_kv", partial(write_kv_step, key, value, *caches.values(),
+                                                       attention.slot_mapping))
+        write(key=key, value=value, **caches)
         out = backend.xp.empty_like(query)
         for index, table in attention.prefill_tables.items():
             seq, start = attention.sequences[index], int(attention.starts[index])
             rows = slice(start, start + seq.num_new_tokens)
-            out[rows] = paged_prefill(query[rows], key_cache, value_cache, table, seq.context_len, seq.num_new_tokens)
+            new_query = backend.xp.ascontiguousarray(query[rows])
+            prefill = attention.prepared(f"prefill {index}", partial(
+                prefill_step, new_query, *caches.values(), table, seq.context_len, seq.num_new_tokens))
+            out[rows] = prefill(query=new_query, **caches)
         if attention.decode_rows.size:
-            out[attention.decode_rows] = paged_attention_decode(
-                query[attention.decode_rows],
-                key_cache,
-                value_cache,
-                attention.decode_block_tables,
-                attention.decode_context_lens,
-            )
+            decoding = backend.xp.ascontiguousarray(query[attention.decode_rows])
+            decode = attention.prepared("decode", partial(
+                decode_step, decoding, *caches.values(), attention.decode_block_tables, attention.decode_context_lens))
+            out[attention.decode_rows] = decode(query=decoding, **caches)
         return linear(out.reshape(tokens, -1), self.weights[prefix + "o_proj.weight"])
 
     def mlp(self, i: int, x: Any) -> Any:

@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from course_lib import backend, dtypes
+from course_lib.kernels.prepared import PreparedStep
 
 BLOCK_SIZES = (8, 16, 32)
 HEAD_DIM_MULTIPLE = 8  # 16 bytes of fp16/bf16: a row is whole vector loads
@@ -475,12 +475,13 @@ def decode_step(
     query: Any, key_cache: Any, value_cache: Any, block_tables: Any, context_lens: Any, *,
     scale: float | None = None, version: str = "v2", partition_size: int = DEFAULT_PARTITION_SIZE, out: Any = None,
     dtype: str | None = None,
-) -> Callable[[], Any]:
-    """Validate a decode step once and return a function that runs it and returns ``out``.
+) -> PreparedStep:
+    """Validate a decode step once; the returned step runs it and returns ``out``.
 
     Checking the block tables costs a copy to the host; an engine (or a benchmark, or a CUDA graph
-    capture, which forbids such copies) checks once and then launches the same step many times while
-    only the contents of the arrays change.
+    capture, which forbids such copies) checks once and then launches many times: ``step()`` again,
+    or ``step(query=..., key_cache=..., value_cache=...)`` with another layer's arrays of the same
+    layouts (the tables and context lengths stay the ones checked).
     """
     require_device_arrays({"query": query, "key_cache": key_cache, "value_cache": value_cache,
                            "block_tables": block_tables, "context_lens": context_lens})
@@ -491,16 +492,19 @@ def decode_step(
         problem = replace(problem, partition_size=check_partition_size(partition_size, problem.cache.block_size))
     out = output_buffer(out, tuple(query.shape), problem.cache.dtype, dtype)
 
-    def run() -> Any:
+    def run(a: dict[str, Any]) -> Any:
         if backend.has_gpu():
-            launch_kernel(f"decode_{version}", problem, [out, query, key_cache, value_cache, block_tables,
-                                                         context_lens])
+            launch_kernel(f"decode_{version}", problem, [a["out"], a["query"], a["key_cache"], a["value_cache"],
+                                                         a["block_tables"], a["context_lens"]])
         else:
-            out[...] = _decode(_float32(query, dtype), _float32(key_cache, dtype), _float32(value_cache, dtype),
-                               block_tables, context_lens, problem.scale, problem.partition_size).astype(out.dtype)
-        return out
+            a["out"][...] = _decode(_float32(a["query"], dtype), _float32(a["key_cache"], dtype),
+                                    _float32(a["value_cache"], dtype), a["block_tables"], a["context_lens"],
+                                    problem.scale, problem.partition_size).astype(a["out"].dtype)
+        return a["out"]
 
-    return run
+    arrays = {"out": out, "query": query, "key_cache": key_cache, "value_cache": value_cache,
+              "block_tables": block_tables, "context_lens": context_lens}
+    return PreparedStep(arrays, ("out", "query", "key_cache", "value_cache"), run)
 
 
 def write_kv(key: Any, value: Any, key_cache: Any, value_cache: Any, slot_mapping: Any, *,
@@ -509,14 +513,27 @@ def write_kv(key: Any, value: Any, key_cache: Any, value_cache: Any, slot_mappin
 
     The slot is ``block * block_size + offset``; -1 marks a padding token, as in vLLM.
     """
+    write_kv_step(key, value, key_cache, value_cache, slot_mapping, dtype=dtype)()
+
+
+def write_kv_step(key: Any, value: Any, key_cache: Any, value_cache: Any, slot_mapping: Any, *,
+                  dtype: str | None = None) -> PreparedStep:
+    """:func:`write_kv` with the slots checked once; call the step again with another layer's arrays."""
     require_device_arrays({"key": key, "value": value, "key_cache": key_cache, "value_cache": value_cache,
                             "slot_mapping": slot_mapping})
     cache = check_write_inputs(key, value, key_cache, value_cache, slot_mapping, dtype)
-    if backend.has_gpu():
-        launch_kernel("write_kv", cache, [key_cache, value_cache, key, value, slot_mapping])
-    else:
-        _scatter(key_cache, key, slot_mapping)
-        _scatter(value_cache, value, slot_mapping)
+
+    def run(a: dict[str, Any]) -> None:
+        if backend.has_gpu():
+            launch_kernel("write_kv", cache, [a["key_cache"], a["value_cache"], a["key"], a["value"],
+                                              a["slot_mapping"]])
+        else:
+            _scatter(a["key_cache"], a["key"], a["slot_mapping"])
+            _scatter(a["value_cache"], a["value"], a["slot_mapping"])
+
+    arrays = {"key": key, "value": value, "key_cache": key_cache, "value_cache": value_cache,
+              "slot_mapping": slot_mapping}
+    return PreparedStep(arrays, ("key", "value", "key_cache", "value_cache"), run)
 
 
 def paged_prefill(
@@ -528,17 +545,34 @@ def paged_prefill(
 
     Returns ``[num_new_tokens, num_heads, head_dim]`` in the query's type.
     """
+    return prefill_step(query, key_cache, value_cache, block_table, context_len, num_new_tokens, scale=scale,
+                        out=out, dtype=dtype)()
+
+
+def prefill_step(
+    query: Any, key_cache: Any, value_cache: Any, block_table: Any, context_len: int, num_new_tokens: int, *,
+    scale: float | None = None, out: Any = None, dtype: str | None = None,
+) -> PreparedStep:
+    """:func:`paged_prefill` with the block table checked once; call the step again with another layer's arrays."""
     require_device_arrays({"query": query, "key_cache": key_cache, "value_cache": value_cache,
                             "block_table": block_table})
     problem = check_prefill_inputs(query, key_cache, value_cache, block_table, context_len, num_new_tokens, scale,
                                    dtype)
     out = output_buffer(out, tuple(query.shape), problem.cache.dtype, dtype)
-    if backend.has_gpu():
-        launch_kernel("prefill", problem, [out, query, key_cache, value_cache, block_table])
-    else:
-        out[...] = _prefill(_float32(query, dtype), _float32(key_cache, dtype), _float32(value_cache, dtype),
-                            block_table, int(context_len), problem.scale).astype(out.dtype)
-    return out
+
+    def run(a: dict[str, Any]) -> Any:
+        if backend.has_gpu():
+            launch_kernel("prefill", problem, [a["out"], a["query"], a["key_cache"], a["value_cache"],
+                                               a["block_table"]])
+        else:
+            a["out"][...] = _prefill(_float32(a["query"], dtype), _float32(a["key_cache"], dtype),
+                                     _float32(a["value_cache"], dtype), a["block_table"], int(context_len),
+                                     problem.scale).astype(a["out"].dtype)
+        return a["out"]
+
+    arrays = {"out": out, "query": query, "key_cache": key_cache, "value_cache": value_cache,
+              "block_table": block_table}
+    return PreparedStep(arrays, ("out", "query", "key_cache", "value_cache"), run)
 
 
 def _float32(array: Any, dtype: str | None) -> np.ndarray:
