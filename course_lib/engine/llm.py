@@ -28,6 +28,7 @@ from course_lib import backend
 from course_lib.engine import sequence as sequences
 from course_lib.engine.block_pool import BlockPool
 from course_lib.engine.config import TINY, ModelConfig
+from course_lib.engine.graphs import DecodeGraphs, graph_batch_sizes
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
 from course_lib.engine.sampling import SamplingParams, sample
 from course_lib.engine.scheduler import Scheduler
@@ -59,13 +60,14 @@ class LLM:
 
     ``weights`` default to random ones drawn from ``seed``; ``LLM.from_checkpoint`` loads a Hugging Face-style
     directory. ``num_blocks`` x ``block_size`` is the KV cache in tokens; ``max_num_batched_tokens`` the
-    token budget of a step; ``max_num_seqs`` how many sequences run at once.
+    token budget of a step; ``max_num_seqs`` how many sequences run at once. With ``cuda_graphs`` (GPU
+    only) steps that only decode replay a CUDA graph captured for their batch size (``engine.graphs``).
     """
 
     def __init__(self, config: ModelConfig = TINY, weights: dict | None = None, *, seed: int = 0,
                  dtype: str = "float32", num_blocks: int = 256, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 eos_token_id: int | None = None) -> None:
+                 eos_token_id: int | None = None, cuda_graphs: bool = False) -> None:
         weights = random_weights(config, seed, dtype) if weights is None else weights
         self.config = config
         self.model = LlamaModel(config, weights, dtype)
@@ -73,6 +75,8 @@ class LLM:
         self.block_pool = BlockPool(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_pool, max_num_batched_tokens, max_num_seqs,
                                    max_model_len or config.max_position_embeddings, eos_token_id)
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, graph_batch_sizes(max_num_seqs),
+                                   self.scheduler.max_model_len) if cuda_graphs else None
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, **options: object) -> LLM:
@@ -108,7 +112,12 @@ class LLM:
             ((step.num_new_tokens, step.context_len, step.block_table) for step in plan.scheduled),
             self.block_pool.block_size)
         token_ids = np.concatenate([step.token_ids for step in plan.scheduled]).astype(np.int32)
-        logits = self.model.forward(backend.xp.asarray(token_ids), attention.positions, self.kv_cache, attention)
+        if self.graphs and attention.num_tokens == len(plan.scheduled):  # decode only: replay a captured step
+            logits = self.graphs.run(token_ids, [step.context_len for step in plan.scheduled],
+                                     [step.block_table for step in plan.scheduled])
+        else:
+            logits = self.model.forward(backend.xp.asarray(token_ids), attention.positions, self.kv_cache,
+                                        attention)
         rows = [row for row, step in enumerate(plan.scheduled) if step.samples]
         sampling = plan.sampling_sequences
         tokens = sample(backend.to_numpy(logits[rows]), [seq.sampling_params for seq in sampling],

@@ -27,6 +27,7 @@ import numpy as np
 from course_lib import backend, dtypes
 from course_lib.engine.block_pool import BlockCopy
 from course_lib.engine.config import ModelConfig
+from course_lib.engine.linear import linear
 from course_lib.engine.weights import check_weights
 from course_lib.kernels.norm import add_rms_norm, rms_norm
 from course_lib.kernels.paged_attention import blocks_for, decode_step, prefill_step, write_kv_step
@@ -219,11 +220,19 @@ class LlamaModel:
 
     def forward(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
         """Logits ``[num_sequences, vocab]`` (fp32) for the last new token of each sequence of the step."""
-        return self.compute_logits(self.hidden_states(token_ids, positions, kv_cache, attention), attention)
-
-    def hidden_states(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
-        """The final-normed hidden state of every token of the flat batch: ``[T, hidden_size]``."""
         self._check_step(token_ids, positions, kv_cache, attention)
+        return self.forward_unchecked(token_ids, positions, kv_cache, attention)
+
+    def forward_unchecked(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
+        """:meth:`forward` without its check of the step's arrays, which reads the token ids back to the host.
+
+        For a caller that checked them on the host already, and for CUDA graph capture, where no such read
+        may happen (``course_lib.engine.graphs``).
+        """
+        return self.compute_logits(self._hidden_states(token_ids, positions, kv_cache, attention), attention)
+
+    def _hidden_states(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
+        """The final-normed hidden state of every token of the flat batch: ``[T, hidden_size]``."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         residual = self.weights["model.embed_tokens.weight"][token_ids]
         eps = self.config.rms_norm_eps
@@ -297,12 +306,3 @@ class LlamaModel:
                 f"({self.config.num_layers} layers)"
             )
 
-
-def linear(x: Any, weight: Any) -> Any:
-    """``x @ weight.T`` for a ``[out, in]`` weight: cuBLAS through CuPy on a GPU, NumPy on the CPU.
-
-    NumPy has no fast bfloat16 product, so bf16 is multiplied in fp32 and rounded once, as a GPU would.
-    """
-    if x.dtype == dtypes.bfloat16:
-        return (x.astype(np.float32) @ weight.T.astype(np.float32)).astype(dtypes.bfloat16)
-    return x @ weight.T

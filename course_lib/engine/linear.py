@@ -1,0 +1,66 @@
+"""The engine's projections, ``x @ weight.T``: one cuBLAS call on a GPU, NumPy on the CPU.
+
+Hugging Face (and PyTorch) store a linear layer's weight as ``[out_features, in_features]``, row-major.
+cuBLAS thinks in column-major matrices, and reading row-major memory column-major is a free transpose:
+``weight`` [N, K] row-major *is* a column-major [K, N], and ``x`` [M, K] row-major a column-major [K, M].
+So ``C = x @ weight.T`` [M, N] row-major, which is column-major ``C^T = weight @ x^T`` [N, M], is one
+``cublasGemmEx`` with the first operand transposed: no copy of either matrix.
+
+The call goes to cuBLAS through nvmath-python's bindings rather than through CuPy's ``matmul`` for one
+reason: a CUDA graph. CuPy refuses every cuBLAS call while a stream is being captured; cuBLAS itself
+records its kernels like any other, and ``course_lib.engine.graphs`` captures the decode step. The same
+call serves eager steps too, so a replayed step and an eager one run the same GEMM and give the same logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from course_lib import backend, dtypes
+
+ONE, ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)  # alpha and beta, read by cuBLAS from the host
+
+
+def linear(x: Any, weight: Any) -> Any:
+    """``x @ weight.T`` for ``x`` [M, K] and a ``[N, K]`` weight of the same element type, accumulated in fp32.
+
+    NumPy has no fast bfloat16 product, so in CPU mode bf16 is multiplied in fp32 and rounded once, as a GPU
+    would.
+    """
+    if not backend.has_gpu():
+        if x.dtype == dtypes.bfloat16:
+            return (x.astype(np.float32) @ weight.T.astype(np.float32)).astype(dtypes.bfloat16)
+        return x @ weight.T
+    return _gemm_ex(x, weight)
+
+
+@functools.cache
+def _handle() -> int:
+    """This process's cuBLAS handle (one per device is plenty: a call names its stream)."""
+    from nvmath.bindings import cublas
+
+    return cublas.create()
+
+
+def _gemm_ex(x: Any, weight: Any) -> Any:
+    import cupy
+    from nvmath.bindings import cublas
+
+    types = {np.dtype(np.float32): cupy.cuda.runtime.CUDA_R_32F, np.dtype(np.float16): cupy.cuda.runtime.CUDA_R_16F}
+    if x.dtype != weight.dtype or x.dtype not in types:
+        raise TypeError(f"linear takes float32 or float16 x and weight of one type on a GPU, got {x.dtype} and "
+                        f"{weight.dtype}")
+    (m, k), (n, k_weight) = x.shape, weight.shape
+    if k != k_weight or not (x.flags.c_contiguous and weight.flags.c_contiguous):
+        raise ValueError(f"linear needs row-major x [M, K] and weight [N, K], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    out = cupy.empty((m, n), dtype=x.dtype)
+    kind, handle = types[x.dtype], _handle()
+    cublas.set_stream(handle, cupy.cuda.get_current_stream().ptr)
+    cublas.gemm_ex(handle, cublas.Operation.T, cublas.Operation.N, n, m, k,
+                   ONE.ctypes.data, weight.data.ptr, kind, k, x.data.ptr, kind, k,
+                   ZERO.ctypes.data, out.data.ptr, kind, n, cublas.ComputeType.COMPUTE_32F, cublas.GemmAlgo.DEFAULT)
+    return out

@@ -1,0 +1,87 @@
+"""CUDA graphs of the decode step: a replay computes what the eager step computes, padding changes nothing,
+and an engine with graphs generates the same tokens as one without. The replays need a GPU."""
+
+import numpy as np
+import pytest
+
+from course_lib import backend
+from course_lib.engine.config import TINY
+from course_lib.engine.graphs import DecodeGraphs, graph_batch_sizes
+from course_lib.engine.llm import LLM
+from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
+from course_lib.engine.sampling import SamplingParams
+from course_lib.engine.weights import random_weights
+
+BLOCK_SIZE, NUM_BLOCKS = 16, 64
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    seed = np.random.SeedSequence().entropy
+    print(f"random tokens and block tables from seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def test_engines_capture_every_size_up_to_their_batch():
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert graph_batch_sizes(5) == [1, 2, 4, 5]
+    assert graph_batch_sizes(1) == [1]
+
+
+@pytest.mark.skipif(backend.has_gpu(), reason="checks the CPU-mode message")
+def test_graphs_say_they_need_a_gpu():
+    model = LlamaModel(TINY, random_weights(TINY, seed=0))
+    with pytest.raises(RuntimeError, match="CUDA graphs record GPU work"):
+        DecodeGraphs(model, KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE))
+
+
+def prefill(model: LlamaModel, cache: KVCache, prompts: list[np.ndarray], tables: list[list[int]]) -> None:
+    attention = AttentionMetadata.build([(len(p), len(p), t) for p, t in zip(prompts, tables, strict=True)],
+                                        BLOCK_SIZE)
+    model.forward(backend.xp.asarray(np.concatenate(prompts).astype(np.int32)), attention.positions, cache,
+                  attention)
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_a_replay_equals_the_eager_decode_step(rng, batch):
+    model = LlamaModel(TINY, random_weights(TINY, seed=1))
+    cache = KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE)
+    graphs = DecodeGraphs(model, cache, batch_sizes=(1, 4, 8), max_context_len=256)
+    lengths = rng.integers(5, 60, batch)
+    pool = list(rng.permutation(NUM_BLOCKS))
+    tables = [[int(pool.pop()) for _ in range(-(-(int(n) + 1) // BLOCK_SIZE))] for n in lengths]
+    prefill(model, cache, [rng.integers(0, TINY.vocab_size, n) for n in lengths], tables)
+    tokens = rng.integers(0, TINY.vocab_size, batch).astype(np.int32)
+    contexts = [int(n) + 1 for n in lengths]
+    replayed = backend.to_numpy(graphs.run(tokens, contexts, tables))
+    attention = AttentionMetadata.build([(1, c, t) for c, t in zip(contexts, tables, strict=True)], BLOCK_SIZE)
+    eager = backend.to_numpy(model.forward(backend.xp.asarray(tokens), attention.positions, cache, attention))
+    assert replayed.shape == (batch, TINY.vocab_size)
+    np.testing.assert_allclose(replayed, eager, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+def test_replays_check_their_inputs_on_the_host(rng):
+    model = LlamaModel(TINY, random_weights(TINY, seed=1))
+    graphs = DecodeGraphs(model, KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE), batch_sizes=(2,),
+                          max_context_len=64)
+    with pytest.raises(ValueError, match="block ids must lie in"):
+        graphs.run([1], [20], [[0, NUM_BLOCKS]])
+    with pytest.raises(ValueError, match="the graphs' capacity"):
+        graphs.run([1], [65], [[0, 1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        graphs.run([TINY.vocab_size], [3], [[0]])
+    with pytest.raises(ValueError, match="a decode batch of 1 to 2"):
+        graphs.run([1, 2, 3], [3, 3, 3], [[0], [1], [2]])
+
+
+@gpu
+def test_an_engine_with_graphs_generates_the_same_tokens(rng):
+    prompts = [list(rng.integers(0, TINY.vocab_size, int(n))) for n in rng.integers(3, 40, 6)]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    options = {"num_blocks": NUM_BLOCKS, "block_size": BLOCK_SIZE, "max_num_seqs": 4, "max_model_len": 128}
+    eager = LLM(TINY, seed=2, **options).generate(prompts, params)
+    graphed = LLM(TINY, seed=2, cuda_graphs=True, **options).generate(prompts, params)
+    assert [out.output_token_ids for out in graphed] == [out.output_token_ids for out in eager]
