@@ -1,0 +1,184 @@
+"""The engine on a 1B-parameter Llama-shaped model (random weights): batch-1 decode against the HBM roofline,
+CUDA graphs against eager launches, and serving throughput against Hugging Face transformers (chapter 06, lab 20).
+
+* **decode, batch 1**: the wall time of one decode step (context 512), eager (every kernel launched from
+  Python) and replayed from a CUDA graph (``course_lib.engine.graphs``). At batch 1 a step reads every
+  weight once, except the embedding table, of which it reads one row: the **roofline** is those bytes
+  over the copy bandwidth measured in the same run.
+* **throughput, 64 requests**: 64 prompts of 512 random tokens, each generating 256 tokens (greedy, no
+  early stop). The course's engine (continuous batching, CUDA graphs for decode) against transformers'
+  ``LlamaForCausalLM.generate`` on the same weights loaded from the same checkpoint; output tokens per second
+  of wall time, both in the same run.
+
+The model runs in float16: the course's GPU path has no bfloat16 elementwise steps yet (CuPy has no bf16
+arithmetic), and a float16 model reads the same bytes. In CPU mode the suite times the tiny model's steps:
+a smoke test, never shown as GPU figures.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from course_lib import backend
+from course_lib.bench.baselines import copy_bandwidth, require_torch
+from course_lib.bench.runner import Step, measurement
+from course_lib.bench.timing import Timing
+from course_lib.engine.config import LLAMA_1B_SHAPED, TINY, ModelConfig
+from course_lib.engine.graphs import DecodeGraphs
+from course_lib.engine.llm import LLM
+from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
+from course_lib.engine.sampling import SamplingParams
+from course_lib.engine.weights import random_weights, save_checkpoint
+
+DESCRIPTION = "engine: batch-1 decode vs the HBM roofline, CUDA graph speedup, throughput vs transformers"
+DTYPE = "float16"
+BLOCK_SIZE = 16
+DECODE_CONTEXT, DECODE_STEPS = 512, 50
+REQUESTS, PROMPT, OUTPUT = 64, 512, 256
+COPY_BYTES = 1 << 30
+PARAMETERS = {"model": "LLAMA_1B_SHAPED (random weights)", "dtype": DTYPE, "block_size": BLOCK_SIZE,
+              "decode_context": DECODE_CONTEXT, "requests": REQUESTS, "prompt": PROMPT, "output": OUTPUT,
+              "timing": "wall clock, device synchronised at the end"}
+
+
+def steps(quick: bool) -> list[Step]:
+    if not backend.has_gpu():
+        return [Step("tiny model decode step (NumPy)", functools.partial(measure_decode, TINY, "eager", 5)),
+                Step("tiny model serving 4 requests (NumPy)", functools.partial(measure_engine, TINY, 4, 16, 8))]
+    require_torch("the engine suite's transformers baseline")
+    requests, output = (8, 32) if quick else (REQUESTS, OUTPUT)
+    return [Step("copy bandwidth", measure_copy),
+            Step("decode batch 1, eager", functools.partial(measure_decode, LLAMA_1B_SHAPED, "eager", DECODE_STEPS)),
+            Step("decode batch 1, CUDA graph", functools.partial(measure_decode, LLAMA_1B_SHAPED, "graph",
+                                                                 DECODE_STEPS)),
+            Step(f"engine serving {requests} requests", functools.partial(measure_engine, LLAMA_1B_SHAPED, requests,
+                                                                           PROMPT, output)),
+            Step(f"transformers generate, {requests} requests", functools.partial(measure_transformers, requests,
+                                                                                   output))]
+
+
+@functools.cache
+def host_weights(config: ModelConfig) -> dict[str, np.ndarray]:
+    return random_weights(config, seed=0, dtype=DTYPE)
+
+
+def decode_bytes(weights: dict[str, Any], config: ModelConfig, context: int) -> int:
+    """Bytes one batch-1 decode step must read: every weight (only one row of the embedding table) and the
+    keys and values of its context in every layer."""
+    item = weights["model.embed_tokens.weight"].itemsize
+    embedding = weights["model.embed_tokens.weight"]
+    kv = 2 * context * config.num_layers * config.num_kv_heads * config.head_dim * item
+    return sum(int(w.nbytes) for w in weights.values()) - int(embedding.nbytes) + config.hidden_size * item + kv
+
+
+def measure_copy() -> dict[str, Any]:
+    return copy_bandwidth(COPY_BYTES)
+
+
+def _wall(run: Callable[[], Any], repeats: int) -> Timing:
+    """Seconds per call of ``run`` over ``repeats`` calls in a row, the device synchronised at the end."""
+    run()
+    backend.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    backend.synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    return Timing.from_samples(np.array([seconds]), "perf_counter")
+
+
+def measure_decode(config: ModelConfig, how: str, repeats: int) -> dict[str, Any]:
+    """One decode step at batch 1 over a context of DECODE_CONTEXT tokens, eager or replayed from a graph."""
+    weights = host_weights(config)
+    model = LlamaModel(config, weights, DTYPE if backend.has_gpu() else "float32")
+    blocks = -(-(DECODE_CONTEXT + 1) // BLOCK_SIZE)
+    cache = KVCache.allocate(config, blocks, BLOCK_SIZE, model.dtype)
+    table, context = list(range(blocks)), DECODE_CONTEXT
+    if how == "graph":
+        graphs = DecodeGraphs(model, cache, batch_sizes=(1,), max_context_len=blocks * BLOCK_SIZE)
+        timing = _wall(lambda: graphs.run([1], [context], [table]), repeats)
+    else:
+        def eager() -> Any:
+            attention = AttentionMetadata.build([(1, context, table)], BLOCK_SIZE)
+            return model.forward(backend.xp.asarray(np.array([1], np.int32)), attention.positions, cache, attention)
+        timing = _wall(eager, repeats)
+    params = {"role": how, "batch": 1, "context": context, "dtype": model.dtype,
+              "bytes_read": decode_bytes(weights, config, context)}
+    return measurement(f"decode batch 1, {how}", timing, params, tokens_per_s=1.0 / timing.median_s)
+
+
+def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int) -> dict[str, Any]:
+    """The engine serving ``requests`` prompts at once: output tokens per second of wall time."""
+    gpu = backend.has_gpu()
+    blocks = requests * -(-(prompt + output) // BLOCK_SIZE) + 64
+    llm = LLM(config, host_weights(config), dtype=DTYPE if gpu else "float32", num_blocks=blocks,
+              block_size=BLOCK_SIZE, max_num_seqs=requests, max_num_batched_tokens=max(prompt, 4096),
+              max_model_len=prompt + output + 1, cuda_graphs=gpu)
+    prompts = _prompts(config, requests, prompt)
+    params = SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    generated = sum(len(out.output_token_ids) for out in outputs)
+    if generated != requests * output:
+        raise RuntimeError(f"the engine generated {generated} tokens, expected {requests * output}")
+    params = {"role": "engine", "requests": requests, "prompt": prompt, "output": output, "cuda_graphs": gpu}
+    return measurement(f"engine {requests} requests", Timing.from_samples(np.array([seconds]), "perf_counter"),
+                       params, tokens_per_s=generated / seconds)
+
+
+def _prompts(config: ModelConfig, requests: int, prompt: int) -> list[list[int]]:
+    rng = np.random.default_rng(1)
+    return [list(rng.integers(0, config.vocab_size, prompt)) for _ in range(requests)]
+
+
+def measure_transformers(requests: int, output: int) -> dict[str, Any]:
+    """transformers' ``generate`` on the same checkpoint: the same prompts, greedy, exactly ``output`` new tokens."""
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(folder, LLAMA_1B_SHAPED, host_weights(LLAMA_1B_SHAPED))
+        model = transformers.LlamaForCausalLM.from_pretrained(folder).to("cuda", torch.float16).eval()
+    prompts = torch.tensor(_prompts(LLAMA_1B_SHAPED, requests, PROMPT), device="cuda")
+    mask = torch.ones_like(prompts)
+
+    def generate() -> Any:
+        with torch.no_grad():
+            return model.generate(prompts, attention_mask=mask, max_new_tokens=output, min_new_tokens=output,
+                                  do_sample=False, pad_token_id=0)
+
+    generate()  # warm-up: kernels load, the allocator fills
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    tokens = generate()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    generated = (tokens.shape[1] - PROMPT) * requests
+    params = {"role": "transformers", "requests": requests, "prompt": PROMPT, "output": output,
+              "library": f"transformers {transformers.__version__}, torch {torch.__version__}"}
+    return measurement(f"transformers {requests} requests", Timing.from_samples(np.array([seconds]), "perf_counter"),
+                       params, tokens_per_s=generated / seconds)
+
+
+def headline(measurements: list[dict[str, Any]]) -> dict[str, float]:
+    """The figures issue 6 names, from whichever measurements the run holds."""
+    found = {"copy" if m["label"] == "copy" else m["parameters"].get("role"): m for m in measurements}
+    figures = {}
+    copy, eager, graph = found.get("copy"), found.get("eager"), found.get("graph")
+    if graph and copy:
+        roofline_s = graph["parameters"]["bytes_read"] / (copy["derived"]["gbps"] * 1e9)
+        figures["decode_b1_vs_roofline"] = roofline_s / graph["timing"]["median_s"]
+    if graph and eager:
+        figures["graph_speedup_b1"] = eager["timing"]["median_s"] / graph["timing"]["median_s"]
+    engine, baseline = found.get("engine"), found.get("transformers")
+    if engine and baseline:
+        figures[f"throughput_vs_transformers_b{engine['parameters']['requests']}"] = (
+            engine["derived"]["tokens_per_s"] / baseline["derived"]["tokens_per_s"])
+    return figures
