@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,8 @@ from tqdm import tqdm  # noqa: E402
 from course_lib import backend  # noqa: E402
 from course_lib.bench.results import new_result, provenance, save_result  # noqa: E402
 from course_lib.engine.config import LLAMA_1B_SHAPED, TINY  # noqa: E402
+from course_lib.engine.latency import measure_latency  # noqa: E402
 from course_lib.engine.llm import LLM  # noqa: E402
-from course_lib.engine.sampling import SamplingParams  # noqa: E402
 
 MODELS = {"tiny": TINY, "llama-1b-shaped": LLAMA_1B_SHAPED}
 
@@ -50,23 +49,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompts")
     parser.add_argument("--out", type=Path, default=Path("latency_bench"), help="folder for the JSON and PNG")
     return parser.parse_args(argv)
-
-
-def measure(llm: LLM, batch: int, prompt_length: int, output_length: int, rng: np.random.Generator) -> dict:
-    """Serve one batch and time every token as the stream hands it out."""
-    prompts = [list(rng.integers(0, llm.config.vocab_size, size=prompt_length)) for _ in range(batch)]
-    params = SamplingParams(temperature=0.0, max_tokens=output_length, ignore_eos=True)
-    arrivals: list[list[float]] = [[] for _ in range(batch)]
-    start = time.perf_counter()
-    for event in llm.stream(prompts, params):
-        backend.synchronize()
-        arrivals[event.request_id].append(time.perf_counter() - start)
-    wall = time.perf_counter() - start
-    ttft = float(np.mean([times[0] for times in arrivals]))
-    gaps = [np.diff(times) for times in arrivals if len(times) > 1]
-    tpot = float(np.mean(np.concatenate(gaps))) if gaps else float("nan")
-    return {"batch": batch, "prompt_length": prompt_length, "output_length": output_length, "wall_s": wall,
-            "ttft_s": ttft, "tpot_s": tpot, "tokens_per_s": batch * output_length / wall}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -102,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(config, seed=args.seed, dtype=args.dtype, num_blocks=args.num_blocks,
               max_model_len=config.max_position_embeddings)
     for batch, prompt_length, output_length in tqdm(sweep, desc="latency sweep", unit="point"):
-        result["measurements"].append(measure(llm, batch, prompt_length, output_length, rng))
+        result["measurements"].append(measure_latency(llm, batch, prompt_length, output_length, rng))
     json_path, png_path = save_result(result, args.out), args.out / "latency_bench.png"
     plot(result, png_path)
     for row in result["measurements"]:
