@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from course_lib.engine.sampling import SamplingParams, sample, sampling_probabilities
+from course_lib import backend
+from course_lib.engine.sampling import SamplingParams, greedy_tokens, sample, sampling_probabilities
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -166,3 +167,22 @@ def test_stop_token_ids_are_stored_as_a_tuple():
 def test_sample_rejects_bad_inputs(logits, num_rows, message):
     with pytest.raises(ValueError, match=message):
         sample(logits, [SamplingParams()] * num_rows, [np.random.default_rng(0)] * num_rows)
+
+
+def test_greedy_tokens_on_the_device_equal_greedy_sampling_on_the_host():
+    rng = np.random.default_rng()
+    logits = rng.standard_normal((6, 50)).astype(np.float32)
+    logits[2, [7, 30]] = logits[2].max() + 1  # a tie: the lower token id wins in both
+    logits[4, :10] = -np.inf  # masked tokens are never the arg-max
+    expected = sample(logits, [SamplingParams(temperature=0.0)] * 6, [np.random.default_rng()] * 6)
+    assert np.array_equal(greedy_tokens(backend.xp.asarray(logits)), expected) and expected[2] == 7
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_greedy_tokens_refuse_nan_and_inf(bad):
+    logits = np.zeros((2, 5), dtype=np.float32)
+    logits[1, 3] = bad
+    with pytest.raises(ValueError, match="must be finite"):
+        greedy_tokens(backend.xp.asarray(logits))
+    with pytest.raises(ValueError, match="must be finite"):
+        greedy_tokens(backend.xp.asarray(np.full((2, 5), -np.inf, dtype=np.float32)))

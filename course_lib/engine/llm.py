@@ -30,7 +30,7 @@ from course_lib.engine.block_pool import BlockPool
 from course_lib.engine.config import TINY, ModelConfig
 from course_lib.engine.graphs import DecodeGraphs, graph_batch_sizes
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
-from course_lib.engine.sampling import SamplingParams, sample
+from course_lib.engine.sampling import SamplingParams, greedy_tokens, sample
 from course_lib.engine.scheduler import Scheduler
 from course_lib.engine.weights import load_checkpoint, random_weights
 
@@ -108,20 +108,25 @@ class LLM:
             raise RuntimeError("the scheduler found nothing it could run: the KV pool is too small for the "
                                "waiting requests even after preempting every running one")
         self.kv_cache.copy_blocks(plan.block_copies)
-        attention = AttentionMetadata.build(
-            ((step.num_new_tokens, step.context_len, step.block_table) for step in plan.scheduled),
-            self.block_pool.block_size)
         token_ids = np.concatenate([step.token_ids for step in plan.scheduled]).astype(np.int32)
-        if self.graphs and attention.num_tokens == len(plan.scheduled):  # decode only: replay a captured step
+        if self.graphs and all(step.num_new_tokens == 1 for step in plan.scheduled):  # decode only: replay
             logits = self.graphs.run(token_ids, [step.context_len for step in plan.scheduled],
                                      [step.block_table for step in plan.scheduled])
         else:
+            attention = AttentionMetadata.build(
+                ((step.num_new_tokens, step.context_len, step.block_table) for step in plan.scheduled),
+                self.block_pool.block_size)
             logits = self.model.forward(backend.xp.asarray(token_ids), attention.positions, self.kv_cache,
                                         attention)
         rows = [row for row, step in enumerate(plan.scheduled) if step.samples]
         sampling = plan.sampling_sequences
-        tokens = sample(backend.to_numpy(logits[rows]), [seq.sampling_params for seq in sampling],
-                        [seq.generator for seq in sampling]) if rows else np.empty(0, dtype=np.int64)
+        params = [seq.sampling_params for seq in sampling]
+        if not rows:
+            tokens = np.empty(0, dtype=np.int64)
+        elif all(p.is_greedy for p in params):  # only the arg-maxes cross to the host
+            tokens = greedy_tokens(logits[rows])
+        else:
+            tokens = sample(backend.to_numpy(logits[rows]), params, [seq.generator for seq in sampling])
         self.scheduler.update(plan, tokens)
         return [(seq, int(token)) for seq, token in zip(sampling, tokens, strict=True)]
 
