@@ -12,7 +12,9 @@ Attention is where sequences differ, and ``AttentionMetadata`` tells it how:
   slices (one new token) are gathered into one batched ``paged_attention_decode``.
 
 All arrays live in ``course_lib.backend.xp``: CuPy and cuBLAS on a GPU, NumPy in CPU mode, one code path.
-Element types: float32 and float16 everywhere, bfloat16 in CPU mode (CuPy has no bfloat16 arithmetic).
+Element types: float32, float16 and bfloat16. CuPy has no bfloat16 arithmetic, so on a GPU bf16 tensors are uint16
+bits that the kernels read as ``__nv_bfloat16``, and the elementwise steps (RoPE, SiLU, residual adds) widen to fp32,
+compute, and round back once (``course_lib.dtypes.widen`` and ``narrow``).
 """
 
 from __future__ import annotations
@@ -185,9 +187,10 @@ def rope_cos_sin(positions: Any, head_dim: int, theta: float) -> tuple[Any, Any]
     return xp.cos(angles), xp.sin(angles)
 
 
-def apply_rope(x: Any, cos: Any, sin: Any) -> Any:
-    """Rotate each head's feature pairs by its token's angles: ``x * cos + rotate_half(x) * sin``."""
-    return (x * cos + rotate_half(x) * sin).astype(x.dtype)
+def apply_rope(x: Any, cos: Any, sin: Any, dtype: str) -> Any:
+    """Rotate each head's feature pairs by its token's angles: ``x * cos + rotate_half(x) * sin``, in fp32."""
+    x32 = dtypes.widen(x, dtype)
+    return dtypes.narrow(x32 * cos + rotate_half(x32) * sin, dtype)
 
 
 def silu(x: Any) -> Any:
@@ -206,11 +209,6 @@ class LlamaModel:
         check_weights(config, weights)
         self.config = config
         self.dtype = dtype or dtypes.element_type(weights["model.embed_tokens.weight"])
-        if self.dtype == "bfloat16" and backend.has_gpu():
-            raise ValueError(
-                "bfloat16 needs CPU mode: CuPy has no bfloat16 arithmetic for the projections and "
-                "elementwise steps; run the model in float16 on a GPU"
-            )
         host_type = dtypes.host_dtype(self.dtype)
         self.weights = {
             name: dtypes.to_device(np.ascontiguousarray(backend.to_numpy(array).astype(host_type)))
@@ -238,28 +236,34 @@ class LlamaModel:
         eps = self.config.rms_norm_eps
         for i in range(self.config.num_layers):
             layer = f"model.layers.{i}."
-            normed = rms_norm(residual, self.weights[layer + "input_layernorm.weight"], eps)
+            normed = rms_norm(residual, self.weights[layer + "input_layernorm.weight"], eps, dtype=self.dtype)
             attended = self.self_attention(i, normed, cos, sin, kv_cache, attention)
-            normed = add_rms_norm(attended, residual, self.weights[layer + "post_attention_layernorm.weight"], eps)
-            residual += self.mlp(i, normed)  # residual now holds attention's output too (add_rms_norm added it)
-        return rms_norm(residual, self.weights["model.norm.weight"], eps)
+            normed = add_rms_norm(attended, residual, self.weights[layer + "post_attention_layernorm.weight"], eps,
+                                  dtype=self.dtype)  # and residual now holds attention's output too
+            residual[...] = dtypes.narrow(dtypes.widen(residual, self.dtype) + dtypes.widen(self.mlp(i, normed),
+                                                                                            self.dtype), self.dtype)
+        return rms_norm(residual, self.weights["model.norm.weight"], eps, dtype=self.dtype)
 
     def compute_logits(self, hidden: Any, attention: AttentionMetadata) -> Any:
         """Project only the rows a token is sampled from: the last new token of each sequence."""
-        return linear(hidden[attention.last_token_rows], self.lm_head).astype(backend.xp.float32)
+        return dtypes.widen(linear(hidden[attention.last_token_rows], self.lm_head, self.dtype), self.dtype)
 
     def self_attention(
         self, i: int, x: Any, cos: Any, sin: Any, kv_cache: KVCache, attention: AttentionMetadata
     ) -> Any:
         """Grouped-query attention of layer ``i``: project, rotate, cache the new keys and values, attend, project."""
         config, prefix, tokens = self.config, f"model.layers.{i}.self_attn.", x.shape[0]
-        query = linear(x, self.weights[prefix + "q_proj.weight"]).reshape(tokens, config.num_heads, config.head_dim)
-        key = linear(x, self.weights[prefix + "k_proj.weight"]).reshape(tokens, config.num_kv_heads, config.head_dim)
-        value = linear(x, self.weights[prefix + "v_proj.weight"]).reshape(tokens, config.num_kv_heads, config.head_dim)
-        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        kind = self.dtype
+        query = linear(x, self.weights[prefix + "q_proj.weight"], kind).reshape(tokens, config.num_heads,
+                                                                               config.head_dim)
+        key = linear(x, self.weights[prefix + "k_proj.weight"], kind).reshape(tokens, config.num_kv_heads,
+                                                                             config.head_dim)
+        value = linear(x, self.weights[prefix + "v_proj.weight"], kind).reshape(tokens, config.num_kv_heads,
+                                                                               config.head_dim)
+        query, key = apply_rope(query, cos, sin, kind), apply_rope(key, cos, sin, kind)
         caches = {"key_cache": kv_cache.keys[i], "value_cache": kv_cache.values[i]}
         write = attention.prepared("write_kv", partial(write_kv_step, key, value, *caches.values(),
-                                                       attention.slot_mapping))
+                                                       attention.slot_mapping, dtype=kind))
         write(key=key, value=value, **caches)
         out = backend.xp.empty_like(query)
         for index, table in attention.prefill_tables.items():
@@ -267,21 +271,23 @@ class LlamaModel:
             rows = slice(start, start + seq.num_new_tokens)
             new_query = backend.xp.ascontiguousarray(query[rows])
             prefill = attention.prepared(f"prefill {index}", partial(
-                prefill_step, new_query, *caches.values(), table, seq.context_len, seq.num_new_tokens))
+                prefill_step, new_query, *caches.values(), table, seq.context_len, seq.num_new_tokens, dtype=kind))
             out[rows] = prefill(query=new_query, **caches)
         if attention.decode_rows.size:
             decoding = backend.xp.ascontiguousarray(query[attention.decode_rows])
             decode = attention.prepared("decode", partial(
-                decode_step, decoding, *caches.values(), attention.decode_block_tables, attention.decode_context_lens))
+                decode_step, decoding, *caches.values(), attention.decode_block_tables, attention.decode_context_lens,
+                dtype=kind))
             out[attention.decode_rows] = decode(query=decoding, **caches)
-        return linear(out.reshape(tokens, -1), self.weights[prefix + "o_proj.weight"])
+        return linear(out.reshape(tokens, -1), self.weights[prefix + "o_proj.weight"], kind)
 
     def mlp(self, i: int, x: Any) -> Any:
         """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
         prefix = f"model.layers.{i}.mlp."
-        gate = linear(x, self.weights[prefix + "gate_proj.weight"])
-        up = linear(x, self.weights[prefix + "up_proj.weight"])
-        return linear((silu(gate) * up).astype(x.dtype), self.weights[prefix + "down_proj.weight"])
+        kind = self.dtype
+        gate = dtypes.widen(linear(x, self.weights[prefix + "gate_proj.weight"], kind), kind)
+        up = dtypes.widen(linear(x, self.weights[prefix + "up_proj.weight"], kind), kind)
+        return linear(dtypes.narrow(silu(gate) * up, kind), self.weights[prefix + "down_proj.weight"], kind)
 
     def _check_step(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> None:
         """The step's arrays must agree with its metadata, and every token id must index the embedding."""
