@@ -79,3 +79,31 @@ def empty(shape: tuple[int, ...], dtype: str) -> Any:
     """An uninitialised device array for ``dtype`` elements (uint16 storage for bf16 on the GPU)."""
     storage = np.uint16 if dtype == "bfloat16" and backend.has_gpu() else host_dtype(dtype)
     return backend.xp.empty(shape, dtype=storage)
+
+
+# ---- arithmetic in float32 for types the array library lacks ------------------------------------------------
+# CuPy has no bfloat16: on a GPU bf16 values are uint16 bits, and uint16 arithmetic would add the bits as
+# integers. Elementwise steps therefore widen to float32, compute, and round back once.
+
+
+def widen(array: Any, dtype: str) -> Any:
+    """``array``'s values as float32 on its device (bf16 bits are the top half of a float32: a shift)."""
+    if str(array.dtype) == "uint16":
+        element_type(array, dtype)  # says what is wrong unless dtype declares the bits bfloat16
+        xp = backend.xp
+        return (array.astype(xp.uint32) << 16).view(xp.float32)
+    return array.astype(np.float32)
+
+
+def narrow(values: Any, dtype: str) -> Any:
+    """float32 ``values`` rounded to ``dtype`` in the device's storage (round to nearest, ties to even)."""
+    if dtype == "bfloat16" and backend.has_gpu():
+        return round_to_bfloat16_bits(values)
+    return values.astype(host_dtype(dtype))
+
+
+def round_to_bfloat16_bits(values: Any) -> Any:
+    """The bf16 bits (uint16) nearest to float32 ``values``, ties to even: add half an ulp of the kept part
+    (0x7FFF, plus 1 when the last kept bit is odd) and drop the low 16 bits. NaNs are not expected here."""
+    bits = values.view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)

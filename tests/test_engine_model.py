@@ -124,9 +124,8 @@ def test_tied_embeddings_and_bfloat16(rng):
     assert "lm_head.weight" not in weights
     prompt = rng.integers(0, config.vocab_size, 12)
     reference = dense_forward(config, weights, prompt)[-1]
-    dtype = "float32" if backend.has_gpu() else "bfloat16"  # bf16 arithmetic needs CPU mode
-    cache = KVCache.allocate(config, NUM_BLOCKS, BLOCK_SIZE, dtype)
-    logits = run_step(LlamaModel(config, weights, dtype), cache, [(prompt, 12, scattered_tables(rng, 12)[0])])
+    cache = KVCache.allocate(config, NUM_BLOCKS, BLOCK_SIZE, "bfloat16")  # uint16 bits on a GPU
+    logits = run_step(LlamaModel(config, weights, "bfloat16"), cache, [(prompt, 12, scattered_tables(rng, 12)[0])])
     assert_matches(logits[0], reference, "bfloat16")
 
 
@@ -261,12 +260,6 @@ def test_config_names_missing_fields():
         ModelConfig.from_hf({key: value for key, value in TINY.to_hf().items() if key != "num_hidden_layers"})
 
 
-@pytest.mark.gpu
-def test_bfloat16_is_refused_on_a_gpu(weights):
-    with pytest.raises(ValueError, match="bfloat16 needs CPU mode"):
-        LlamaModel(TINY, weights, "bfloat16")
-
-
 def test_weights_move_to_the_model_dtype(weights):
     assert dtypes.element_type(LlamaModel(TINY, weights, "float16").lm_head) == "float16"
 
@@ -279,3 +272,14 @@ def test_logits_match_transformers_llama_for_a_gqa_checkpoint():
     assert done.returncode == 0, done.stderr[-3000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
     assert errors["dense_vs_transformers"] < 1e-4 and errors["paged_vs_transformers"] < 1e-4, errors
+
+
+def test_bfloat16_bits_round_to_nearest_even_and_widen_exactly():
+    """The GPU's bf16 storage: widen is a shift, rounding matches ml_dtypes (ties to even)."""
+    values = np.random.default_rng().standard_normal(10_000).astype(np.float32) * 100
+    values[:3] = [1.0 + 2**-8, 1.0 + 3 * 2**-8, -0.0]  # ties: round down to 1.0, up to 1 + 2**-6
+    bits = dtypes.round_to_bfloat16_bits(values)
+    assert np.array_equal(bits, values.astype(dtypes.bfloat16).view(np.uint16))
+    assert np.array_equal(dtypes.widen(bits, "bfloat16"), bits.view(dtypes.bfloat16).astype(np.float32))
+    with pytest.raises(TypeError, match="needs a float16 array"):
+        dtypes.widen(bits, "float16")

@@ -24,17 +24,20 @@ from course_lib import backend, dtypes
 ONE, ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)  # alpha and beta, read by cuBLAS from the host
 
 
-def linear(x: Any, weight: Any) -> Any:
+def linear(x: Any, weight: Any, dtype: str | None = None) -> Any:
     """``x @ weight.T`` for ``x`` [M, K] and a ``[N, K]`` weight of the same element type, accumulated in fp32.
 
-    NumPy has no fast bfloat16 product, so in CPU mode bf16 is multiplied in fp32 and rounded once, as a GPU
-    would.
+    ``dtype`` names the element type (needed for bf16 on a GPU, stored as uint16 bits). NumPy has no fast
+    bfloat16 product, so in CPU mode bf16 is multiplied in fp32 and rounded once, as a GPU would.
     """
+    kind = dtypes.element_type(x, dtype)
+    if dtypes.element_type(weight, dtype) != kind:
+        raise TypeError(f"linear takes x and weight of one element type, got {x.dtype} and {weight.dtype}")
     if not backend.has_gpu():
-        if x.dtype == dtypes.bfloat16:
+        if kind == "bfloat16":
             return (x.astype(np.float32) @ weight.T.astype(np.float32)).astype(dtypes.bfloat16)
         return x @ weight.T
-    return _gemm_ex(x, weight)
+    return _gemm_ex(x, weight, kind)
 
 
 @functools.cache
@@ -45,22 +48,21 @@ def _handle() -> int:
     return cublas.create()
 
 
-def _gemm_ex(x: Any, weight: Any) -> Any:
+def _gemm_ex(x: Any, weight: Any, kind: str) -> Any:
     import cupy
     from nvmath.bindings import cublas
 
-    types = {np.dtype(np.float32): cupy.cuda.runtime.CUDA_R_32F, np.dtype(np.float16): cupy.cuda.runtime.CUDA_R_16F}
-    if x.dtype != weight.dtype or x.dtype not in types:
-        raise TypeError(f"linear takes float32 or float16 x and weight of one type on a GPU, got {x.dtype} and "
-                        f"{weight.dtype}")
+    types = {"float32": cupy.cuda.runtime.CUDA_R_32F, "float16": cupy.cuda.runtime.CUDA_R_16F,
+             "bfloat16": cupy.cuda.runtime.CUDA_R_16BF}
     (m, k), (n, k_weight) = x.shape, weight.shape
     if k != k_weight or not (x.flags.c_contiguous and weight.flags.c_contiguous):
         raise ValueError(f"linear needs row-major x [M, K] and weight [N, K], got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     out = cupy.empty((m, n), dtype=x.dtype)
-    kind, handle = types[x.dtype], _handle()
+    data_type, handle = types[kind], _handle()
     cublas.set_stream(handle, cupy.cuda.get_current_stream().ptr)
     cublas.gemm_ex(handle, cublas.Operation.T, cublas.Operation.N, n, m, k,
-                   ONE.ctypes.data, weight.data.ptr, kind, k, x.data.ptr, kind, k,
-                   ZERO.ctypes.data, out.data.ptr, kind, n, cublas.ComputeType.COMPUTE_32F, cublas.GemmAlgo.DEFAULT)
+                   ONE.ctypes.data, weight.data.ptr, data_type, k, x.data.ptr, data_type, k,
+                   ZERO.ctypes.data, out.data.ptr, data_type, n, cublas.ComputeType.COMPUTE_32F,
+                   cublas.GemmAlgo.DEFAULT)
     return out

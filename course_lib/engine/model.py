@@ -12,7 +12,9 @@ Attention is where sequences differ, and ``AttentionMetadata`` tells it how:
   slices (one new token) are gathered into one batched ``paged_attention_decode``.
 
 All arrays live in ``course_lib.backend.xp``: CuPy and cuBLAS on a GPU, NumPy in CPU mode, one code path.
-Element types: float32 and float16 everywhere, bfloat16 in CPU mode (CuPy has no bfloat16 arithmetic).
+Element types: float32, float16 and bfloat16. CuPy has no bfloat16 arithmetic, so on a GPU bf16 tensors are uint16
+bits that the kernels read as ``__nv_bfloat16``, and the elementwise steps (RoPE, SiLU, residual adds) widen to fp32,
+compute, and round back once (``course_lib.dtypes.widen`` and ``narrow``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from course_lib.engine.block_pool import BlockCopy
 from course_lib.engine.config import ModelConfig
 from course_lib.engine.linear import linear
 from course_lib.engine.weights import check_weights
+from course_lib.kernels.fused import inverse_frequencies, rope_split, silu_mul
 from course_lib.kernels.norm import add_rms_norm, rms_norm
 from course_lib.kernels.paged_attention import blocks_for, decode_step, prefill_step, write_kv_step
 from course_lib.kernels.prepared import PreparedStep
@@ -170,31 +173,6 @@ class KVCache:
                 cache[copy.dst] = cache[copy.src]
 
 
-def rotate_half(x: Any) -> Any:
-    """``[x1, x2] -> [-x2, x1]`` on the last axis: Llama's RoPE pairs feature ``i`` with ``i + head_dim/2``."""
-    half = x.shape[-1] // 2
-    return backend.xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
-def rope_cos_sin(positions: Any, head_dim: int, theta: float) -> tuple[Any, Any]:
-    """cos and sin of the rotation angles ``position * theta**(-2i / head_dim)``, ``[T, 1, head_dim]`` in fp32."""
-    xp = backend.xp
-    inverse_frequencies = 1.0 / theta ** (xp.arange(0, head_dim, 2, dtype=xp.float32) / head_dim)
-    angles = positions.astype(xp.float32)[:, None] * inverse_frequencies[None, :]
-    angles = xp.concatenate([angles, angles], axis=-1)[:, None, :]  # one angle per pair, same for every head
-    return xp.cos(angles), xp.sin(angles)
-
-
-def apply_rope(x: Any, cos: Any, sin: Any) -> Any:
-    """Rotate each head's feature pairs by its token's angles: ``x * cos + rotate_half(x) * sin``."""
-    return (x * cos + rotate_half(x) * sin).astype(x.dtype)
-
-
-def silu(x: Any) -> Any:
-    """``x * sigmoid(x)``, the gate's activation in Llama's SwiGLU MLP."""
-    return x / (1 + backend.xp.exp(-x))
-
-
 class LlamaModel:
     """A Llama decoder on the current device: ``forward`` maps a step's flat batch of tokens to logits.
 
@@ -206,17 +184,16 @@ class LlamaModel:
         check_weights(config, weights)
         self.config = config
         self.dtype = dtype or dtypes.element_type(weights["model.embed_tokens.weight"])
-        if self.dtype == "bfloat16" and backend.has_gpu():
-            raise ValueError(
-                "bfloat16 needs CPU mode: CuPy has no bfloat16 arithmetic for the projections and "
-                "elementwise steps; run the model in float16 on a GPU"
-            )
         host_type = dtypes.host_dtype(self.dtype)
-        self.weights = {
-            name: dtypes.to_device(np.ascontiguousarray(backend.to_numpy(array).astype(host_type)))
-            for name, array in weights.items()
-        }
+        host = {name: np.ascontiguousarray(backend.to_numpy(w).astype(host_type)) for name, w in weights.items()}
+        for i in range(config.num_layers):  # stack the projections that read the same input: one GEMM each
+            for stacked, parts in (("self_attn.qkv_proj", ("q", "k", "v")), ("mlp.gate_up_proj", ("gate", "up"))):
+                block = stacked.split(".")[0]
+                host[f"model.layers.{i}.{stacked}.weight"] = np.concatenate(
+                    [host.pop(f"model.layers.{i}.{block}.{part}_proj.weight") for part in parts])
+        self.weights = {name: dtypes.to_device(array) for name, array in host.items()}
         self.lm_head = self.weights.get("lm_head.weight", self.weights["model.embed_tokens.weight"])
+        self.frequencies = inverse_frequencies(config.head_dim, config.rope_theta)
 
     def forward(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
         """Logits ``[num_sequences, vocab]`` (fp32) for the last new token of each sequence of the step."""
@@ -232,56 +209,63 @@ class LlamaModel:
         return self.compute_logits(self._hidden_states(token_ids, positions, kv_cache, attention), attention)
 
     def _hidden_states(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
-        """The final-normed hidden state of every token of the flat batch: ``[T, hidden_size]``."""
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        residual = self.weights["model.embed_tokens.weight"][token_ids]
-        eps = self.config.rms_norm_eps
-        for i in range(self.config.num_layers):
-            layer = f"model.layers.{i}."
-            normed = rms_norm(residual, self.weights[layer + "input_layernorm.weight"], eps)
-            attended = self.self_attention(i, normed, cos, sin, kv_cache, attention)
-            normed = add_rms_norm(attended, residual, self.weights[layer + "post_attention_layernorm.weight"], eps)
-            residual += self.mlp(i, normed)  # residual now holds attention's output too (add_rms_norm added it)
-        return rms_norm(residual, self.weights["model.norm.weight"], eps)
+        """The final-normed hidden state of every token of the flat batch: ``[T, hidden_size]``.
+
+        The residual stream's additions ride on the norms that follow them (``add_rms_norm``): after
+        attention, the post-attention norm; after the MLP, the next layer's input norm, or the final one.
+        """
+        w, eps, kind, layers = self.weights, self.config.rms_norm_eps, self.dtype, self.config.num_layers
+        residual = w["model.embed_tokens.weight"][token_ids]
+        hidden = rms_norm(residual, w["model.layers.0.input_layernorm.weight"], eps, dtype=kind)
+        for i in range(layers):
+            attended = self.self_attention(i, hidden, positions, kv_cache, attention)
+            hidden = add_rms_norm(attended, residual, w[f"model.layers.{i}.post_attention_layernorm.weight"], eps,
+                                  dtype=kind)
+            following = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < layers else "model.norm.weight"
+            hidden = add_rms_norm(self.mlp(i, hidden), residual, w[following], eps, dtype=kind)
+        return hidden
 
     def compute_logits(self, hidden: Any, attention: AttentionMetadata) -> Any:
         """Project only the rows a token is sampled from: the last new token of each sequence."""
-        return linear(hidden[attention.last_token_rows], self.lm_head).astype(backend.xp.float32)
+        return dtypes.widen(linear(hidden[attention.last_token_rows], self.lm_head, self.dtype), self.dtype)
 
-    def self_attention(
-        self, i: int, x: Any, cos: Any, sin: Any, kv_cache: KVCache, attention: AttentionMetadata
-    ) -> Any:
+    def self_attention(self, i: int, x: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
         """Grouped-query attention of layer ``i``: project, rotate, cache the new keys and values, attend, project."""
-        config, prefix, tokens = self.config, f"model.layers.{i}.self_attn.", x.shape[0]
-        query = linear(x, self.weights[prefix + "q_proj.weight"]).reshape(tokens, config.num_heads, config.head_dim)
-        key = linear(x, self.weights[prefix + "k_proj.weight"]).reshape(tokens, config.num_kv_heads, config.head_dim)
-        value = linear(x, self.weights[prefix + "v_proj.weight"]).reshape(tokens, config.num_kv_heads, config.head_dim)
-        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        config, prefix, kind = self.config, f"model.layers.{i}.self_attn.", self.dtype
+        qkv = linear(x, self.weights[prefix + "qkv_proj.weight"], kind)
+        query, key, value = rope_split(qkv, positions, self.frequencies, config.num_heads, config.num_kv_heads, kind)
         caches = {"key_cache": kv_cache.keys[i], "value_cache": kv_cache.values[i]}
         write = attention.prepared("write_kv", partial(write_kv_step, key, value, *caches.values(),
-                                                       attention.slot_mapping))
+                                                       attention.slot_mapping, dtype=kind))
         write(key=key, value=value, **caches)
-        out = backend.xp.empty_like(query)
-        for index, table in attention.prefill_tables.items():
-            seq, start = attention.sequences[index], int(attention.starts[index])
-            rows = slice(start, start + seq.num_new_tokens)
-            new_query = backend.xp.ascontiguousarray(query[rows])
-            prefill = attention.prepared(f"prefill {index}", partial(
-                prefill_step, new_query, *caches.values(), table, seq.context_len, seq.num_new_tokens))
-            out[rows] = prefill(query=new_query, **caches)
-        if attention.decode_rows.size:
-            decoding = backend.xp.ascontiguousarray(query[attention.decode_rows])
+        tokens = x.shape[0]
+        if not attention.prefill_tables and attention.decode_rows.size == tokens:  # decode only: rows in order
             decode = attention.prepared("decode", partial(
-                decode_step, decoding, *caches.values(), attention.decode_block_tables, attention.decode_context_lens))
-            out[attention.decode_rows] = decode(query=decoding, **caches)
-        return linear(out.reshape(tokens, -1), self.weights[prefix + "o_proj.weight"])
+                decode_step, query, *caches.values(), attention.decode_block_tables, attention.decode_context_lens,
+                dtype=kind))
+            out = decode(query=query, **caches)
+        else:
+            out = backend.xp.empty_like(query)
+            for index, table in attention.prefill_tables.items():
+                seq, start = attention.sequences[index], int(attention.starts[index])
+                rows = slice(start, start + seq.num_new_tokens)
+                new_query = backend.xp.ascontiguousarray(query[rows])
+                prefill = attention.prepared(f"prefill {index}", partial(
+                    prefill_step, new_query, *caches.values(), table, seq.context_len, seq.num_new_tokens, dtype=kind))
+                out[rows] = prefill(query=new_query, **caches)
+            if attention.decode_rows.size:
+                decoding = backend.xp.ascontiguousarray(query[attention.decode_rows])
+                decode = attention.prepared("decode", partial(
+                    decode_step, decoding, *caches.values(), attention.decode_block_tables,
+                    attention.decode_context_lens, dtype=kind))
+                out[attention.decode_rows] = decode(query=decoding, **caches)
+        return linear(out.reshape(tokens, -1), self.weights[prefix + "o_proj.weight"], kind)
 
     def mlp(self, i: int, x: Any) -> Any:
-        """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
-        prefix = f"model.layers.{i}.mlp."
-        gate = linear(x, self.weights[prefix + "gate_proj.weight"])
-        up = linear(x, self.weights[prefix + "up_proj.weight"])
-        return linear((silu(gate) * up).astype(x.dtype), self.weights[prefix + "down_proj.weight"])
+        """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up from one stacked projection."""
+        prefix, kind = f"model.layers.{i}.mlp.", self.dtype
+        gate_up = linear(x, self.weights[prefix + "gate_up_proj.weight"], kind)
+        return linear(silu_mul(gate_up, kind), self.weights[prefix + "down_proj.weight"], kind)
 
     def _check_step(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> None:
         """The step's arrays must agree with its metadata, and every token id must index the embedding."""
