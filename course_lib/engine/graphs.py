@@ -65,6 +65,7 @@ class CapturedStep:
     logits: Any  # [batch_size, vocab] float32, written by the graph
     graph: Any  # the cudaGraphExec_t
     stream: Any  # the CuPy stream it was captured on and is replayed on
+    num_nodes: int  # the operations the capture recorded: kernels, copies, memsets, allocations and frees
 
 
 class DecodeGraphs:
@@ -159,8 +160,10 @@ class DecodeGraphs:
                     graph = _runtime_call(runtime.cudaStreamEndCapture(runtime.cudaStream_t(stream.ptr)),
                                           "cudaStreamEndCapture")
         executable = _runtime_call(runtime.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        error, _, num_nodes = runtime.cudaGraphGetNodes(graph, 0)  # nodes=NULL: only the count
+        _runtime_call((error,), "cudaGraphGetNodes")
         _runtime_call(runtime.cudaGraphDestroy(graph), "cudaGraphDestroy")  # the executable keeps what it needs
-        return CapturedStep(size, token_ids, attention, logits, executable, stream)
+        return CapturedStep(size, token_ids, attention, logits, executable, stream, int(num_nodes))
 
 
 def _target(step: CapturedStep, name: str) -> Any:

@@ -41,6 +41,7 @@ BLOCK_SIZE = 16
 DECODE_CONTEXT, DECODE_STEPS = 512, 50
 REQUESTS, PROMPT, OUTPUT = 64, 512, 256
 COPY_BYTES = 1 << 30
+LAUNCHES, REPEATS = 1000, 10  # empty-kernel launches per timed call, and timed calls
 PARAMETERS = {"model": "LLAMA_1B_SHAPED (random weights)", "dtype": DTYPE, "block_size": BLOCK_SIZE,
               "decode_context": DECODE_CONTEXT, "requests": REQUESTS, "prompt": PROMPT, "output": OUTPUT,
               "timing": "wall clock, device synchronised at the end"}
@@ -53,6 +54,8 @@ def steps(quick: bool) -> list[Step]:
     require_torch("the engine suite's transformers baseline")
     requests, output = (8, 32) if quick else (REQUESTS, OUTPUT)
     return [Step("copy bandwidth", measure_copy),
+            Step("empty kernel launches, eager", functools.partial(measure_launch, "eager")),
+            Step("empty kernel launches, CUDA graph", functools.partial(measure_launch, "graph")),
             Step("decode batch 1, eager", functools.partial(measure_decode, LLAMA_1B_SHAPED, "eager", DECODE_STEPS)),
             Step("decode batch 1, CUDA graph", functools.partial(measure_decode, LLAMA_1B_SHAPED, "graph",
                                                                  DECODE_STEPS)),
@@ -80,6 +83,29 @@ def measure_copy() -> dict[str, Any]:
     return copy_bandwidth(COPY_BYTES)
 
 
+def measure_launch(how: str, launches: int = LAUNCHES) -> dict[str, Any]:
+    """Wall time per launch of a kernel that does nothing: the host's cost of a launch, eager or in a graph."""
+    cupy = backend.xp
+    kernel = cupy.RawKernel('extern "C" __global__ void empty() {}', "empty")
+    if how == "graph":
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            kernel((1,), (1,), ())
+            stream.begin_capture()
+            for _ in range(launches):
+                kernel((1,), (1,), ())
+            graph = stream.end_capture()
+        timing = _wall(lambda: graph.launch(stream), REPEATS)
+    else:
+        def eager() -> None:
+            for _ in range(launches):
+                kernel((1,), (1,), ())
+        timing = _wall(eager, REPEATS)
+    per_launch = timing.median_s / launches
+    return measurement(f"empty kernel launches, {how}", timing, {"role": f"launch {how}", "launches": launches},
+                       us_per_launch=per_launch * 1e6)
+
+
 def _wall(run: Callable[[], Any], repeats: int) -> Timing:
     """Seconds per call of ``run`` over ``repeats`` calls in a row, the device synchronised at the end."""
     run()
@@ -102,13 +128,15 @@ def measure_decode(config: ModelConfig, how: str, repeats: int) -> dict[str, Any
     if how == "graph":
         graphs = DecodeGraphs(model, cache, batch_sizes=(1,), max_context_len=blocks * BLOCK_SIZE)
         timing = _wall(lambda: graphs.run([1], [context], [table]), repeats)
+        nodes = {"graph_nodes": graphs.steps[1].num_nodes}
     else:
         def eager() -> Any:
             attention = AttentionMetadata.build([(1, context, table)], BLOCK_SIZE)
             return model.forward(backend.xp.asarray(np.array([1], np.int32)), attention.positions, cache, attention)
         timing = _wall(eager, repeats)
+        nodes = {}
     params = {"role": how, "batch": 1, "context": context, "dtype": model.dtype,
-              "bytes_read": decode_bytes(weights, config, context)}
+              "bytes_read": decode_bytes(weights, config, context), **nodes}
     return measurement(f"decode batch 1, {how}", timing, params, tokens_per_s=1.0 / timing.median_s)
 
 
