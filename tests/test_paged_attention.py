@@ -388,7 +388,8 @@ def launches(monkeypatch) -> list[tuple[str, Any]]:
     """Pretend to be on a GPU and record what would be launched, instead of launching."""
     recorded: list[tuple[str, Any]] = []
     monkeypatch.setattr(backend, "has_gpu", lambda: True)
-    monkeypatch.setattr(pa, "launch_kernel", lambda op, problem, arrays: recorded.append((op, problem)))
+    monkeypatch.setattr(pa, "launch_kernel", lambda op, problem, arrays, scratch=None: recorded.append((op, problem)))
+    monkeypatch.setattr(pa, "step_workspace", lambda op, problem: None)
     return recorded
 
 
@@ -452,3 +453,15 @@ def test_a_prepared_step_refuses_new_indices_and_other_layouts(rng):
         step(block_tables=problem.block_tables)
     with pytest.raises(ValueError, match="must keep the layout"):
         step(query=dtypes.random_normal((3, 8, 64), "float32", rng))
+
+
+def test_v2_steps_own_their_partials_workspace(rng):
+    """A captured graph keeps using a step's scratch: each prepared step gets its own, never a shared cache's."""
+    from course_lib.kernels import paged_attention_cuda as cuda_side
+
+    problem = paged_problem(rng, [40, 9], heads=(8, 2), head_dim=64, block_size=8)
+    attention = replace(pa.check_decode_inputs(*problem.args(), None, None), partition_size=16)
+    scratch = cuda_side.workspace("decode_v2", attention)
+    assert scratch.out.shape == (2, 8, 3, 64) and scratch.max.shape == scratch.sum.shape == (2, 8, 3)
+    assert cuda_side.workspace("decode_v2", attention).out is not scratch.out
+    assert cuda_side.workspace("decode_v1", attention) is None

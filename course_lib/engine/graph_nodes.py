@@ -3,12 +3,14 @@
 Stream capture (``course_lib.engine.graphs``) records whatever a stream is asked to do. A graph can also be
 written by hand: create an empty graph, add kernel nodes (a function, a grid, a block and the arguments),
 link them by dependencies, instantiate it into an executable graph, launch. The executable graph can then
-be changed without rebuilding it: ``cuGraphExecKernelNodeSetParams`` swaps a node's arguments (new pointers,
-a new length) as long as the node's kind and function stay the same. Engines use this to point a
-captured step at new buffers.
+be changed without rebuilding it: ``cuGraphExecKernelNodeSetParams`` gives a kernel node new arguments (new
+pointers, a new length, even another function of the same context). ``course_lib.engine.graphs`` does not
+need this: it copies each step's inputs into fixed buffers. Re-pointing nodes is the alternative, for
+buffers too large to copy.
 
 The kernels are CuPy ``RawKernel`` objects: their ``kernel.ptr`` is the driver's ``CUfunction``. Arguments
-are given as ``(value, ctypes type)`` pairs, which is how cuda-python packs a kernel's parameter list.
+are given here as ``(value, ctypes type)`` pairs; cuda-python takes them as two parallel tuples, values and
+types, and ``_node_params`` makes those.
 """
 
 from __future__ import annotations

@@ -12,13 +12,16 @@ slots, block tables and context lengths into them. Three consequences shape this
   size. Padding rows decode token 0 at position 0 through block 0 and write nothing (slot -1), and
   their logits are dropped;
 * **grids sized for the longest context**: the graph's paged-attention launch covers ``max_context_len``
-  tokens (rows of a shorter context return early). Every index a replay copies in is checked on the
-  host first, from the scheduler's own lists (no device-to-host copy);
+  tokens (the partitions past a shorter context return early, and the merge reads the real lengths).
+  Every index a replay copies in is checked on the host first, from the scheduler's own lists (no
+  device-to-host copy);
 * **memory**: inside the capture CuPy allocates the step's temporaries with the stream-ordered
   allocator (``cudaMallocAsync``, CuPy's ``malloc_async``), which turns each into an allocation node of
-  the graph. They are freed inside the graph too, so the graphs of every batch size draw on the same
-  pool of device memory instead of each keeping its own. (CuPy's default pool could not do this: it
-  would hand a captured buffer to other code once the capture let go of it.)
+  the graph. They are freed inside the graph too, and all the graphs are captured and replayed on one
+  stream, so CUDA can let the graphs of every batch size share the same physical memory instead of each
+  keeping its own. (CuPy's default pool could not do this: it would hand a captured buffer to other code
+  once the capture let go of it.) Buffers that outlive a replay, the attention kernels' scratch included,
+  are allocated when the step is prepared, before the capture, and belong to the captured step.
 
 The capture, instantiation and launch use cuda-python's runtime API (``cudaStreamBeginCapture``,
 ``cudaStreamEndCapture``, ``cudaGraphInstantiate``, ``cudaGraphLaunch``) on a CuPy stream.
@@ -86,6 +89,7 @@ class DecodeGraphs:
         capacity = kv_cache.num_blocks * kv_cache.block_size
         self.max_context_len = min(max_context_len or capacity, capacity)
         self.max_blocks = int(blocks_for(self.max_context_len, kv_cache.block_size))
+        self.stream = backend.xp.cuda.Stream(non_blocking=True)  # one stream: the graphs can share their memory
         self.steps = {size: self._capture(size) for size in sorted(set(batch_sizes))}
 
     @property
@@ -145,7 +149,7 @@ class DecodeGraphs:
         attention.slot_mapping[...] = -1  # the warm-up and padding rows write nothing into the cache
         token_ids = xp.zeros(size, dtype=xp.int32)
         logits = xp.empty((size, self.model.config.vocab_size), dtype=xp.float32)
-        stream = xp.cuda.Stream(non_blocking=True)
+        stream = self.stream
         with stream:
             logits[...] = self.model.forward(token_ids, attention.positions, self.kv_cache, attention)
             stream.synchronize()

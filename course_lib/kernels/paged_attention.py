@@ -440,7 +440,7 @@ def paged_prefill_reference(query: Any, key_cache: Any, value_cache: Any, block_
 # ---- the GPU launch: the one place the CUDA kernels plug in ------------------------------------------------
 
 
-def launch_kernel(op: str, problem: Cache | Attention, arrays: list[Any]) -> None:
+def launch_kernel(op: str, problem: Cache | Attention, arrays: list[Any], scratch: Any = None) -> None:
     """Launch ``op`` on validated device arrays, outputs first (the kernels: ``paged_attention_cuda``).
 
     * ``"decode_v1"``, ``"decode_v2"``: ``[out, query, key_cache, value_cache, block_tables, context_lens]``
@@ -451,7 +451,16 @@ def launch_kernel(op: str, problem: Cache | Attention, arrays: list[Any]) -> Non
     """
     from course_lib.kernels import paged_attention_cuda
 
-    paged_attention_cuda.launch(op, problem, arrays)
+    paged_attention_cuda.launch(op, problem, arrays, scratch)
+
+
+def step_workspace(op: str, problem: Attention) -> Any:
+    """The scratch a prepared step of ``op`` owns on a GPU (v2's partial results), None otherwise."""
+    if not backend.has_gpu():
+        return None
+    from course_lib.kernels import paged_attention_cuda
+
+    return paged_attention_cuda.workspace(op, problem)
 
 
 # ---- the public functions ------------------------------------------------------------------------------
@@ -491,11 +500,12 @@ def decode_step(
     if version == "v2":
         problem = replace(problem, partition_size=check_partition_size(partition_size, problem.cache.block_size))
     out = output_buffer(out, tuple(query.shape), problem.cache.dtype, dtype)
+    scratch = step_workspace(f"decode_{version}", problem)
 
     def run(a: dict[str, Any]) -> Any:
         if backend.has_gpu():
             launch_kernel(f"decode_{version}", problem, [a["out"], a["query"], a["key_cache"], a["value_cache"],
-                                                         a["block_tables"], a["context_lens"]])
+                                                         a["block_tables"], a["context_lens"]], scratch)
         else:
             a["out"][...] = _decode(_float32(a["query"], dtype), _float32(a["key_cache"], dtype),
                                     _float32(a["value_cache"], dtype), a["block_tables"], a["context_lens"],
@@ -559,11 +569,12 @@ def prefill_step(
     problem = check_prefill_inputs(query, key_cache, value_cache, block_table, context_len, num_new_tokens, scale,
                                    dtype)
     out = output_buffer(out, tuple(query.shape), problem.cache.dtype, dtype)
+    scratch = step_workspace("prefill", problem)
 
     def run(a: dict[str, Any]) -> Any:
         if backend.has_gpu():
             launch_kernel("prefill", problem, [a["out"], a["query"], a["key_cache"], a["value_cache"],
-                                               a["block_table"]])
+                                               a["block_table"]], scratch)
         else:
             a["out"][...] = _prefill(_float32(a["query"], dtype), _float32(a["key_cache"], dtype),
                                      _float32(a["value_cache"], dtype), a["block_table"], int(context_len),

@@ -73,17 +73,44 @@ def ring_bytes(head_dim: int, dtype: str) -> int:
     return warps * STAGES * 2 * TILE_TOKENS * head_dim * dtypes.ITEM_BYTES[dtype]
 
 
-def launch(op: str, problem: Cache | Attention, arrays: list[Any]) -> None:
-    """Launch ``op`` ("decode_v1", "decode_v2", "write_kv" or "prefill") on validated device arrays."""
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+    """v2's partial results between its two kernels (float32), owned by one prepared step.
+
+    A CUDA graph that captured the step reads and writes these addresses on every replay, so they must live
+    as long as the step and belong to nobody else: a cache shared by all steps could evict them and let the
+    allocator hand their memory to other arrays.
+    """
+
+    out: Any  # [rows, num_heads, partitions, head_dim]
+    max: Any  # [rows, num_heads, partitions]
+    sum: Any
+
+
+def workspace(op: str, problem: Attention) -> Workspace | None:
+    """The scratch ``op`` needs on ``problem``: v2's partials for decode_v2 and prefill, none otherwise."""
+    if op not in ("decode_v2", "prefill"):
+        return None
+    decode = _prefill_as_decode(problem) if op == "prefill" else problem
+    partitions = decode_grids("v2", decode.rows, decode.num_heads, decode.cache.num_kv_heads, decode.max_context_len,
+                              decode.partition_size)["decode"][0]
+    xp, rows_heads = backend.xp, (decode.rows, decode.num_heads, partitions)
+    return Workspace(xp.empty((*rows_heads, decode.cache.head_dim), dtype=xp.float32),
+                     xp.empty(rows_heads, dtype=xp.float32), xp.empty(rows_heads, dtype=xp.float32))
+
+
+def launch(op: str, problem: Cache | Attention, arrays: list[Any], scratch: Workspace | None = None) -> None:
+    """Launch ``op`` ("decode_v1", "decode_v2", "write_kv" or "prefill") on validated device arrays
+    (v2 and prefill also take their ``workspace``)."""
     cache = getattr(problem, "cache", problem)
     if cache.head_dim not in HEAD_DIMS:
         raise ValueError(f"the CUDA kernels are built for head_dim in {HEAD_DIMS}, got {cache.head_dim}")
     if op == "write_kv":
         _write_kv(cache, *arrays)
     elif op == "prefill":
-        _prefill(problem, *arrays)
+        _prefill(problem, scratch, *arrays)
     else:
-        _decode(op.removeprefix("decode_"), problem, *arrays)
+        _decode(op.removeprefix("decode_"), problem, scratch, *arrays)
 
 
 def _write_kv(cache: Cache, key_cache: Any, value_cache: Any, key: Any, value: Any, slot_mapping: Any) -> None:
@@ -93,20 +120,17 @@ def _write_kv(cache: Cache, key_cache: Any, value_cache: Any, key: Any, value: A
                                                 np.int32(cache.num_kv_heads), np.int32(cache.block_size)))
 
 
-def _prefill(problem: Attention, out: Any, query: Any, key_cache: Any, value_cache: Any, block_table: Any) -> None:
+def _prefill_as_decode(problem: Attention) -> Attention:
+    return dataclasses.replace(problem, partition_size=PREFILL_PARTITION)
+
+
+def _prefill(problem: Attention, scratch: Workspace, out: Any, query: Any, key_cache: Any, value_cache: Any,
+             block_table: Any) -> None:
     xp = backend.xp
     first = problem.max_context_len - problem.rows  # context before the first new token
     tables = xp.ascontiguousarray(xp.broadcast_to(block_table[None, :], (problem.rows, block_table.shape[0])))
     context_lens = xp.arange(first + 1, problem.max_context_len + 1, dtype=xp.int32)
-    decode = dataclasses.replace(problem, partition_size=PREFILL_PARTITION)
-    _decode("v2", decode, out, query, key_cache, value_cache, tables, context_lens)
-
-
-@functools.lru_cache(maxsize=32)
-def _workspace(shape: tuple[int, ...], which: str = "out") -> Any:
-    """A float32 scratch buffer of ``shape``, allocated once and reused: a launch then allocates nothing,
-    so it can be captured in a CUDA graph (launches run in stream order, so reuse is safe)."""
-    return backend.xp.empty(shape, dtype=backend.xp.float32)
+    _decode("v2", _prefill_as_decode(problem), scratch, out, query, key_cache, value_cache, tables, context_lens)
 
 
 def decode_grids(version: str, rows: int, num_heads: int, num_kv_heads: int, max_context_len: int,
@@ -123,8 +147,8 @@ def decode_grids(version: str, rows: int, num_heads: int, num_kv_heads: int, max
     return {"decode": (partitions, num_heads // heads, rows), "merge": (num_heads, rows, 1)}
 
 
-def _decode(version: str, problem: Attention, out: Any, query: Any, key_cache: Any, value_cache: Any,
-            block_tables: Any, context_lens: Any) -> None:
+def _decode(version: str, problem: Attention, scratch: Workspace | None, out: Any, query: Any, key_cache: Any,
+            value_cache: Any, block_tables: Any, context_lens: Any) -> None:
     cache = problem.cache
     cuda_type, head_dim = dtypes.CUDA_TYPES[cache.dtype], cache.head_dim
     common = (query, key_cache, value_cache, block_tables, context_lens, np.int32(problem.num_heads),
@@ -134,7 +158,7 @@ def _decode(version: str, problem: Attention, out: Any, query: Any, key_cache: A
     grids = decode_grids(version, problem.rows, problem.num_heads, cache.num_kv_heads, problem.max_context_len,
                          problem.partition_size)
     if version == "v1":  # one partition as long as the longest context, written straight to out
-        unused = _workspace((1,))
+        unused = out  # v1 never touches the partial-result arguments
         name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, 1, false>"
         _kernel(name, shared)(grids["decode"], (THREADS,), (out, unused, unused, unused, *common,
                                                             np.int32(problem.max_context_len), scale),
@@ -142,9 +166,7 @@ def _decode(version: str, problem: Attention, out: Any, query: Any, key_cache: A
         return
     partitions, head_groups, _ = grids["decode"]
     heads = problem.num_heads // head_groups
-    partial_out = _workspace((problem.rows, problem.num_heads, partitions, head_dim))
-    partial_max, partial_sum = (_workspace((problem.rows, problem.num_heads, partitions), which)
-                                for which in ("max", "sum"))
+    partial_out, partial_max, partial_sum = scratch.out, scratch.max, scratch.sum
     name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, {heads}, true>"
     _kernel(name, shared)(grids["decode"], (THREADS,), (out, partial_out, partial_max, partial_sum, *common,
                                                         np.int32(problem.partition_size), scale), shared_mem=shared)
