@@ -108,14 +108,14 @@ class LLM:
             raise RuntimeError("the scheduler found nothing it could run: the KV pool is too small for the "
                                "waiting requests even after preempting every running one")
         self.kv_cache.copy_blocks(plan.block_copies)
-        attention = AttentionMetadata.build(
-            ((step.num_new_tokens, step.context_len, step.block_table) for step in plan.scheduled),
-            self.block_pool.block_size)
         token_ids = np.concatenate([step.token_ids for step in plan.scheduled]).astype(np.int32)
-        if self.graphs and attention.num_tokens == len(plan.scheduled):  # decode only: replay a captured step
+        if self.graphs and all(step.num_new_tokens == 1 for step in plan.scheduled):  # decode only: replay
             logits = self.graphs.run(token_ids, [step.context_len for step in plan.scheduled],
                                      [step.block_table for step in plan.scheduled])
         else:
+            attention = AttentionMetadata.build(
+                ((step.num_new_tokens, step.context_len, step.block_table) for step in plan.scheduled),
+                self.block_pool.block_size)
             logits = self.model.forward(backend.xp.asarray(token_ids), attention.positions, self.kv_cache,
                                         attention)
         rows = [row for row, step in enumerate(plan.scheduled) if step.samples]
