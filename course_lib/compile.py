@@ -277,6 +277,14 @@ def load_module(source: str, *, arch: str | None = None, options: tuple[str, ...
     return cupy.RawModule(code=source, options=flags, backend="nvrtc", **kwargs)
 
 
+def allow_shared_memory(kernel: Any, shared_bytes: int) -> Any:
+    """``kernel`` (a CuPy function) allowed ``shared_bytes`` of dynamic shared memory: above 48 KiB a kernel
+    must opt in. Set once per kernel, not on every launch."""
+    if shared_bytes > kernel.max_dynamic_shared_size_bytes:
+        kernel.max_dynamic_shared_size_bytes = shared_bytes
+    return kernel
+
+
 def load_file(path: str | Path, **kwargs: Any) -> Any:
     """:func:`load_module` for a ``.cu`` file (relative paths are looked up in ``course_lib/kernels``)."""
     return load_module(kernel_path(path).read_text(), **kwargs)

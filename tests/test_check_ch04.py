@@ -172,33 +172,34 @@ def test_paged_decode_rejects_known_mistakes(seed, wrong, hint):
     assert hint in rejected_with(check_paged_decode, wrong)
 
 
+# Kernels whose wrong index reads past the end of an array: the simulator names the index, a GPU reads on.
+READS_PAST_THE_END = {
+    "offset-is-token": make_paged_decode(offset_is_token=True),
+    "table-by-token": make_paged_decode(table_by_token=True),
+    "kv-head-divided-by-kv-heads": make_paged_decode(kv_head_of=divided_by_kv_heads),
+    "kv-head-is-query-head": make_paged_decode(kv_head_of=same_as_query_head),
+}
+
+
+def reads_past_the_end(hints: dict[str, str]) -> pytest.MarkDecorator:
+    """Parametrize ``(wrong, hint)`` over READS_PAST_THE_END with the hint each mistake must get."""
+    cases = [(READS_PAST_THE_END[name], hint) for name, hint in hints.items()]
+    return pytest.mark.parametrize(("wrong", "hint"), cases, ids=list(hints))
+
+
 @on_cpu_only
-@pytest.mark.parametrize(
-    ("wrong", "hint"),
-    [
-        (make_paged_decode(offset_is_token=True), "a wrong block offset"),
-        (make_paged_decode(table_by_token=True), "one entry per block, not per token"),
-        (make_paged_decode(kv_head_of=divided_by_kv_heads), "h // (num_heads // num_kv_heads)"),
-        (make_paged_decode(kv_head_of=same_as_query_head), "h // (num_heads // num_kv_heads)"),
-    ],
-    ids=["offset-is-token", "table-by-token", "kv-head-divided-by-kv-heads", "kv-head-is-query-head"],
-)
+@reads_past_the_end({"offset-is-token": "a wrong block offset", "table-by-token": "one entry per block, not per token",
+                     "kv-head-divided-by-kv-heads": "h // (num_heads // num_kv_heads)",
+                     "kv-head-is-query-head": "h // (num_heads // num_kv_heads)"})
 def test_paged_decode_simulator_names_an_index_past_the_end(wrong, hint):
     message = rejected_with(check_paged_decode, wrong)
     assert "IndexError" in message and hint in message
 
 
 @needs_gpu
-@pytest.mark.parametrize(
-    ("wrong", "hint"),
-    [
-        (make_paged_decode(offset_is_token=True), "a wrong block offset"),
-        (make_paged_decode(table_by_token=True), "one entry per block, not per token"),
-        (make_paged_decode(kv_head_of=divided_by_kv_heads), "divides by the wrong number"),
-        (make_paged_decode(kv_head_of=same_as_query_head), "each query head read its own kv head"),
-    ],
-    ids=["offset-is-token", "table-by-token", "kv-head-divided-by-kv-heads", "kv-head-is-query-head"],
-)
+@reads_past_the_end({"offset-is-token": "a wrong block offset", "table-by-token": "one entry per block, not per token",
+                     "kv-head-divided-by-kv-heads": "divides by the wrong number",
+                     "kv-head-is-query-head": "each query head read its own kv head"})
 def test_gpu_paged_decode_recognises_reads_past_the_end(seed, wrong, hint):
     assert hint in rejected_with(check_paged_decode, wrong)
 

@@ -121,11 +121,8 @@ def _module(source: str) -> Any:
 
 @functools.cache
 def _kernel(source: str, name: str, shared_bytes: int) -> Any:
-    """The kernel ``name``, allowed ``shared_bytes`` of dynamic shared memory (set once, not on every launch)."""
-    kernel = _module(source).get_function(name)
-    if shared_bytes > kernel.max_dynamic_shared_size_bytes:
-        kernel.max_dynamic_shared_size_bytes = shared_bytes  # above 48 KiB a kernel must opt in
-    return kernel
+    """The kernel ``name``, allowed ``shared_bytes`` of dynamic shared memory."""
+    return cuda_compile.allow_shared_memory(_module(source).get_function(name), shared_bytes)
 
 
 def kernel_names(source: str = "gemm.cu") -> tuple[str, ...]:

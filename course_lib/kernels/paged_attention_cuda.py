@@ -59,12 +59,8 @@ def _module() -> Any:
 
 @functools.cache
 def _kernel(name: str, shared_bytes: int = 0) -> Any:
-    """The kernel ``name``, allowed ``shared_bytes`` of dynamic shared memory (set once: above 48 KiB a
-    kernel must opt in)."""
-    kernel = _module().get_function(name)
-    if shared_bytes > kernel.max_dynamic_shared_size_bytes:
-        kernel.max_dynamic_shared_size_bytes = shared_bytes
-    return kernel
+    """The kernel ``name``, allowed ``shared_bytes`` of dynamic shared memory."""
+    return cuda_compile.allow_shared_memory(_module().get_function(name), shared_bytes)
 
 
 def ring_bytes(head_dim: int, dtype: str) -> int:
