@@ -45,10 +45,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[32, 128], help="tokens per prompt")
     parser.add_argument("--output-lengths", type=int, nargs="+", default=[16], help="tokens generated per request")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay decode steps from CUDA graphs captured at start-up (needs a GPU)")
     parser.add_argument("--num-blocks", type=int, default=1024, help="KV-cache blocks of 16 tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompts")
     parser.add_argument("--out", type=Path, default=Path("latency_bench"), help="folder for the JSON and PNG")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.cuda_graphs and not backend.has_gpu():
+        parser.error(f"--cuda-graphs needs an NVIDIA GPU: {backend.mode_line()}")
+    return args
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     sweep = list(itertools.product(args.batch_sizes, args.prompt_lengths, args.output_lengths))
     llm = LLM(config, seed=args.seed, dtype=args.dtype, num_blocks=args.num_blocks,
-              max_model_len=config.max_position_embeddings)
+              max_model_len=config.max_position_embeddings, cuda_graphs=args.cuda_graphs)
     for batch, prompt_length, output_length in tqdm(sweep, desc="latency sweep", unit="point"):
         result["measurements"].append(measure_latency(llm, batch, prompt_length, output_length, rng))
     json_path, png_path = save_result(result, args.out), args.out / "latency_bench.png"

@@ -38,7 +38,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="keep the likeliest tokens up to this mass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights, prompt and sampling")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    return parser.parse_args(argv)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay decode steps from CUDA graphs captured at start-up (needs a GPU)")
+    args = parser.parse_args(argv)
+    if args.cuda_graphs and not backend.has_gpu():
+        parser.error(f"--cuda-graphs needs an NVIDIA GPU: {backend.mode_line()}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     print(backend.mode_line())
     start = time.perf_counter()
     if args.checkpoint:
-        llm = LLM.from_checkpoint(args.checkpoint, dtype=args.dtype)
+        llm = LLM.from_checkpoint(args.checkpoint, dtype=args.dtype, cuda_graphs=args.cuda_graphs)
     else:
-        llm = LLM(MODELS[args.model], seed=args.seed, dtype=args.dtype)
+        llm = LLM(MODELS[args.model], seed=args.seed, dtype=args.dtype, cuda_graphs=args.cuda_graphs)
     loaded = time.perf_counter()
     if args.prompt_tokens:
         prompt = [int(token) for token in args.prompt_tokens.split()]

@@ -100,7 +100,7 @@ def test_a_step_checks_its_tables_and_slots_once_for_all_layers(model, rng, monk
     from course_lib.kernels import paged_attention
 
     calls = {"tables": 0, "slots": 0}
-    check_tables, check_slots = paged_attention.validate_block_tables, paged_attention.check_write_inputs
+    check_tables, check_slots = paged_attention.validate_block_tables, paged_attention.check_slots
 
     def counting(name, check):
         def counted(*args, **kwargs):
@@ -109,13 +109,13 @@ def test_a_step_checks_its_tables_and_slots_once_for_all_layers(model, rng, monk
         return counted
 
     monkeypatch.setattr(paged_attention, "validate_block_tables", counting("tables", check_tables))
-    monkeypatch.setattr(paged_attention, "check_write_inputs", counting("slots", check_slots))
+    monkeypatch.setattr(paged_attention, "check_slots", counting("slots", check_slots))
     cache = KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE)
     first, second = scattered_tables(rng, 12, 9)
     run_step(model, cache, [(rng.integers(0, TINY.vocab_size, 11), 11, first), (rng.integers(0, 50, 9), 9, second)])
-    assert TINY.num_layers == 2 and calls == {"tables": 2, "slots": 1}  # one table check per prefilled sequence
+    assert TINY.num_layers == 2 and calls == {"tables": 1, "slots": 1}  # both prompts in one attention call
     run_step(model, cache, [(rng.integers(0, 50, 1), 12, first), (rng.integers(0, 50, 1), 10, second)])
-    assert calls == {"tables": 3, "slots": 2}  # one batched decode: one more check of each kind
+    assert calls == {"tables": 2, "slots": 2}  # the decode step: one more check of each kind
 
 
 def test_tied_embeddings_and_bfloat16(rng):
@@ -138,7 +138,8 @@ def test_metadata_lays_out_the_flat_batch():
     assert backend.to_numpy(attention.positions).tolist() == [7, 8, 9, 8]
     assert backend.to_numpy(attention.slot_mapping).tolist() == [4 * 8 + 7, 2 * 8 + 0, 2 * 8 + 1, 5 * 8 + 0]
     assert backend.to_numpy(attention.last_token_rows).tolist() == [2, 3]
-    assert backend.to_numpy(attention.decode_rows).tolist() == [3]
+    assert backend.to_numpy(attention.context_lens).tolist() == [8, 9, 10, 9]  # causal: up to the token itself
+    assert backend.to_numpy(attention.block_tables).tolist() == [[4, 2], [4, 2], [4, 2], [7, 5]]
     assert slots_of(ScheduledSequence(2, 2, [6]), BLOCK_SIZE).tolist() == [48, 49]
 
 

@@ -128,6 +128,15 @@ def assert_expected_outputs(sequences: list[Sequence]) -> None:
 # --- every request gets exactly its tokens ----------------------------------------------------------
 
 
+@given(st.integers(1, 6), st.integers(0, 5), st.data())
+def test_token_ids_between_slices_prompt_and_outputs_as_one(prompt_length, outputs, data):
+    sequence = Sequence(0, tuple(range(100, 100 + prompt_length)))
+    sequence.output_token_ids.extend(range(200, 200 + outputs))
+    stop = data.draw(st.integers(0, sequence.num_tokens))
+    start = data.draw(st.integers(0, stop))
+    assert sequence.token_ids_between(start, stop) == tuple(sequence.all_token_ids[start:stop])
+
+
 def test_every_request_generates_exactly_max_tokens():
     prompts = some_prompts(12)
     sequences, _ = generate(prompts, max_tokens=[1 + i % 7 for i in range(12)])

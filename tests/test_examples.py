@@ -37,3 +37,18 @@ def test_latency_bench_writes_a_results_file_and_a_plot(tmp_path):
     assert [(m["batch"], m["output_length"]) for m in result["measurements"]] == [(1, 3), (2, 3)]
     assert all(m["ttft_s"] > 0 and m["tokens_per_s"] > 0 for m in result["measurements"])
     assert result["mode"] and (tmp_path / "latency_bench.png").stat().st_size > 0
+
+
+SHORT_RUNS = {"single_gpu_infer.py": ["--max-tokens", "4"],
+              "latency_bench.py": ["--batch-sizes", "1", "2", "--prompt-lengths", "8", "--output-lengths", "3"]}
+
+
+@pytest.mark.parametrize("script", sorted(SHORT_RUNS))
+def test_the_cuda_graphs_flag_runs_on_a_gpu_and_explains_itself_on_a_cpu(script, tmp_path):
+    from course_lib import backend
+
+    done = run(script, "--cuda-graphs", *SHORT_RUNS[script], *(["--out", str(tmp_path)] if "bench" in script else []))
+    if backend.has_gpu():
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 2 and "--cuda-graphs needs an NVIDIA GPU" in done.stderr

@@ -1,4 +1,4 @@
-"""The fused elementwise steps against float64 references: RoPE with the q/k/v split, and SwiGLU's activation.
+"""The fused steps against float64 references: RoPE with the q/k/v split and the cache write, SwiGLU's activation.
 NumPy in CPU mode, the kernels of fused.cu on a GPU; fresh random inputs on every run."""
 
 import numpy as np
@@ -19,27 +19,66 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+BLOCKS, BLOCK_SIZE = 6, 8
+
+
+def rope_step(qkv, positions, dtype=None, slots=None):
+    """rope_write_kv_step on fresh random caches (never zeros), every token at its own slot unless ``slots``."""
+    xp, tokens, rng = backend.xp, qkv.shape[0], np.random.default_rng()
+    caches = [dtypes.random_normal((BLOCKS, KV_HEADS, BLOCK_SIZE, HEAD_DIM), dtype or "float32", rng) for _ in range(2)]
+    slots = np.arange(tokens, dtype=np.int32) * 3 if slots is None else slots  # 0, 3, 6, ...: scattered slots
+    step = fused.rope_write_kv_step(qkv, positions, fused.inverse_frequencies(HEAD_DIM, THETA), HEADS, *caches,
+                                    xp.asarray(slots), dtype)
+    return step, caches, slots
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_split_rotates_q_and_k_and_copies_v(rng, dtype):
+def test_rope_write_kv_rotates_q_and_stores_rotated_k_and_v_at_their_slots(rng, dtype):
     tokens = 7
     qkv = dtypes.random_normal((tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM), dtype, rng)
     positions = rng.integers(0, 64, tokens).astype(np.int32)
-    q, k, v = fused.rope_split(qkv, backend.xp.asarray(positions), fused.inverse_frequencies(HEAD_DIM, THETA),
-                               HEADS, KV_HEADS, dtype)
+    slots = rng.permutation(BLOCKS * BLOCK_SIZE)[:tokens].astype(np.int32)
+    slots[2] = -1  # a padding token: its k and v are not stored
+    step, caches, _ = rope_step(qkv, backend.xp.asarray(positions), dtype, slots)
+    before = [dtypes.to_float32(cache, dtype) for cache in caches]
+    q = step()
     heads = dtypes.to_float32(qkv, dtype).astype(np.float64).reshape(tokens, -1, HEAD_DIM)
     expected = fused.rope_reference(heads, positions, THETA)
-    assert q.shape == (tokens, HEADS, HEAD_DIM) and k.shape == v.shape == (tokens, KV_HEADS, HEAD_DIM)
-    for got, want in ((q, expected[:, :HEADS]), (k, expected[:, HEADS:HEADS + KV_HEADS])):
-        assert relative_error(dtypes.to_float32(got, dtype), want) < tolerance_for(dtype)
-    assert np.array_equal(dtypes.to_float32(v, dtype), heads[:, HEADS + KV_HEADS:].astype(np.float32))
+    assert q.shape == (tokens, HEADS, HEAD_DIM)
+    assert relative_error(dtypes.to_float32(q, dtype), expected[:, :HEADS]) < tolerance_for(dtype)
+    key_cache, value_cache = (dtypes.to_float32(cache, dtype) for cache in caches)
+    for token, slot in enumerate(slots):
+        if slot < 0:
+            continue
+        block, row = divmod(int(slot), BLOCK_SIZE)
+        assert relative_error(key_cache[block, :, row], expected[token, HEADS:HEADS + KV_HEADS]) < tolerance_for(dtype)
+        assert np.array_equal(value_cache[block, :, row], heads[token, HEADS + KV_HEADS:].astype(np.float32))
+    untouched = np.ones((BLOCKS, BLOCK_SIZE), bool)
+    untouched[slots[slots >= 0] // BLOCK_SIZE, slots[slots >= 0] % BLOCK_SIZE] = False
+    for cache, old in zip((key_cache, value_cache), before, strict=True):
+        assert np.array_equal(cache.transpose(0, 2, 1, 3)[untouched], old.transpose(0, 2, 1, 3)[untouched])
+
+
+def test_a_prepared_step_takes_another_layers_arrays(rng):
+    """Checked once, called per layer: new qkv and caches of the same layouts, the same slots."""
+    qkv = [dtypes.random_normal((3, (HEADS + 2 * KV_HEADS) * HEAD_DIM), "float32", rng) for _ in range(2)]
+    positions = backend.xp.asarray(np.array([5, 6, 7], np.int32))
+    step, _, slots = rope_step(qkv[0], positions)
+    _, other_caches, _ = rope_step(qkv[1], positions)
+    step(qkv=qkv[1], key_cache=other_caches[0], value_cache=other_caches[1])
+    value = dtypes.to_float32(other_caches[1])
+    block, row = divmod(int(slots[1]), BLOCK_SIZE)
+    new_values = dtypes.to_float32(qkv[1]).reshape(3, -1, HEAD_DIM)[:, HEADS + KV_HEADS:]
+    assert np.array_equal(value[block, :, row], new_values[1])
+    with pytest.raises(TypeError, match="cannot be swapped"):
+        step(slot_mapping=backend.xp.asarray(slots))
 
 
 def test_rope_angles_in_float32_lose_precision_with_the_position(rng):
     """Engines compute angles in fp32: at position 30,000 the angle is off by ~1e-3 rad, within bf16's error."""
     qkv = dtypes.random_normal((4, (HEADS + 2 * KV_HEADS) * HEAD_DIM), "float32", rng)
     positions = np.array([29_000, 29_500, 30_000, 32_000], dtype=np.int32)
-    q, _, _ = fused.rope_split(qkv, backend.xp.asarray(positions), fused.inverse_frequencies(HEAD_DIM, THETA),
-                               HEADS, KV_HEADS)
+    q = rope_step(qkv, backend.xp.asarray(positions))[0]()
     heads = dtypes.to_float32(qkv).astype(np.float64).reshape(4, -1, HEAD_DIM)
     assert relative_error(dtypes.to_float32(q), fused.rope_reference(heads, positions, THETA)[:, :HEADS]) < \
         tolerance_for("bfloat16")
@@ -55,14 +94,18 @@ def test_silu_mul_is_silu_of_the_gate_times_up(rng, dtype):
     assert relative_error(dtypes.to_float32(out, dtype), gate / (1 + np.exp(-gate)) * up) < tolerance_for(dtype)
 
 
-def rope(xp, qkv, positions):
-    return fused.rope_split(qkv, positions, fused.inverse_frequencies(HEAD_DIM, THETA), HEADS, KV_HEADS)
+def rope(xp, qkv, positions, slots=None):
+    return rope_step(qkv, positions, slots=slots)[0]
 
 
 @pytest.mark.parametrize(("call", "message"), [
     (lambda xp: rope(xp, xp.zeros((3, 100), xp.float32), xp.zeros(3, xp.int32)), "qkv must be"),
     (lambda xp: rope(xp, xp.zeros((3, 768), xp.float32), xp.zeros(3, xp.int64)), "positions must be int32"),
     (lambda xp: rope(xp, xp.zeros((3, 1536), xp.float32)[:, ::2], xp.zeros(3, xp.int32)), "C-contiguous"),
+    (lambda xp: rope(xp, xp.zeros((2, 768), xp.float32), xp.zeros(2, xp.int32), np.array([0, 48], np.int32)),
+     "slots must lie in"),
+    (lambda xp: rope(xp, xp.zeros((2, 768), xp.float32), xp.zeros(2, xp.int32), np.array([4, 4], np.int32)),
+     "names one slot twice"),
     (lambda xp: fused.silu_mul(xp.zeros((3, 7), xp.float32)), "gate_up must be"),
 ])
 def test_bad_inputs_are_refused_before_a_launch(call, message):

@@ -165,6 +165,22 @@ def test_decode_with_long_contexts_and_the_default_partition(rng, version):
     assert_close(out, pa.paged_decode_reference(*problem.args(), dtype="bfloat16"), "bfloat16")
 
 
+@pytest.mark.parametrize("heads", [(32, 8), (8, 8)], ids=str)
+def test_auto_partitions_give_small_steps_more_blocks_and_the_same_result(rng, heads):
+    problem = paged_problem(rng, [512], heads=heads, head_dim=64, block_size=16, dtype="bfloat16")
+    out = pa.paged_attention_decode(*problem.args(), partition_size="auto", dtype="bfloat16")
+    assert_close(out, pa.paged_decode_reference(*problem.args(), dtype="bfloat16"), "bfloat16")
+
+
+@pytest.mark.parametrize(("rows", "context", "expected"), [(1, 512, 64), (8, 512, 128), (64, 640, 512),
+                                                           (1, 32_768, 512), (1, 16, 64)])
+def test_auto_partition_size_halves_until_the_grid_is_busy(rows, context, expected):
+    cache = pa.Cache("bfloat16", num_blocks=100, num_kv_heads=8, block_size=16, head_dim=64)
+    size = pa.auto_partition_size(pa.Attention(cache, num_heads=32, rows=rows, max_blocks_per_seq=64,
+                                               max_context_len=context, scale=0.125))
+    assert size == expected
+
+
 def test_decode_writes_into_out(rng):
     problem = paged_problem(rng, [9, 17])
     out = poison(problem.query.shape, np.float32)

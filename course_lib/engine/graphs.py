@@ -5,8 +5,10 @@ than the GPU takes to run it: the GPU waits on the host. A CUDA graph records th
 capture) and replays it with one call, so the launch cost is paid per step instead of per kernel.
 
 A graph replays exactly what it recorded: the same kernels, grids and *addresses*. So everything a step
-reads lives in buffers allocated once, and a replay first copies the new step's token ids, positions,
-slots, block tables and context lengths into them. Three consequences shape this module:
+reads lives in buffers allocated once: its token ids, positions, slots, block tables and context lengths
+are views of one int32 buffer, and a replay first sends the new step's values into it, in one copy from
+pinned host memory (a copy from ordinary memory would make the host wait for it). Three consequences
+shape this module:
 
 * **one graph per batch size**, captured for ``batch_sizes``; a batch is padded up to the next captured
   size. Padding rows decode token 0 at position 0 through block 0 and write nothing (slot -1), and
@@ -43,6 +45,9 @@ from course_lib.kernels.paged_attention import blocks_for
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
+INPUTS = ("token_ids", "positions", "slot_mapping", "block_tables", "context_lens")  # what a replay reads
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """The captured sizes an engine of ``max_num_seqs`` needs: those of BATCH_SIZES below it, and itself."""
     return sorted({size for size in BATCH_SIZES if size < max_num_seqs} | {max_num_seqs})
@@ -63,12 +68,15 @@ class CapturedStep:
     """One batch size's graph and the buffers it reads and writes (their addresses are in the graph)."""
 
     batch_size: int
-    token_ids: Any  # [batch_size] int32
-    attention: AttentionMetadata  # its positions, slots, tables and lengths are overwritten before a replay
+    inputs: Any  # int32: every input of a replay, in the order of INPUTS, in one buffer (one copy a step)
+    staging: np.ndarray  # inputs' host twin in pinned memory, so that the copy does not block the host
+    token_ids: Any  # [batch_size] int32, a view of inputs
+    attention: AttentionMetadata  # its positions, slots, tables and lengths are views of inputs
     logits: Any  # [batch_size, vocab] float32, written by the graph
     graph: Any  # the cudaGraphExec_t
     stream: Any  # the CuPy stream it was captured on and is replayed on
     num_nodes: int  # the operations the capture recorded: kernels, copies, memsets, allocations and frees
+    copied: Any = None  # an event after the last copy out of staging: refill it only once that has happened
 
 
 class DecodeGraphs:
@@ -109,9 +117,12 @@ class DecodeGraphs:
         xp, runtime = backend.xp, _runtime()
         caller = xp.cuda.get_current_stream()
         step.stream.wait_event(caller.record())  # after whatever the caller queued (cache writes, copies)
+        if step.copied is not None:
+            step.copied.synchronize()  # the previous replay's inputs have left the staging buffer
+        np.concatenate([inputs[name].ravel() for name in INPUTS], out=step.staging)
         with step.stream:
-            for name, values in inputs.items():
-                _target(step, name)[...] = xp.asarray(values)  # copies on the graph's stream, in order
+            step.inputs.set(step.staging)  # one copy, from pinned memory: the host goes on at once
+            step.copied = step.stream.record()
             _runtime_call(runtime.cudaGraphLaunch(step.graph, runtime.cudaStream_t(step.stream.ptr)),
                           "cudaGraphLaunch")
         caller.wait_event(step.stream.record())  # and the caller's next work after the replay
@@ -119,26 +130,35 @@ class DecodeGraphs:
 
     def _host_inputs(self, size: int, token_ids: Sequence[int], context_lens: Sequence[int],
                      block_tables: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
-        """The replay's buffers on the host, checked: rows past the batch are padding that writes nothing."""
-        block_size, vocab = self.kv_cache.block_size, self.model.config.vocab_size
+        """The replay's buffers on the host, checked: rows past the batch are padding that writes nothing.
+
+        The checks are whole-array NumPy operations: they run on every decode step, for up to
+        max_num_seqs rows, while the GPU waits.
+        """
+        block_size, vocab, batch = self.kv_cache.block_size, self.model.config.vocab_size, len(token_ids)
         ids, lens = np.zeros(size, np.int32), np.ones(size, np.int32)
+        ids[:batch] = _within(np.asarray(token_ids, np.int64), 0, vocab - 1,
+                              f"token id {{}} outside the vocabulary [0, {vocab})")
+        lens[:batch] = _within(np.asarray(context_lens, np.int64), 1, self.max_context_len,
+                               f"context_len {{}} must be in [1, {self.max_context_len}] (the graphs' capacity)")
+        needed = blocks_for(lens, block_size)
         tables = np.zeros((size, self.max_blocks), np.int32)
-        slots = np.full(size, -1, np.int32)
-        for row, (token, length, table) in enumerate(zip(token_ids, context_lens, block_tables, strict=True)):
-            needed = int(blocks_for(length, block_size))
-            if not 0 <= token < vocab:
-                raise ValueError(f"sequence {row}: token id {token} outside the vocabulary [0, {vocab})")
-            if not 1 <= length <= self.max_context_len or len(table) < needed:
-                raise ValueError(f"sequence {row}: context_len {length} must be in [1, {self.max_context_len}] "
-                                 f"(the graphs' capacity) with {needed} blocks in its table, got {len(table)}")
-            used = np.asarray(table[:needed], dtype=np.int64)
-            if used.min() < 0 or used.max() >= self.kv_cache.num_blocks:
-                raise ValueError(f"sequence {row}: block ids must lie in [0, {self.kv_cache.num_blocks}), "
-                                 f"got {table[:needed]}")
-            ids[row], lens[row], tables[row, :needed] = token, length, used
-            slots[row] = used[(length - 1) // block_size] * block_size + (length - 1) % block_size
-        return {"token_ids": ids, "positions": lens - 1, "slot_mapping": slots, "decode_block_tables": tables,
-                "decode_context_lens": lens}
+        for row, table in enumerate(block_tables):
+            if len(table) < needed[row]:
+                raise ValueError(f"sequence {row}: context_len {lens[row]} needs {needed[row]} blocks in its table "
+                                 f"(the graphs' capacity is {self.max_context_len} tokens), got {len(table)}")
+            tables[row, :needed[row]] = table[:needed[row]]
+        used = np.arange(self.max_blocks) < needed[:, None]
+        outside = used & ((tables < 0) | (tables >= self.kv_cache.num_blocks))
+        if outside.any():
+            row = int(outside.any(axis=1).argmax())
+            raise ValueError(f"sequence {row}: block ids must lie in [0, {self.kv_cache.num_blocks}), "
+                             f"got {tables[row, :needed[row]].tolist()}")
+        last = lens - 1
+        slots = tables[np.arange(size), last // block_size] * block_size + last % block_size
+        slots[batch:] = -1
+        return {"token_ids": ids, "positions": last, "slot_mapping": slots.astype(np.int32),
+                "block_tables": tables, "context_lens": lens}
 
     def _capture(self, size: int) -> CapturedStep:
         """Warm up eagerly (compile, check the step's indices once), then record the step on a side stream."""
@@ -147,7 +167,11 @@ class DecodeGraphs:
         attention = AttentionMetadata([ScheduledSequence(1, self.max_context_len, full_table)] * size,
                                       self.kv_cache.block_size)
         attention.slot_mapping[...] = -1  # the warm-up and padding rows write nothing into the cache
-        token_ids = xp.zeros(size, dtype=xp.int32)
+        inputs, views = _packed({"token_ids": xp.zeros(size, dtype=xp.int32),
+                                 **{name: getattr(attention, name) for name in INPUTS[1:]}})
+        token_ids = views.pop("token_ids")
+        for name, view in views.items():  # before the warm-up: the prepared kernel calls keep these arrays
+            setattr(attention, name, view)
         logits = xp.empty((size, self.model.config.vocab_size), dtype=xp.float32)
         stream = self.stream
         with stream:
@@ -167,11 +191,34 @@ class DecodeGraphs:
         error, _, num_nodes = runtime.cudaGraphGetNodes(graph, 0)  # nodes=NULL: only the count
         _runtime_call((error,), "cudaGraphGetNodes")
         _runtime_call(runtime.cudaGraphDestroy(graph), "cudaGraphDestroy")  # the executable keeps what it needs
-        return CapturedStep(size, token_ids, attention, logits, executable, stream, int(num_nodes))
+        import cupyx
+
+        staging = cupyx.empty_pinned(inputs.shape, dtype=np.int32)
+        return CapturedStep(size, inputs, staging, token_ids, attention, logits, executable, stream, int(num_nodes))
 
 
-def _target(step: CapturedStep, name: str) -> Any:
-    return step.token_ids if name == "token_ids" else getattr(step.attention, name)
+def _within(values: np.ndarray, low: int, high: int, message: str) -> np.ndarray:
+    """``values``, or a ValueError naming the first row outside [low, high] (``message`` formats its value)."""
+    bad = (values < low) | (values > high)
+    if bad.any():
+        row = int(bad.argmax())
+        raise ValueError(f"sequence {row}: " + message.format(values[row]))
+    return values
+
+
+def _packed(arrays: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """One int32 device buffer holding ``arrays`` back to back, and a view of it for each (with its values).
+
+    A replay then sends its inputs to the GPU in one transfer instead of one per array.
+    """
+    xp = backend.xp
+    buffer = xp.empty(sum(int(array.size) for array in arrays.values()), dtype=xp.int32)
+    views, start = {}, 0
+    for name, array in arrays.items():
+        views[name] = buffer[start:start + array.size].reshape(array.shape)
+        views[name][...] = array
+        start += array.size
+    return buffer, views
 
 
 def _runtime() -> Any:

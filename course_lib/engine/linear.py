@@ -24,20 +24,20 @@ from course_lib import backend, dtypes
 ONE, ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)  # alpha and beta, read by cuBLAS from the host
 
 
-def linear(x: Any, weight: Any, dtype: str | None = None) -> Any:
+def linear(x: Any, weight: Any, dtype: str | None = None, *, float32_out: bool = False) -> Any:
     """``x @ weight.T`` for ``x`` [M, K] and a ``[N, K]`` weight of the same element type, accumulated in fp32.
 
-    ``dtype`` names the element type (needed for bf16 on a GPU, stored as uint16 bits). NumPy has no fast
-    bfloat16 product, so in CPU mode bf16 is multiplied in fp32 and rounded once, as a GPU would.
+    ``dtype`` names the element type (needed for bf16 on a GPU, stored as uint16 bits). The result has that
+    type, or float32 with ``float32_out`` (the logits: cuBLAS writes its fp32 sums without rounding them).
+    NumPy has no fast bfloat16 product, so in CPU mode bf16 is multiplied in fp32, as a GPU would.
     """
     kind = dtypes.element_type(x, dtype)
     if dtypes.element_type(weight, dtype) != kind:
         raise TypeError(f"linear takes x and weight of one element type, got {x.dtype} and {weight.dtype}")
     if not backend.has_gpu():
-        if kind == "bfloat16":
-            return (x.astype(np.float32) @ weight.T.astype(np.float32)).astype(dtypes.bfloat16)
-        return x @ weight.T
-    return _gemm_ex(x, weight, kind)
+        product = x.astype(np.float32) @ weight.T.astype(np.float32) if kind == "bfloat16" else x @ weight.T
+        return product.astype(np.float32 if float32_out else dtypes.host_dtype(kind))
+    return _gemm_ex(x, weight, kind, float32_out)
 
 
 @functools.cache
@@ -48,7 +48,7 @@ def _handle() -> int:
     return cublas.create()
 
 
-def _gemm_ex(x: Any, weight: Any, kind: str) -> Any:
+def _gemm_ex(x: Any, weight: Any, kind: str, float32_out: bool) -> Any:
     import cupy
     from nvmath.bindings import cublas
 
@@ -58,11 +58,12 @@ def _gemm_ex(x: Any, weight: Any, kind: str) -> Any:
     if k != k_weight or not (x.flags.c_contiguous and weight.flags.c_contiguous):
         raise ValueError(f"linear needs row-major x [M, K] and weight [N, K], got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
-    out = cupy.empty((m, n), dtype=x.dtype)
+    out = cupy.empty((m, n), dtype=cupy.float32 if float32_out else x.dtype)
     data_type, handle = types[kind], _handle()
+    out_type = types["float32"] if float32_out else data_type
     cublas.set_stream(handle, cupy.cuda.get_current_stream().ptr)
     cublas.gemm_ex(handle, cublas.Operation.T, cublas.Operation.N, n, m, k,
                    ONE.ctypes.data, weight.data.ptr, data_type, k, x.data.ptr, data_type, k,
-                   ZERO.ctypes.data, out.data.ptr, data_type, n, cublas.ComputeType.COMPUTE_32F,
+                   ZERO.ctypes.data, out.data.ptr, out_type, n, cublas.ComputeType.COMPUTE_32F,
                    cublas.GemmAlgo.DEFAULT)
     return out

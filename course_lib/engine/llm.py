@@ -124,7 +124,7 @@ class LLM:
         if not rows:
             tokens = np.empty(0, dtype=np.int64)
         elif all(p.is_greedy for p in params):  # only the arg-maxes cross to the host
-            tokens = greedy_tokens(logits[rows])
+            tokens = greedy_tokens(logits if len(rows) == len(plan.scheduled) else logits[rows])
         else:
             tokens = sample(backend.to_numpy(logits[rows]), params, [seq.generator for seq in sampling])
         self.scheduler.update(plan, tokens)

@@ -8,8 +8,14 @@ Attention is where sequences differ, and ``AttentionMetadata`` tells it how:
 
 * each sequence's slice of the flat batch, its context length after this step and its block table;
 * the *slot* of every new token: where in the paged cache its key and value are written;
-* prefill slices (several new tokens) run causal ``paged_prefill`` one sequence at a time; decode
-  slices (one new token) are gathered into one batched ``paged_attention_decode``.
+* for every new token, the block table and the context length it attends over. A decode token attends
+  to its whole context. The i-th new token of a prompt chunk attends to the cached prefix and the chunk's
+  first i + 1 tokens: causal masking is a shorter context. So one batched paged-attention launch
+  (``paged_attention_decode``, a row per token) serves a step of prefills and decodes alike.
+
+That last choice keeps the host's work per layer to one launch. Its price is on the GPU: each prompt token
+reads its whole prefix again (from L2 mostly), where a flash-attention prefill kernel loads each key and
+value tile once for a tile of queries.
 
 All arrays live in ``course_lib.backend.xp``: CuPy and cuBLAS on a GPU, NumPy in CPU mode, one code path.
 Element types: float32, float16 and bfloat16. CuPy has no bfloat16 arithmetic, so on a GPU bf16 tensors are uint16
@@ -31,9 +37,9 @@ from course_lib.engine.block_pool import BlockCopy
 from course_lib.engine.config import ModelConfig
 from course_lib.engine.linear import linear
 from course_lib.engine.weights import check_weights
-from course_lib.kernels.fused import inverse_frequencies, rope_split, silu_mul
+from course_lib.kernels.fused import inverse_frequencies, rope_write_kv_step, silu_mul
 from course_lib.kernels.norm import add_rms_norm, rms_norm
-from course_lib.kernels.paged_attention import blocks_for, decode_step, prefill_step, write_kv_step
+from course_lib.kernels.paged_attention import blocks_for, decode_step
 from course_lib.kernels.prepared import PreparedStep
 
 
@@ -50,18 +56,15 @@ class ScheduledSequence:
         """The position of the first new token (the tokens before it are already cached)."""
         return self.context_len - self.num_new_tokens
 
-    @property
-    def is_decode(self) -> bool:
-        """One new token: it joins the batched decode attention instead of a prefill of its own."""
-        return self.num_new_tokens == 1
-
 
 class AttentionMetadata:
     """How a flat batch splits into sequences: built once per step on the host, shared by every layer.
 
-    The sequences' new tokens appear in the flat batch in the order of ``sequences``. The kernel calls
-    of the step (``prepared``) are checked by the first layer that makes them and reused by the others:
-    every layer follows the same tables and slots, so their indices are read on the host once a step.
+    The sequences' new tokens appear in the flat batch in the order of ``sequences``. Per token it holds
+    ``positions``, ``slot_mapping`` (where its key and value go), ``block_tables`` (its sequence's table,
+    padded with -1) and ``context_lens`` (its position + 1: what it attends over). The kernel calls of the
+    step (``prepared``) are checked by the first layer that makes them and reused by the others: every
+    layer follows the same tables and slots, so their indices are read on the host once a step.
     """
 
     def __init__(self, sequences: Iterable[ScheduledSequence], block_size: int) -> None:
@@ -74,25 +77,16 @@ class AttentionMetadata:
         for index, seq in enumerate(self.sequences):
             _check_sequence(index, seq, block_size)
         sizes = [seq.num_new_tokens for seq in self.sequences]
-        self.starts = np.cumsum([0, *sizes[:-1]])  # where each sequence's slice begins in the flat batch
         self.num_tokens = int(sum(sizes))
-        self.last_token_rows = backend.xp.asarray(self.starts + np.array(sizes) - 1)  # the rows sampled from
+        self.last_token_rows = backend.xp.asarray(np.cumsum(sizes) - 1)  # the rows sampled from
         positions = np.concatenate([np.arange(seq.first_position, seq.context_len) for seq in self.sequences])
         self.positions = backend.xp.asarray(positions.astype(np.int32))
         self.slot_mapping = backend.xp.asarray(
             np.concatenate([slots_of(seq, block_size) for seq in self.sequences]).astype(np.int32)
         )
-        decodes = [i for i, seq in enumerate(self.sequences) if seq.is_decode]
-        self.decode_rows = backend.xp.asarray(self.starts[decodes])
-        self.decode_block_tables = backend.xp.asarray(_padded_tables([self.sequences[i] for i in decodes]))
-        self.decode_context_lens = backend.xp.asarray(
-            np.array([self.sequences[i].context_len for i in decodes], dtype=np.int32)
-        )
-        self.prefill_tables = {
-            i: backend.xp.asarray(np.asarray(seq.block_table, dtype=np.int32))
-            for i, seq in enumerate(self.sequences)
-            if not seq.is_decode
-        }
+        tables = _padded_tables(self.sequences)  # one row per sequence, then one per token
+        self.block_tables = backend.xp.asarray(np.repeat(tables, sizes, axis=0))
+        self.context_lens = backend.xp.asarray((positions + 1).astype(np.int32))  # a token sees up to itself
         self._prepared: dict[str, PreparedStep] = {}
 
     def prepared(self, name: str, prepare: Callable[[], PreparedStep]) -> PreparedStep:
@@ -128,7 +122,7 @@ def _check_sequence(index: int, seq: ScheduledSequence, block_size: int) -> None
         )
 
 
-def _padded_tables(sequences: list[ScheduledSequence]) -> np.ndarray:
+def _padded_tables(sequences: Sequence[ScheduledSequence]) -> np.ndarray:
     """Block tables as one int32 ``[num_seqs, longest]`` array; entries past a sequence's own are -1 (never read)."""
     width = max((len(seq.block_table) for seq in sequences), default=1)
     tables = np.full((len(sequences), width), -1, dtype=np.int32)
@@ -226,40 +220,25 @@ class LlamaModel:
         return hidden
 
     def compute_logits(self, hidden: Any, attention: AttentionMetadata) -> Any:
-        """Project only the rows a token is sampled from: the last new token of each sequence."""
-        return dtypes.widen(linear(hidden[attention.last_token_rows], self.lm_head, self.dtype), self.dtype)
+        """Project only the rows a token is sampled from: each sequence's last new token (every row, in decode)."""
+        every_row = attention.num_tokens == len(attention.sequences)
+        last = hidden if every_row else hidden[attention.last_token_rows]
+        return linear(last, self.lm_head, self.dtype, float32_out=True)
 
     def self_attention(self, i: int, x: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
-        """Grouped-query attention of layer ``i``: project, rotate, cache the new keys and values, attend, project."""
+        """Grouped-query attention of layer ``i``: project, rotate and cache the new keys and values, attend."""
         config, prefix, kind = self.config, f"model.layers.{i}.self_attn.", self.dtype
         qkv = linear(x, self.weights[prefix + "qkv_proj.weight"], kind)
-        query, key, value = rope_split(qkv, positions, self.frequencies, config.num_heads, config.num_kv_heads, kind)
         caches = {"key_cache": kv_cache.keys[i], "value_cache": kv_cache.values[i]}
-        write = attention.prepared("write_kv", partial(write_kv_step, key, value, *caches.values(),
-                                                       attention.slot_mapping, dtype=kind))
-        write(key=key, value=value, **caches)
-        tokens = x.shape[0]
-        if not attention.prefill_tables and attention.decode_rows.size == tokens:  # decode only: rows in order
-            decode = attention.prepared("decode", partial(
-                decode_step, query, *caches.values(), attention.decode_block_tables, attention.decode_context_lens,
-                dtype=kind))
-            out = decode(query=query, **caches)
-        else:
-            out = backend.xp.empty_like(query)
-            for index, table in attention.prefill_tables.items():
-                seq, start = attention.sequences[index], int(attention.starts[index])
-                rows = slice(start, start + seq.num_new_tokens)
-                new_query = backend.xp.ascontiguousarray(query[rows])
-                prefill = attention.prepared(f"prefill {index}", partial(
-                    prefill_step, new_query, *caches.values(), table, seq.context_len, seq.num_new_tokens, dtype=kind))
-                out[rows] = prefill(query=new_query, **caches)
-            if attention.decode_rows.size:
-                decoding = backend.xp.ascontiguousarray(query[attention.decode_rows])
-                decode = attention.prepared("decode", partial(
-                    decode_step, decoding, *caches.values(), attention.decode_block_tables,
-                    attention.decode_context_lens, dtype=kind))
-                out[attention.decode_rows] = decode(query=decoding, **caches)
-        return linear(out.reshape(tokens, -1), self.weights[prefix + "o_proj.weight"], kind)
+        rope = attention.prepared("rope_write_kv", partial(rope_write_kv_step, qkv, positions, self.frequencies,
+                                                           config.num_heads, *caches.values(), attention.slot_mapping,
+                                                           dtype=kind))
+        query = rope(qkv=qkv, **caches)  # the new keys and values go straight into the cache
+        attend = attention.prepared("attention", partial(
+            decode_step, query, *caches.values(), attention.block_tables, attention.context_lens,
+            partition_size="auto", dtype=kind))
+        out = attend(query=query, **caches)  # [tokens, heads, head_dim]
+        return linear(out.reshape(x.shape[0], -1), self.weights[prefix + "o_proj.weight"], kind)
 
     def mlp(self, i: int, x: Any) -> Any:
         """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up from one stacked projection."""

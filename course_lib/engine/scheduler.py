@@ -272,12 +272,14 @@ class Scheduler:
                 plan.preempted.append(victim)
                 if victim is sequence:
                     return False
-            next_token = sequence.all_token_ids[self._num_slotted_tokens[sequence.seq_id]]
+            slotted = self._num_slotted_tokens[sequence.seq_id]
+            (next_token,) = sequence.token_ids_between(slotted, slotted + 1)
             copy = self.block_pool.append(sequence.seq_id, next_token)
             if copy is not None:
                 plan.block_copies.append(copy)
-            self._num_slotted_tokens[sequence.seq_id] += 1
-            self._forget_kv_of_unwritten_blocks(sequence)  # the slot may sit in a fresh block
+            self._num_slotted_tokens[sequence.seq_id] = slotted + 1
+            if copy is not None or slotted % self.block_pool.block_size == 0:
+                self._forget_kv_of_unwritten_blocks(sequence)  # the slot sits in a fresh block
         return True
 
     def _add_to_plan(self, sequence: Sequence, num_new: int, plan: _StepPlan) -> None:
@@ -291,7 +293,7 @@ class Scheduler:
         plan.scheduled.append(
             SequenceStep(
                 sequence=sequence,
-                token_ids=tuple(sequence.all_token_ids[start : start + num_new]),
+                token_ids=sequence.token_ids_between(start, start + num_new),
                 first_position=start,
                 block_table=tuple(table),
                 slot_mapping=slots,

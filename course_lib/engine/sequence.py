@@ -50,6 +50,15 @@ class Sequence:
         """The prompt, then the outputs: what a recompute after preemption prefills."""
         return [*self.prompt_token_ids, *self.output_token_ids]
 
+    def token_ids_between(self, start: int, stop: int) -> tuple[int, ...]:
+        """Tokens ``start`` to ``stop`` of prompt + outputs, without building the whole list: a decode step
+        reads one token of a sequence hundreds of tokens long, every step."""
+        prompt = len(self.prompt_token_ids)
+        if stop <= prompt:
+            return self.prompt_token_ids[start:stop]
+        outputs = tuple(self.output_token_ids[max(start - prompt, 0):stop - prompt])
+        return outputs if start >= prompt else self.prompt_token_ids[start:] + outputs
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)

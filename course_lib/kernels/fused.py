@@ -1,13 +1,15 @@
-"""The engine's fused elementwise steps: rotary embedding with the q/k/v split, and SwiGLU's activation.
+"""The engine's fused steps: RoPE with the q/k/v split and the cache write, and SwiGLU's activation.
 
 A Llama layer computes q, k and v with one projection (their weights stacked) and gate and up with
 another; these functions take those stacked outputs apart in the same pass that transforms them (the
 kernels are in ``fused.cu``). On a GPU they launch one kernel each; in CPU mode they compute the same
 thing with NumPy, in fp32, rounded once to the element type.
 
-* ``rope_split(qkv, positions, inverse_frequencies, num_heads, num_kv_heads)``: ``qkv`` [tokens,
-  (heads + 2 kv_heads) * head_dim] -> q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim]
-  rotated by their token's position, v [tokens, kv_heads, head_dim] unchanged;
+* ``rope_write_kv_step(qkv, positions, inverse_frequencies, num_heads, key_cache, value_cache,
+  slot_mapping)``: ``qkv`` [tokens, (heads + 2 kv_heads) * head_dim] -> q [tokens, heads, head_dim] rotated
+  by its token's position; k rotated and v unchanged go straight into the paged KV cache at each token's
+  slot (the cache write of ``paged_attention.write_kv``, without k and v ever being arrays of their own).
+  Checked once per engine step (the slots are read on the host), then called for each layer;
 * ``silu_mul(gate_up)``: ``gate_up`` [tokens, 2 * inner] -> silu(gate) * up [tokens, inner].
 """
 
@@ -20,9 +22,12 @@ import numpy as np
 
 from course_lib import backend, dtypes
 from course_lib import compile as cuda_compile
+from course_lib.kernels import paged_attention
+from course_lib.kernels.prepared import PreparedStep
 
 SOURCE = "fused.cu"
 THREADS = 256
+MAX_THREADS = 1024
 MAX_BLOCKS = 65_535  # silu_mul's grid-stride loop covers any size with at most this many blocks
 
 
@@ -37,37 +42,67 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def rope_split(qkv: Any, positions: Any, frequencies: Any, num_heads: int, num_kv_heads: int,
-               dtype: str | None = None) -> tuple[Any, Any, Any]:
-    """q and k rotated by their token's position, and v, from one stacked projection (see the module docstring)."""
-    kind = dtypes.element_type(qkv, dtype)
+def rope_write_kv_step(qkv: Any, positions: Any, frequencies: Any, num_heads: int, key_cache: Any,
+                       value_cache: Any, slot_mapping: Any, dtype: str | None = None) -> PreparedStep:
+    """RoPE with the q/k/v split and the cache write, checked once: call the step for each layer.
+
+    ``qkv`` [tokens, (heads + 2 kv_heads) * head_dim] (the stacked projection) -> q [tokens, heads, head_dim]
+    rotated by each token's position, returned; k rotated and v as is, stored in ``key_cache`` and
+    ``value_cache`` [num_blocks, kv_heads, block_size, head_dim] at each token's slot of ``slot_mapping``
+    (-1: a padding token, not stored). The slots are read on the host here, once; a call
+    ``step(qkv=..., key_cache=..., value_cache=...)`` takes another layer's arrays of the same layouts.
+    """
+    cache = paged_attention.check_cache(key_cache, value_cache, dtype)
+    kind, half = cache.dtype, cache.head_dim // 2
     for name, array in (("qkv", qkv), ("positions", positions), ("frequencies", frequencies)):
         dtypes.require_device_array(name, array)
         _require(array.flags.c_contiguous, f"{name} must be C-contiguous")
-    half = int(frequencies.shape[0])
-    head_dim, tokens = 2 * half, int(qkv.shape[0])
-    width = (num_heads + 2 * num_kv_heads) * head_dim
+    tokens, width = int(qkv.shape[0]), (num_heads + 2 * cache.num_kv_heads) * cache.head_dim
+    _require(dtypes.element_type(qkv, dtype) == kind, f"qkv must hold {kind} like the cache, got {qkv.dtype}")
     _require(qkv.ndim == 2 and qkv.shape[1] == width, f"qkv must be [tokens, (num_heads + 2 num_kv_heads) * "
              f"head_dim] = [tokens, {width}], got {tuple(qkv.shape)}")
     _require(positions.shape == (tokens,) and str(positions.dtype) == "int32",
              f"positions must be int32 [{tokens}] (one per token), got {positions.dtype} {tuple(positions.shape)}")
-    _require(str(frequencies.dtype) == "float32", f"frequencies must be float32, got {frequencies.dtype}")
-    q, k, v = (dtypes.empty((tokens, heads, head_dim), kind) for heads in (num_heads, num_kv_heads, num_kv_heads))
-    if backend.has_gpu():
-        if tokens:
-            _kernel(f"rope_split<{dtypes.CUDA_TYPES[kind]}>")(
-                (tokens,), (THREADS,), (q, k, v, qkv, positions, frequencies, np.int32(num_heads),
-                                        np.int32(num_kv_heads), np.int32(head_dim)))
-        return q, k, v
-    heads = dtypes.widen(qkv, kind).reshape(tokens, num_heads + 2 * num_kv_heads, head_dim)
+    _require(str(frequencies.dtype) == "float32" and frequencies.shape == (half,),
+             f"frequencies must be float32 [{half}] (head_dim / 2), got {frequencies.dtype} {tuple(frequencies.shape)}")
+    paged_attention.check_slots(slot_mapping, tokens, cache)
+
+    def run(a: dict[str, Any]) -> Any:
+        q = dtypes.empty((tokens, num_heads, cache.head_dim), kind)
+        if not backend.has_gpu():
+            rotated, key, value = _rope_numpy(a["qkv"], positions, frequencies, num_heads, cache.num_kv_heads, kind)
+            q[...] = rotated
+            for cache_array, new in ((a["key_cache"], key), (a["value_cache"], value)):
+                paged_attention.scatter(cache_array, new, slot_mapping)
+        elif tokens:
+            _kernel(f"rope_write_kv<{dtypes.CUDA_TYPES[kind]}>")(
+                (tokens,), (_rope_threads(num_heads + 2 * cache.num_kv_heads, half),),
+                (q, a["key_cache"], a["value_cache"], a["qkv"], positions, frequencies, slot_mapping,
+                 np.int32(num_heads), np.int32(cache.num_kv_heads), np.int32(cache.head_dim),
+                 np.int32(cache.block_size)))
+        return q
+
+    arrays = {"qkv": qkv, "key_cache": key_cache, "value_cache": value_cache}
+    return PreparedStep(arrays, ("qkv", "key_cache", "value_cache"), run)
+
+
+def _rope_numpy(qkv: np.ndarray, positions: np.ndarray, frequencies: np.ndarray, num_heads: int, num_kv_heads: int,
+                kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q and k rotated, and v, in fp32 and rounded once to ``kind``: rope_write_kv's arithmetic in NumPy."""
+    tokens, half = qkv.shape[0], frequencies.shape[0]
+    heads = dtypes.widen(qkv, kind).reshape(tokens, num_heads + 2 * num_kv_heads, 2 * half)
     angles = positions.astype(np.float32)[:, None, None] * frequencies[None, None, :]
     cos, sin = np.cos(angles), np.sin(angles)
     first, second = heads[..., :half], heads[..., half:]
-    rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-    q[...] = dtypes.narrow(rotated[:, :num_heads], kind)
-    k[...] = dtypes.narrow(rotated[:, num_heads:num_heads + num_kv_heads], kind)
-    v[...] = qkv.reshape(tokens, num_heads + 2 * num_kv_heads, head_dim)[:, num_heads + num_kv_heads:]
-    return q, k, v
+    rotated = dtypes.narrow(np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1), kind)
+    value = qkv.reshape(heads.shape)[:, num_heads + num_kv_heads:]
+    return rotated[:, :num_heads], rotated[:, num_heads:num_heads + num_kv_heads], value
+
+
+def _rope_threads(all_heads: int, half: int) -> int:
+    """One thread per (head, pair) where a block holds them all: at batch 1 rope_write_kv is a single block, and
+    a thread looping over several pairs would wait for one memory round trip after another."""
+    return min(MAX_THREADS, 32 * -(-all_heads * half // 32))
 
 
 def silu_mul(gate_up: Any, dtype: str | None = None) -> Any:
@@ -100,7 +135,7 @@ def rope_reference(x: np.ndarray, positions: np.ndarray, theta: float) -> np.nda
 
 
 def kernel_names() -> tuple[str, ...]:
-    return tuple(f"{name}<{cuda}>" for name in ("rope_split", "silu_mul") for cuda in dtypes.CUDA_TYPES.values())
+    return tuple(f"{name}<{cuda}>" for name in ("rope_write_kv", "silu_mul") for cuda in dtypes.CUDA_TYPES.values())
 
 
 @functools.cache

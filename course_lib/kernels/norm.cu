@@ -54,18 +54,18 @@ __device__ __forceinline__ void load_row(const T* row, float (&v)[ITEMS][PACK], 
     }
 }
 
-// ---- the last step of both RMSNorm kernels: out = v * inv_rms * w ----------------------------------
+// ---- the last step of both RMSNorm kernels: out = v * inv_rms * w, with w already in registers ----------
+// The kernels load w together with the row, before the reduction's barriers. At batch 1 a norm is one
+// block and its time is a chain of memory latencies; loading w after the reduction would add one more.
 template <typename T, int ITEMS, int PACK>
-__device__ __forceinline__ void scale_and_store(T* out_row, const T* w, float (&v)[ITEMS][PACK], float inv_rms,
-                                                int packs) {
+__device__ __forceinline__ void scale_and_store(T* out_row, const float (&weight)[ITEMS][PACK],
+                                                float (&v)[ITEMS][PACK], float inv_rms, int packs) {
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
         const int p = threadIdx.x + it * blockDim.x;
         if (p < packs) {
-            float weight[PACK];
-            load_floats<T, PACK>(w, p, weight);
 #pragma unroll
-            for (int j = 0; j < PACK; ++j) v[it][j] = v[it][j] * inv_rms * weight[j];
+            for (int j = 0; j < PACK; ++j) v[it][j] = v[it][j] * inv_rms * weight[it][j];
             store_floats<T, PACK>(out_row, p, v[it]);
         }
     }
@@ -92,8 +92,9 @@ __global__ void rms_norm_rows(T* __restrict__ out, const T* __restrict__ x, cons
     constexpr int PACK = 16 / sizeof(T);
     const int packs = hidden / PACK;
     const size_t row = blockIdx.x;
-    float v[ITEMS][PACK];
+    float v[ITEMS][PACK], weight[ITEMS][PACK];
     load_row<T, ITEMS, PACK>(x + row * hidden, v, packs);
+    load_row<T, ITEMS, PACK>(w, weight, packs);
     float sum_sq = 0.0f;
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
@@ -101,7 +102,7 @@ __global__ void rms_norm_rows(T* __restrict__ out, const T* __restrict__ x, cons
         for (int j = 0; j < PACK; ++j) sum_sq += v[it][j] * v[it][j];
     }
     const float inv_rms = rsqrtf(block_sum(sum_sq) / hidden + eps);
-    scale_and_store<T, ITEMS, PACK>(out + row * hidden, w, v, inv_rms, packs);
+    scale_and_store<T, ITEMS, PACK>(out + row * hidden, weight, v, inv_rms, packs);
 }
 
 template <typename T, int PACK>
@@ -129,7 +130,8 @@ __global__ void add_rms_norm_rows(T* __restrict__ out, T* __restrict__ residual,
     constexpr int PACK = 16 / sizeof(T);
     const int packs = hidden / PACK;
     const size_t row = blockIdx.x;
-    float v[ITEMS][PACK];
+    float v[ITEMS][PACK], weight[ITEMS][PACK];
+    load_row<T, ITEMS, PACK>(w, weight, packs);
     float sum_sq = 0.0f;
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
@@ -147,7 +149,7 @@ __global__ void add_rms_norm_rows(T* __restrict__ out, T* __restrict__ residual,
         }
     }
     const float inv_rms = rsqrtf(block_sum(sum_sq) / hidden + eps);
-    scale_and_store<T, ITEMS, PACK>(out + row * hidden, w, v, inv_rms, packs);
+    scale_and_store<T, ITEMS, PACK>(out + row * hidden, weight, v, inv_rms, packs);
 }
 
 template <typename T, int PACK>

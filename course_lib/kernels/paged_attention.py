@@ -25,6 +25,8 @@ Decode comes in two versions. ``v1`` lets one thread block handle a whole (seque
 ``v2`` (flash-decoding) splits the context into partitions of ``partition_size`` tokens, each giving
 its max logit, its sum of exponentials and its normalised partial output, and merges them with a
 log-sum-exp rescaling: the same result, with many more blocks at work on a long context.
+``partition_size="auto"`` (what the engine uses) shortens the partitions of a small step, such as one
+sequence of 512 tokens, until the grid has enough blocks to keep the GPU busy (``auto_partition_size``).
 
 On a GPU the public functions launch the CUDA kernels; in CPU mode they compute the same thing with
 NumPy (fp32 accumulation, outputs rounded to the input's type). Every index a kernel will follow is
@@ -49,6 +51,10 @@ HEAD_DIM_MULTIPLE = 8  # 16 bytes of fp16/bf16: a row is whole vector loads
 MAX_HEAD_DIM = 256
 VERSIONS = ("v1", "v2")
 DEFAULT_PARTITION_SIZE = 512
+# Shorter partitions give the merge kernel more to do than they save: on an H100, the 1B model's decode step
+# at batch 1 over 512 tokens was faster with this floor than with 32 or 128 (a one-off probe, about 1%).
+MIN_PARTITION_SIZE = 64
+BUSY_GRID = 256  # thread blocks that keep an H100's 132 SMs busy (about two each)
 MAX_INT32 = 2**31 - 1
 
 
@@ -203,6 +209,27 @@ def check_decode_inputs(
                      check_scale(scale, cache.head_dim))
 
 
+def auto_partition_size(problem: Attention) -> int:
+    """v2's partition length for ``problem``: 512 tokens, halved while the grid has fewer than BUSY_GRID blocks.
+
+    v2 runs one thread block per (sequence, partition, group of query heads). A batch of 64 long contexts
+    gives thousands of blocks; one sequence of 512 tokens with 8 KV heads gives 8, on a GPU of 132 SMs, and
+    each of them walks all 512 tokens alone. Shorter partitions give more blocks with less to read each; the
+    merge kernel pays a little for the extra partitions. The length stays a multiple of the block size and
+    at least MIN_PARTITION_SIZE.
+    """
+    from course_lib.kernels.paged_attention_cuda import decode_grids
+
+    def blocks(size: int) -> int:
+        return math.prod(decode_grids("v2", problem.rows, problem.num_heads, problem.cache.num_kv_heads,
+                                      problem.max_context_len, size)["decode"])
+
+    size, floor = DEFAULT_PARTITION_SIZE, max(MIN_PARTITION_SIZE, problem.cache.block_size)
+    while size // 2 >= floor and blocks(size) < BUSY_GRID:
+        size //= 2
+    return size
+
+
 def check_partition_size(partition_size: int, block_size: int) -> int:
     """v2's partition length: a positive multiple of ``block_size``, so no block straddles two partitions."""
     if isinstance(partition_size, bool) or not isinstance(partition_size, numbers.Integral) or partition_size < 1:
@@ -254,9 +281,16 @@ def check_write_inputs(key: Any, value: Any, key_cache: Any, value_cache: Any, s
             raise ValueError(f"{name} must have the cache's {cache.num_kv_heads} kv heads, got {array.shape[1]}")
     if value.shape != key.shape:
         raise ValueError(f"value must have key's shape {tuple(key.shape)}, got {tuple(value.shape)}")
+    check_slots(slot_mapping, key.shape[0], cache)
+    return cache
+
+
+def check_slots(slot_mapping: Any, num_tokens: int, cache: Cache) -> None:
+    """``slot_mapping`` int32 ``[num_tokens]``: each slot in ``[0, num_blocks * block_size)`` or -1 (skip),
+    no slot twice. Reads the slots on the host (a copy that waits for the GPU)."""
     _require_int32("slot_mapping", slot_mapping)
-    if slot_mapping.shape != (key.shape[0],):
-        raise ValueError(f"slot_mapping must have one slot per token, shape ({key.shape[0]},), "
+    if slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"slot_mapping must have one slot per token, shape ({num_tokens},), "
                          f"got {tuple(slot_mapping.shape)}")
     slots = backend.to_numpy(slot_mapping)
     num_slots = cache.num_blocks * cache.block_size
@@ -267,7 +301,6 @@ def check_write_inputs(key: Any, value: Any, key_cache: Any, value_cache: Any, s
     written = slots[slots >= 0]
     if np.unique(written).size != written.size:
         raise ValueError("slot_mapping names one slot twice: two tokens would race to write it")
-    return cache
 
 
 def require_device_arrays(arrays: dict[str, Any]) -> None:
@@ -366,7 +399,7 @@ def _prefill(query: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, 
     return _softmax_attention(query, keys, values, scale, first_position=context_len - query.shape[0])[2]
 
 
-def _scatter(cache: np.ndarray, tokens: np.ndarray, slots: np.ndarray) -> None:
+def scatter(cache: np.ndarray, tokens: np.ndarray, slots: np.ndarray) -> None:
     """``cache[slot // block_size, :, slot % block_size, :] = token`` for every slot that is not -1."""
     block_size = cache.shape[2]
     kept = slots >= 0
@@ -422,8 +455,8 @@ def write_kv_reference(key: Any, value: Any, key_cache: Any, value_cache: Any, s
     check_write_inputs(key, value, key_cache, value_cache, slot_mapping, dtype)
     slots = _host(slot_mapping)
     keys, values = _float64(key_cache, dtype), _float64(value_cache, dtype)
-    _scatter(keys, _float64(key, dtype), slots)
-    _scatter(values, _float64(value, dtype), slots)
+    scatter(keys, _float64(key, dtype), slots)
+    scatter(values, _float64(value, dtype), slots)
     return keys, values
 
 
@@ -468,13 +501,14 @@ def step_workspace(op: str, problem: Attention) -> Any:
 
 def paged_attention_decode(
     query: Any, key_cache: Any, value_cache: Any, block_tables: Any, context_lens: Any, *,
-    scale: float | None = None, version: str = "v2", partition_size: int = DEFAULT_PARTITION_SIZE, out: Any = None,
-    dtype: str | None = None,
+    scale: float | None = None, version: str = "v2", partition_size: int | str = DEFAULT_PARTITION_SIZE,
+    out: Any = None, dtype: str | None = None,
 ) -> Any:
     """Decode attention over paged KV caches: ``[num_seqs, num_heads, head_dim]`` in the query's type.
 
     ``version="v1"`` is one softmax per (sequence, head); ``"v2"`` splits the context into partitions
-    of ``partition_size`` tokens and merges them. Both give the same result.
+    of ``partition_size`` tokens (or ``"auto"``: see :func:`auto_partition_size`) and merges them. Both give
+    the same result.
     """
     return decode_step(query, key_cache, value_cache, block_tables, context_lens, scale=scale, version=version,
                        partition_size=partition_size, out=out, dtype=dtype)()
@@ -482,8 +516,8 @@ def paged_attention_decode(
 
 def decode_step(
     query: Any, key_cache: Any, value_cache: Any, block_tables: Any, context_lens: Any, *,
-    scale: float | None = None, version: str = "v2", partition_size: int = DEFAULT_PARTITION_SIZE, out: Any = None,
-    dtype: str | None = None,
+    scale: float | None = None, version: str = "v2", partition_size: int | str = DEFAULT_PARTITION_SIZE,
+    out: Any = None, dtype: str | None = None,
 ) -> PreparedStep:
     """Validate a decode step once; the returned step runs it and returns ``out``.
 
@@ -498,6 +532,8 @@ def decode_step(
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     problem = check_decode_inputs(query, key_cache, value_cache, block_tables, context_lens, scale, dtype)
     if version == "v2":
+        if partition_size == "auto":
+            partition_size = auto_partition_size(problem)
         problem = replace(problem, partition_size=check_partition_size(partition_size, problem.cache.block_size))
     out = output_buffer(out, tuple(query.shape), problem.cache.dtype, dtype)
     scratch = step_workspace(f"decode_{version}", problem)
@@ -538,8 +574,8 @@ def write_kv_step(key: Any, value: Any, key_cache: Any, value_cache: Any, slot_m
             launch_kernel("write_kv", cache, [a["key_cache"], a["value_cache"], a["key"], a["value"],
                                               a["slot_mapping"]])
         else:
-            _scatter(a["key_cache"], a["key"], a["slot_mapping"])
-            _scatter(a["value_cache"], a["value"], a["slot_mapping"])
+            scatter(a["key_cache"], a["key"], a["slot_mapping"])
+            scatter(a["value_cache"], a["value"], a["slot_mapping"])
 
     arrays = {"key": key, "value": value, "key_cache": key_cache, "value_cache": value_cache,
               "slot_mapping": slot_mapping}

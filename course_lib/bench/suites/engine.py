@@ -4,11 +4,13 @@ CUDA graphs against eager launches, and serving throughput against Hugging Face 
 * **decode, batch 1**: the wall time of one decode step (context 512), eager (every kernel launched from
   Python) and replayed from a CUDA graph (``course_lib.engine.graphs``). At batch 1 a step reads every
   weight once, except the embedding table, of which it reads one row: the **roofline** is those bytes
-  over the copy bandwidth measured in the same run.
+  over the copy bandwidth measured in the same run. The graphed step also records where its GPU time
+  goes, kernel group by kernel group (``kernel_breakdown``).
 * **throughput, 64 requests**: 64 prompts of 512 random tokens, each generating 256 tokens (greedy, no
   early stop). The course's engine (continuous batching, CUDA graphs for decode) against transformers'
   ``LlamaForCausalLM.generate`` on the same weights loaded from the same checkpoint; output tokens per second
-  of wall time, both in the same run.
+  of wall time, both in the same run: the median of SERVING_RUNS runs after a warm-up run (which compiles
+  and fills caches). The engine gets fresh random prompts each run, so its prefix cache has nothing to reuse.
 
 The model runs in bfloat16 (the transformers baseline too). In CPU mode the suite times the tiny model's
 steps: a smoke test, never shown as GPU figures.
@@ -42,6 +44,10 @@ DECODE_CONTEXT, DECODE_STEPS = 512, 50
 REQUESTS, PROMPT, OUTPUT = 64, 512, 256
 COPY_BYTES = 1 << 30
 LAUNCHES, REPEATS = 1000, 10  # empty-kernel launches per timed call, and timed calls
+# Kernel-name fragments of each part of a decode step (kernel_breakdown); anything else counts as "other".
+KERNEL_GROUPS = (("projections", ("nvjet", "gemm", "cublas")), ("attention", ("paged_attention",)),
+                 ("norms", ("rms_norm",)), ("rotary_cache_write", ("rope_write_kv",)), ("activation", ("silu_mul",)))
+SERVING_RUNS = 3  # timed runs of each server after its warm-up: the figure is their median (the host is noisy)
 PARAMETERS = {"model": "LLAMA_1B_SHAPED (random weights)", "dtype": DTYPE, "block_size": BLOCK_SIZE,
               "decode_context": DECODE_CONTEXT, "requests": REQUESTS, "prompt": PROMPT, "output": OUTPUT,
               "timing": "wall clock, device synchronised at the end"}
@@ -95,7 +101,7 @@ def measure_launch(how: str, launches: int = LAUNCHES) -> dict[str, Any]:
             for _ in range(launches):
                 kernel((1,), (1,), ())
             graph = stream.end_capture()
-        timing = _wall(lambda: graph.launch(stream), REPEATS)
+            timing = _wall(lambda: graph.launch(stream), REPEATS)  # in the block: synchronize() waits for stream
     else:
         def eager() -> None:
             for _ in range(launches):
@@ -125,10 +131,12 @@ def measure_decode(config: ModelConfig, how: str, repeats: int) -> dict[str, Any
     blocks = -(-(DECODE_CONTEXT + 1) // BLOCK_SIZE)
     cache = KVCache.allocate(config, blocks, BLOCK_SIZE, model.dtype)
     table, context = list(range(blocks)), DECODE_CONTEXT
+    breakdown = {}
     if how == "graph":
         graphs = DecodeGraphs(model, cache, batch_sizes=(1,), max_context_len=blocks * BLOCK_SIZE)
         timing = _wall(lambda: graphs.run([1], [context], [table]), repeats)
         nodes = {"graph_nodes": graphs.steps[1].num_nodes}
+        breakdown = kernel_breakdown(lambda: graphs.run([1], [context], [table]), repeats)
     else:
         def eager() -> Any:
             attention = AttentionMetadata.build([(1, context, table)], BLOCK_SIZE)
@@ -137,7 +145,28 @@ def measure_decode(config: ModelConfig, how: str, repeats: int) -> dict[str, Any
         nodes = {}
     params = {"role": how, "batch": 1, "context": context, "dtype": model.dtype,
               "bytes_read": decode_bytes(weights, config, context), **nodes}
-    return measurement(f"decode batch 1, {how}", timing, params, tokens_per_s=1.0 / timing.median_s)
+    return measurement(f"decode batch 1, {how}", timing, params, tokens_per_s=1.0 / timing.median_s, **breakdown)
+
+
+def kernel_breakdown(run: Callable[[], Any], calls: int) -> dict[str, float]:
+    """Microseconds of GPU time per call of ``run`` in each group of KERNEL_GROUPS (``us_<group>``).
+
+    torch's profiler reads CUPTI, which records every kernel of the process, CuPy's and cuBLAS's included,
+    and each kernel of a replayed graph. Their sum is less than the step's wall time by the gaps between
+    kernels: a kernel starts only after the one before it has drained.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            run()
+        backend.synchronize()
+    totals = dict.fromkeys([group for group, _ in KERNEL_GROUPS] + ["other"], 0.0)
+    for event in profiler.events():
+        if event.device_type.name == "CUDA":
+            group = next((group for group, keys in KERNEL_GROUPS if any(key in event.name for key in keys)), "other")
+            totals[group] += event.device_time / calls
+    return {f"us_{group}": micros for group, micros in totals.items()}
 
 
 def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int) -> dict[str, Any]:
@@ -147,21 +176,23 @@ def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int)
     llm = LLM(config, host_weights(config), dtype=DTYPE if gpu else "float32", num_blocks=blocks,
               block_size=BLOCK_SIZE, max_num_seqs=requests, max_num_batched_tokens=max(prompt, 4096),
               max_model_len=prompt + output + 1, cuda_graphs=gpu)
-    prompts = _prompts(config, requests, prompt)
     params = SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    seconds = time.perf_counter() - start
-    generated = sum(len(out.output_token_ids) for out in outputs)
-    if generated != requests * output:
-        raise RuntimeError(f"the engine generated {generated} tokens, expected {requests * output}")
+    seconds = []
+    for seed in range(SERVING_RUNS + 1):  # run 0 is the warm-up, as transformers gets one
+        prompts = _prompts(config, requests, prompt, seed)  # fresh random tokens: no prefix-cache hits
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        seconds.append(time.perf_counter() - start)
+        generated = sum(len(out.output_token_ids) for out in outputs)
+        if generated != requests * output:
+            raise RuntimeError(f"the engine generated {generated} tokens, expected {requests * output}")
+    timing = Timing.from_samples(np.array(seconds[1:]), "perf_counter")
     params = {"role": "engine", "requests": requests, "prompt": prompt, "output": output, "cuda_graphs": gpu}
-    return measurement(f"engine {requests} requests", Timing.from_samples(np.array([seconds]), "perf_counter"),
-                       params, tokens_per_s=generated / seconds)
+    return measurement(f"engine {requests} requests", timing, params, tokens_per_s=generated / timing.median_s)
 
 
-def _prompts(config: ModelConfig, requests: int, prompt: int) -> list[list[int]]:
-    rng = np.random.default_rng(1)
+def _prompts(config: ModelConfig, requests: int, prompt: int, seed: int = 1) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
     return [list(rng.integers(0, config.vocab_size, prompt)) for _ in range(requests)]
 
 
@@ -181,17 +212,18 @@ def measure_transformers(requests: int, output: int) -> dict[str, Any]:
             return model.generate(prompts, attention_mask=mask, max_new_tokens=output, min_new_tokens=output,
                                   do_sample=False, pad_token_id=0)
 
-    generate()  # warm-up: kernels load, the allocator fills
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    tokens = generate()
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = []
+    for _ in range(SERVING_RUNS + 1):  # run 0 is the warm-up: kernels load, the allocator fills
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        tokens = generate()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    timing = Timing.from_samples(np.array(seconds[1:]), "perf_counter")
     generated = (tokens.shape[1] - PROMPT) * requests
     params = {"role": "transformers", "requests": requests, "prompt": PROMPT, "output": output,
               "library": f"transformers {transformers.__version__}, torch {torch.__version__}"}
-    return measurement(f"transformers {requests} requests", Timing.from_samples(np.array([seconds]), "perf_counter"),
-                       params, tokens_per_s=generated / seconds)
+    return measurement(f"transformers {requests} requests", timing, params, tokens_per_s=generated / timing.median_s)
 
 
 def headline(measurements: list[dict[str, Any]]) -> dict[str, float]:
