@@ -46,6 +46,14 @@ def test_preemption_and_chunked_prefill_do_not_change_the_outputs():
     assert sum(out.num_preemptions for out in squeezed) > 0
 
 
+def test_requests_sharing_a_prompt_prefix_in_one_step_compute_it_apart():
+    """Their prefix blocks are registered in the prefix cache but not yet written when the step is planned."""
+    shared = prompts(1, seed=9, low=20, high=21)[0]
+    batch = [shared + p for p in prompts(4, seed=10)]
+    together = tokens_of(LLM(TINY, seed=8, block_size=8).generate(batch, GREEDY))
+    assert together == [tokens_of(LLM(TINY, seed=8, block_size=8).generate([p], GREEDY))[0] for p in batch]
+
+
 def test_seeded_sampling_is_reproducible_in_any_batch():
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_tokens=5, seed=11)
     batch = prompts(3, seed=4)

@@ -21,7 +21,7 @@ import hashlib
 import json
 import operator
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -144,11 +144,15 @@ class BlockPool:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         return blocks_for(num_tokens, self.block_size) <= len(self._free_queue) - self.watermark_blocks
 
-    def allocate(self, seq_id: int, prompt_token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: int, prompt_token_ids: Sequence[int],
+                 written: Callable[[int], bool] | None = None) -> int:
         """Give a new sequence the blocks for its prompt; returns how many prompt tokens the cache already holds.
 
         Full blocks the cache holds are reused, up to the first miss. The last prompt token is never a
-        hit: the model must run at least one token to produce the logits of the next one.
+        hit: the model must run at least one token to produce the logits of the next one. A block is
+        registered when it is allocated, before the model has written its KV: ``written`` (the scheduler
+        knows) ends the hits at the first block whose KV is not there yet, and the new sequence gets a fresh
+        block and computes it itself. Sharing it would have two sequences write the same slots in one step.
         """
         if seq_id in self._sequences:
             raise ValueError(f"sequence {seq_id!r} already has blocks; free it first or pick a new id")
@@ -156,7 +160,7 @@ class BlockPool:
         if not token_ids:
             raise ValueError("the prompt is empty: a sequence needs at least one token")
         block_hashes = hash_full_blocks(token_ids, self.block_size)
-        hit_blocks = self._cached_prefix(block_hashes[: (len(token_ids) - 1) // self.block_size])
+        hit_blocks = self._cached_prefix(block_hashes[: (len(token_ids) - 1) // self.block_size], written)
         num_fresh = blocks_for(len(token_ids), self.block_size) - len(hit_blocks)
         num_revived = sum(1 for block_id in hit_blocks if self._blocks[block_id].ref_count == 0)
         self._check_free(num_fresh + num_revived, reserved=self.watermark_blocks)
@@ -271,13 +275,14 @@ class BlockPool:
         last_is_full = len(sequence.token_ids) % self.block_size == 0
         return int(last_is_full or self._blocks[sequence.table[-1]].ref_count > 1)
 
-    def _cached_prefix(self, block_hashes: list[str]) -> list[int]:
-        """The cached blocks for the leading hashes, up to the first one the cache does not hold."""
+    def _cached_prefix(self, block_hashes: list[str], written: Callable[[int], bool] | None) -> list[int]:
+        """The cached blocks for the leading hashes, up to the first one the cache does not hold (or not written)."""
         hit_blocks = []
         for block_hash in block_hashes:
-            if block_hash not in self._cached:
+            block_id = self._cached.get(block_hash)
+            if block_id is None or (written is not None and not written(block_id)):
                 break
-            hit_blocks.append(self._cached[block_hash])
+            hit_blocks.append(block_id)
         return hit_blocks
 
     def _share(self, block_id: int) -> None:

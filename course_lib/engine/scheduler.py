@@ -17,10 +17,11 @@ The model runs the step, the sampler picks a token for each sequence whose step 
 and ``update`` records them, finishing sequences and freeing their blocks.
 
 The block pool registers a full block in the prefix cache as soon as it is allocated, before the model
-has written its KV. So the scheduler keeps its own set of blocks whose KV has been written and trusts a
-prefix-cache hit only up to the first block not in it; the rest is recomputed (into the same shared
-blocks, with the same values). Without this, a request arriving while its twin is mid-prefill, or after
-its twin was preempted before running, would attend to garbage.
+has written its KV. So the scheduler keeps its own set of blocks whose KV has been written, and a new
+sequence shares cached blocks only up to the first block not in it; it gets fresh blocks for the rest and
+computes them itself. Without this, a request arriving in the same step as its twin, while its twin is
+mid-prefill, or after its twin was preempted before running, would attend to garbage, or two sequences
+would write the same cache slots in one step.
 """
 
 from __future__ import annotations
@@ -233,26 +234,17 @@ class Scheduler:
     def _admit(self, sequence: Sequence) -> bool:
         """Give the head of the queue blocks for all its tokens, if the pool has them; False if not."""
         try:
-            num_cached = self.block_pool.allocate(sequence.seq_id, sequence.all_token_ids)
+            num_cached = self.block_pool.allocate(sequence.seq_id, sequence.all_token_ids,
+                                                  written=self._blocks_with_kv.__contains__)
         except OutOfBlocks:
             return False
         self._waiting.popleft()
-        sequence.num_computed_tokens = sequence.num_cached_tokens = self._tokens_with_kv(sequence, num_cached)
+        sequence.num_computed_tokens = sequence.num_cached_tokens = num_cached
         sequence.status = SequenceStatus.RUNNING
         self._running.append(sequence)
         self._num_slotted_tokens[sequence.seq_id] = sequence.num_tokens
         self._forget_kv_of_unwritten_blocks(sequence)
         return True
-
-    def _tokens_with_kv(self, sequence: Sequence, num_cached: int) -> int:
-        """How many of the prefix-cache hit tokens sit in blocks whose KV has really been written."""
-        hit_blocks = self.block_pool.block_table(sequence.seq_id)[: num_cached // self.block_pool.block_size]
-        num_written = 0
-        for block in hit_blocks:
-            if block not in self._blocks_with_kv:
-                break
-            num_written += 1
-        return num_written * self.block_pool.block_size
 
     def _forget_kv_of_unwritten_blocks(self, sequence: Sequence) -> None:
         """Blocks past what the sequence has computed are fresh (or not trusted): their old KV is gone."""
