@@ -47,6 +47,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay decode steps from CUDA graphs captured at start-up (needs a GPU)")
+    parser.add_argument("--decode-steps", type=int, default=1,
+                        help="decode steps per round trip to the host while every request decodes greedily "
+                             "(default 1; tokens then arrive in bursts of this many)")
     parser.add_argument("--num-blocks", type=int, default=1024, help="KV-cache blocks of 16 tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompts")
     parser.add_argument("--out", type=Path, default=Path("latency_bench"), help="folder for the JSON and PNG")
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     sweep = list(itertools.product(args.batch_sizes, args.prompt_lengths, args.output_lengths))
     llm = LLM(config, seed=args.seed, dtype=args.dtype, num_blocks=args.num_blocks,
-              max_model_len=config.max_position_embeddings, cuda_graphs=args.cuda_graphs)
+              max_model_len=config.max_position_embeddings, cuda_graphs=args.cuda_graphs,
+              decode_steps=args.decode_steps)
     for batch, prompt_length, output_length in tqdm(sweep, desc="latency sweep", unit="point"):
         result["measurements"].append(measure_latency(llm, batch, prompt_length, output_length, rng))
     json_path, png_path = save_result(result, args.out), args.out / "latency_bench.png"

@@ -40,6 +40,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay decode steps from CUDA graphs captured at start-up (needs a GPU)")
+    parser.add_argument("--decode-steps", type=int, default=1,
+                        help="decode steps per round trip to the host while every request decodes greedily "
+                             "(default 1; tokens then arrive in bursts of this many)")
     args = parser.parse_args(argv)
     if args.cuda_graphs and not backend.has_gpu():
         parser.error(f"--cuda-graphs needs an NVIDIA GPU: {backend.mode_line()}")
@@ -51,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     print(backend.mode_line())
     start = time.perf_counter()
     if args.checkpoint:
-        llm = LLM.from_checkpoint(args.checkpoint, dtype=args.dtype, cuda_graphs=args.cuda_graphs)
+        llm = LLM.from_checkpoint(args.checkpoint, dtype=args.dtype, cuda_graphs=args.cuda_graphs,
+                                  decode_steps=args.decode_steps)
     else:
-        llm = LLM(MODELS[args.model], seed=args.seed, dtype=args.dtype, cuda_graphs=args.cuda_graphs)
+        llm = LLM(MODELS[args.model], seed=args.seed, dtype=args.dtype, cuda_graphs=args.cuda_graphs,
+                  decode_steps=args.decode_steps)
     loaded = time.perf_counter()
     if args.prompt_tokens:
         prompt = [int(token) for token in args.prompt_tokens.split()]

@@ -126,6 +126,35 @@ def test_a_full_last_block_gets_a_new_block_and_enters_the_cache():
     assert pool.allocate(2, [1, 2, 7]) == 2
 
 
+def test_reserved_blocks_take_the_tokens_appended_later_and_cache_them_the_same_way():
+    """Multi-step decoding reserves slots before the tokens exist; the blocks then fill as appends would."""
+    reserved, plain = BlockPool(num_blocks=8, block_size=2, watermark=0.0), BlockPool(num_blocks=8, block_size=2,
+                                                                                       watermark=0.0)
+    for pool in (reserved, plain):
+        pool.allocate(1, [1, 2, 3])
+    assert reserved.blocks_to_grow(1, 4) == 2  # the second block has room for one, then two more blocks
+    reserved.reserve(1, 4)
+    table = reserved.block_table(1)
+    assert len(table) == 4 and reserved.num_free_blocks == 4
+    for token in (4, 5, 6, 7):
+        assert reserved.append(1, token) is None and plain.append(1, token) is None
+    assert reserved.block_table(1) == table  # no block taken: every token went into a reserved slot
+    hashes = [[view.block_hash for view in pool.snapshot() if view.block_id in pool.block_table(1)]
+              for pool in (reserved, plain)]
+    assert sorted(hashes[0], key=str) == sorted(hashes[1], key=str) and None in hashes[0]  # last block: 1 token
+    reserved.free(1)
+    assert reserved.num_free_blocks == 8
+
+
+def test_out_of_blocks_on_reserve_changes_nothing():
+    pool = BlockPool(num_blocks=3, block_size=2, watermark=0.0)
+    pool.allocate(1, [1, 2, 3])
+    before = pool_state(pool)
+    with pytest.raises(OutOfBlocks, match="needs 2 free KV-cache block"):
+        pool.reserve(1, 4)
+    assert pool_state(pool) == before
+
+
 def test_free_returns_every_block_nobody_else_holds():
     pool = BlockPool(num_blocks=6, block_size=2, watermark=0.0)
     pool.allocate(1, [1, 2, 3])

@@ -95,3 +95,50 @@ def test_a_checkpoint_directory_serves_the_same_tokens(tmp_path):
     batch = prompts(2, seed=8)
     assert tokens_of(LLM.from_checkpoint(tmp_path).generate(batch, GREEDY)) == \
         tokens_of(LLM(TINY, weights).generate(batch, GREEDY))
+
+
+# ---- multi-step decoding: several decode steps per round trip to the host -----------------------------------
+
+
+def test_multi_step_decoding_generates_the_same_tokens():
+    batch = prompts(5, seed=7)
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (3, 9, 16, 1, 12)]  # runs end mid-way
+    single = LLM(TINY, seed=6, block_size=8)
+    multi = LLM(TINY, seed=6, block_size=8, decode_steps=4)
+    calls = []
+    schedule_run = multi.scheduler.schedule_decode_run
+    multi.scheduler.schedule_decode_run = lambda steps: calls.append(run := schedule_run(steps)) or run
+    assert tokens_of(multi.generate(batch, params)) == tokens_of(single.generate(batch, params))
+    assert any(run is not None and run.num_steps == 4 for run in calls)  # the runs did happen
+    assert multi.block_pool.num_free_blocks == multi.block_pool.num_blocks  # reserved blocks came back
+
+
+def test_a_stop_token_inside_a_run_ends_the_sequence_there():
+    batch = prompts(3, seed=8)
+    plain = tokens_of(LLM(TINY, seed=7).generate(batch, SamplingParams(temperature=0.0, max_tokens=12)))
+    stop = plain[1][5]  # the sixth token of the second request: inside a run of 4 after the first token
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(stop,))
+    expected = tokens_of(LLM(TINY, seed=7).generate(batch, params))
+    assert expected[1][-1] == stop and len(expected[1]) <= 6
+    assert tokens_of(LLM(TINY, seed=7, decode_steps=4).generate(batch, params)) == expected
+    events = list(LLM(TINY, seed=7, decode_steps=4).stream(batch, params))
+    for request in range(len(batch)):  # a run hands out several tokens a request: only the last says finished
+        assert [event.finished for event in events if event.request_id == request] == \
+            [False] * (len(expected[request]) - 1) + [True]
+
+
+def test_multi_step_runs_give_way_to_sampling_preemption_and_prefix_hits():
+    shared = prompts(1, seed=9, low=20, high=21)[0]
+    batch = [shared + p for p in prompts(4, seed=10)]
+    sampled = SamplingParams(temperature=0.8, top_k=20, max_tokens=10, seed=3)
+    greedy = SamplingParams(temperature=0.0, max_tokens=14)
+    for params in (greedy, [sampled, greedy, greedy, greedy]):
+        roomy = tokens_of(LLM(TINY, seed=8, block_size=8).generate(batch, params))
+        for options in ({"num_blocks": 256}, {"num_blocks": 14, "max_num_batched_tokens": 24}):
+            engine = LLM(TINY, seed=8, block_size=8, decode_steps=3, **options)
+            assert tokens_of(engine.generate(batch, params)) == roomy
+
+
+def test_decode_steps_must_be_positive():
+    with pytest.raises(ValueError, match="decode_steps must be >= 1"):
+        LLM(TINY, decode_steps=0)

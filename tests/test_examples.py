@@ -39,6 +39,15 @@ def test_latency_bench_writes_a_results_file_and_a_plot(tmp_path):
     assert result["mode"] and (tmp_path / "latency_bench.png").stat().st_size > 0
 
 
+def test_multi_step_decoding_streams_the_same_tokens():
+    plain, multi = (run("single_gpu_infer.py", "--prompt-tokens", "1 2 3", "--max-tokens", "9", *extra)
+                    for extra in ([], ["--decode-steps", "4"]))
+    assert plain.returncode == multi.returncode == 0, plain.stderr + multi.stderr
+    generated = [next(line for line in done.stdout.splitlines() if line.startswith("generated:"))
+                 for done in (plain, multi)]
+    assert generated[0] == generated[1]
+
+
 SHORT_RUNS = {"single_gpu_infer.py": ["--max-tokens", "4"],
               "latency_bench.py": ["--batch-sizes", "1", "2", "--prompt-lengths", "8", "--output-lengths", "3"]}
 

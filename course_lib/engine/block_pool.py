@@ -175,26 +175,58 @@ class BlockPool:
         self._hit_tokens += len(hit_blocks) * self.block_size
         return len(hit_blocks) * self.block_size
 
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_queue)
+
     def can_append(self, seq_id: int) -> bool:
         """Whether ``append`` can run now; running sequences may use the blocks kept back by the watermark."""
         return self._blocks_needed_to_append(self._sequence(seq_id)) <= len(self._free_queue)
 
     def append(self, seq_id: int, token_id: int) -> BlockCopy | None:
-        """Add one generated token; returns the block copy the engine must do first, if the block was shared."""
+        """Add one generated token; returns the block copy the engine must do first, if the block was shared.
+
+        The token goes into the block after the sequence's last token: a fresh block if that one is full
+        and none was reserved, a private copy if it is shared (copy-on-write).
+        """
         sequence = self._sequence(seq_id)
         token_id = _as_token_id(token_id)
         self._check_free(self._blocks_needed_to_append(sequence))
-        copy = None
-        if len(sequence.token_ids) % self.block_size == 0:
+        copy, index = None, len(sequence.token_ids) // self.block_size  # the block the token goes into
+        if index == len(sequence.table):
             sequence.table.append(self._take_fresh_block())
-        elif self._blocks[sequence.table[-1]].ref_count > 1:
-            copy = BlockCopy(src=sequence.table[-1], dst=self._take_fresh_block())
+        elif self._blocks[sequence.table[index]].ref_count > 1:
+            copy = BlockCopy(src=sequence.table[index], dst=self._take_fresh_block())
             self._blocks[copy.src].ref_count -= 1  # still held by the other sharers, so never freed here
-            sequence.table[-1] = copy.dst
+            sequence.table[index] = copy.dst
         sequence.token_ids.append(token_id)
         if len(sequence.token_ids) % self.block_size == 0:
-            self._register_last_block(sequence)
+            self._register_full_block(sequence, index)
         return copy
+
+    def blocks_to_grow(self, seq_id: int, num_tokens: int) -> int:
+        """Fresh blocks ``num_tokens`` more tokens take, appended or reserved: new blocks, and a private copy
+        if the next token's block is shared."""
+        sequence = self._sequence(seq_id)
+        index = len(sequence.token_ids) // self.block_size
+        shared = index < len(sequence.table) and self._blocks[sequence.table[index]].ref_count > 1
+        return self._blocks_to_reserve(sequence, num_tokens) + int(shared and num_tokens > 0)
+
+    def _blocks_to_reserve(self, sequence: _Sequence, num_tokens: int) -> int:
+        return max(0, blocks_for(len(sequence.token_ids) + num_tokens, self.block_size) - len(sequence.table))
+
+    def reserve(self, seq_id: int, num_tokens: int) -> None:
+        """Give a sequence the blocks for ``num_tokens`` more tokens now, before the tokens are known.
+
+        Multi-step decoding (``Scheduler.schedule_decode_run``) launches several decode steps at once: the
+        GPU samples the tokens of the later steps and writes their keys and values, so their slots must exist
+        at launch. ``append`` then records each token in its reserved slot (registering the block in the
+        prefix cache once it is full), and ``free`` returns reserved blocks with the rest.
+        """
+        sequence = self._sequence(seq_id)
+        needed = self._blocks_to_reserve(sequence, num_tokens)
+        self._check_free(needed)
+        sequence.table.extend(self._take_fresh_block() for _ in range(needed))
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """Start ``child_id`` as a copy of ``parent_id`` (parallel sampling) that shares all its blocks."""
@@ -271,9 +303,9 @@ class BlockPool:
             raise OutOfBlocks(needed, len(self._free_queue), reserved)
 
     def _blocks_needed_to_append(self, sequence: _Sequence) -> int:
-        """One block if the last is full (a new one) or shared (a copy), else none."""
-        last_is_full = len(sequence.token_ids) % self.block_size == 0
-        return int(last_is_full or self._blocks[sequence.table[-1]].ref_count > 1)
+        """One block if the next token's block does not exist yet (a new one) or is shared (a copy), else none."""
+        index = len(sequence.token_ids) // self.block_size
+        return int(index == len(sequence.table) or self._blocks[sequence.table[index]].ref_count > 1)
 
     def _cached_prefix(self, block_hashes: list[str], written: Callable[[int], bool] | None) -> list[int]:
         """The cached blocks for the leading hashes, up to the first one the cache does not hold (or not written)."""
@@ -308,11 +340,12 @@ class BlockPool:
             self._cached[block_hash] = block_id
             self._blocks[block_id].block_hash = block_hash
 
-    def _register_last_block(self, sequence: _Sequence) -> None:
+    def _register_full_block(self, sequence: _Sequence, index: int) -> None:
+        """Block ``index`` of the sequence has just filled up: put it in the prefix cache."""
         parent_hash = sequence.full_block_hashes[-1] if sequence.full_block_hashes else None
         block_hash = hash_block_tokens(parent_hash, sequence.token_ids[-self.block_size :])
         sequence.full_block_hashes.append(block_hash)
-        self._register(sequence.table[-1], block_hash)
+        self._register(sequence.table[index], block_hash)
 
 
 def _as_token_id(token: int) -> int:

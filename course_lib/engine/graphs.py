@@ -106,14 +106,20 @@ class DecodeGraphs:
 
     def run(self, token_ids: Sequence[int], context_lens: Sequence[int],
             block_tables: Sequence[Sequence[int]]) -> Any:
-        """Logits ``[batch, vocab]`` of a decode batch by graph replay, padded to the next captured size."""
+        """Logits ``[batch, vocab]`` of a decode batch by graph replay, padded to the next captured size.
+
+        ``token_ids`` are host integers, checked here, or a device array: the previous step's arg-max in a
+        multi-step run, copied on the GPU (an arg-max is always a token id of the vocabulary).
+        """
+        on_device = isinstance(token_ids, backend.xp.ndarray)
         batch = len(token_ids)
         if not 1 <= batch <= self.batch_sizes[-1] or len(context_lens) != batch or len(block_tables) != batch:
             raise ValueError(f"a decode batch of 1 to {self.batch_sizes[-1]} sequences, with one token id, "
                              f"context length and block table each; got {batch}, {len(context_lens)} and "
                              f"{len(block_tables)}")
         step = self.steps[self.batch_sizes[bisect_left(self.batch_sizes, batch)]]
-        inputs = self._host_inputs(step.batch_size, token_ids, context_lens, block_tables)
+        inputs = self._host_inputs(step.batch_size, [0] * batch if on_device else token_ids, context_lens,
+                                   block_tables)
         xp, runtime = backend.xp, _runtime()
         caller = xp.cuda.get_current_stream()
         step.stream.wait_event(caller.record())  # after whatever the caller queued (cache writes, copies)
@@ -123,6 +129,8 @@ class DecodeGraphs:
         with step.stream:
             step.inputs.set(step.staging)  # one copy, from pinned memory: the host goes on at once
             step.copied = step.stream.record()
+            if on_device:
+                step.token_ids[:batch] = token_ids
             _runtime_call(runtime.cudaGraphLaunch(step.graph, runtime.cudaStream_t(step.stream.ptr)),
                           "cudaGraphLaunch")
         caller.wait_event(step.stream.record())  # and the caller's next work after the replay

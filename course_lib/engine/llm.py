@@ -31,7 +31,7 @@ from course_lib.engine.config import TINY, ModelConfig
 from course_lib.engine.graphs import DecodeGraphs, graph_batch_sizes
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
 from course_lib.engine.sampling import SamplingParams, greedy_tokens, sample
-from course_lib.engine.scheduler import Scheduler
+from course_lib.engine.scheduler import DecodeRun, Scheduler
 from course_lib.engine.weights import load_checkpoint, random_weights
 
 
@@ -62,12 +62,18 @@ class LLM:
     directory. ``num_blocks`` x ``block_size`` is the KV cache in tokens; ``max_num_batched_tokens`` the
     token budget of a step; ``max_num_seqs`` how many sequences run at once. With ``cuda_graphs`` (GPU
     only) steps that only decode replay a CUDA graph captured for their batch size (``engine.graphs``).
+    With ``decode_steps`` > 1, while every running request decodes greedily and none waits, the engine runs
+    up to that many decode steps per round trip to the host, the GPU feeding each step's arg-max to the
+    next (``Scheduler.schedule_decode_run``); the tokens are the same, the host waits less often.
     """
 
     def __init__(self, config: ModelConfig = TINY, weights: dict | None = None, *, seed: int = 0,
                  dtype: str = "float32", num_blocks: int = 256, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 eos_token_id: int | None = None, cuda_graphs: bool = False) -> None:
+                 eos_token_id: int | None = None, cuda_graphs: bool = False, decode_steps: int = 1) -> None:
+        if decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1 (1: a round trip to the host every step), got {decode_steps}")
+        self.decode_steps = decode_steps
         weights = random_weights(config, seed, dtype) if weights is None else weights
         self.config = config
         self.model = LlamaModel(config, weights, dtype)
@@ -98,11 +104,17 @@ class LLM:
         requests = self._add_requests(prompts, params)
         request_of = {seq.seq_id: index for index, seq in enumerate(requests)}
         while self.scheduler.has_unfinished():
-            for seq, token in self.step():
-                yield TokenEvent(request_of[seq.seq_id], token, seq.is_finished)
+            sampled = self.step()
+            last = {seq.seq_id: index for index, (seq, _) in enumerate(sampled)}  # a run samples several each
+            for index, (seq, token) in enumerate(sampled):
+                yield TokenEvent(request_of[seq.seq_id], token, seq.is_finished and last[seq.seq_id] == index)
 
     def step(self) -> list[tuple[sequences.Sequence, int]]:
-        """One engine step; returns the (sequence, token) pairs it sampled."""
+        """One engine step, or a run of decode steps; returns the (sequence, token) pairs sampled, in order."""
+        if self.decode_steps > 1 and all(seq.sampling_params.is_greedy for seq in self.scheduler.running):
+            run = self.scheduler.schedule_decode_run(self.decode_steps)
+            if run is not None:
+                return self._decode_run(run)
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             raise RuntimeError("the scheduler found nothing it could run: the KV pool is too small for the "
@@ -129,6 +141,32 @@ class LLM:
             tokens = sample(backend.to_numpy(logits[rows]), params, [seq.generator for seq in sampling])
         self.scheduler.update(plan, tokens)
         return [(seq, int(token)) for seq, token in zip(sampling, tokens, strict=True)]
+
+    def _decode_run(self, run: DecodeRun) -> list[tuple[sequences.Sequence, int]]:
+        """Launch the run's steps back to back, each fed the previous step's arg-max on the GPU; read the
+        tokens to the host once, at the end."""
+        xp = backend.xp
+        self.kv_cache.copy_blocks(run.block_copies)
+        token_ids, sampled, finite = xp.asarray(np.array(run.first_token_ids, dtype=np.int32)), [], []
+        for step in range(run.num_steps):
+            context_lens = run.context_lens(step)
+            if self.graphs:
+                logits = self.graphs.run(token_ids, context_lens, run.block_tables)
+            else:
+                attention = AttentionMetadata.build(((1, length, table) for length, table in
+                                                     zip(context_lens, run.block_tables, strict=True)),
+                                                    self.block_pool.block_size)
+                logits = self.model.forward(token_ids, attention.positions, self.kv_cache, attention)
+            token_ids = xp.argmax(logits, axis=1).astype(xp.int32)  # ties: the lower id, as greedy_tokens
+            sampled.append(token_ids)
+            finite.append(xp.isfinite(logits.max(axis=1)).all())
+        if not bool(xp.stack(finite).all()):
+            raise ValueError("logits must be finite or -inf (a masked token), with at least one finite value per row")
+        tokens = backend.to_numpy(xp.stack(sampled))  # [steps, sequences]: the run's one wait for the GPU
+        kept = [(seq, len(seq.output_token_ids)) for seq in run.sequences]
+        self.scheduler.finish_decode_run(run, tokens)
+        return [(seq, token) for step in range(run.num_steps) for (seq, before) in kept
+                for token in seq.output_token_ids[before + step:before + step + 1]]
 
     def _add_requests(self, prompts: Sequence[Sequence[int]],
                       params: SamplingParams | Sequence[SamplingParams] | None) -> list[sequences.Sequence]:

@@ -30,6 +30,8 @@ from collections import deque
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from course_lib.engine.block_pool import BlockCopy, BlockPool, OutOfBlocks, blocks_for
 from course_lib.engine.sampling import SamplingParams
 from course_lib.engine.sequence import FINISHED_BY_LENGTH, Sequence, SequenceStatus
@@ -82,6 +84,27 @@ class SchedulerOutput:
         return tuple(step.sequence for step in self.scheduled if step.samples)
 
 
+@dataclass(frozen=True)
+class DecodeRun:
+    """``num_steps`` decode steps of every running sequence, planned at once (multi-step scheduling).
+
+    Step ``j`` feeds each sequence the token at position ``first_positions[row] + j``: at step 0 the last token
+    it sampled (``first_token_ids``), later the one the step before sampled on the GPU. Its key and value go
+    to the slot of that position, and it attends over ``first_positions[row] + j + 1`` tokens.
+    """
+
+    sequences: tuple[Sequence, ...]
+    num_steps: int
+    first_token_ids: tuple[int, ...]
+    first_positions: tuple[int, ...]
+    block_tables: tuple[tuple[int, ...], ...]  # cover every step's slot
+    block_copies: tuple[BlockCopy, ...]  # copy-on-write, to do before the first step
+
+    def context_lens(self, step: int) -> list[int]:
+        """Each sequence's context length at step ``step`` of the run, once the step's KV is written."""
+        return [first + step + 1 for first in self.first_positions]
+
+
 @dataclass
 class _StepPlan:
     """The step being built: what is left of the token budget and what has been decided so far."""
@@ -129,7 +152,7 @@ class Scheduler:
         self._num_slotted_tokens: dict[int, int] = {}  # per running sequence: its tokens that have a KV slot
         self._blocks_with_kv: set[int] = set()  # full blocks whose KV the model has written
         self._next_seq_id = 0
-        self._step_in_flight: SchedulerOutput | None = None
+        self._step_in_flight: SchedulerOutput | DecodeRun | None = None
 
     @property
     def waiting(self) -> tuple[Sequence, ...]:
@@ -197,17 +220,83 @@ class Scheduler:
         sampled = iter(sampled_token_ids)
         finished = []
         for step in scheduler_output.scheduled:
-            sequence = step.sequence
-            sequence.num_computed_tokens += step.num_new_tokens
-            self._blocks_with_kv.update(step.block_table[: sequence.num_computed_tokens // self.block_pool.block_size])
-            if not step.samples:
-                continue
-            sequence.append_token(next(sampled))
-            if not sequence.is_finished and sequence.num_tokens >= self.max_model_len:
-                sequence.finish(FINISHED_BY_LENGTH)
-            if sequence.is_finished:
-                self._release(sequence)
-                finished.append(sequence)
+            token = next(sampled) if step.samples else None
+            if self._record(step.sequence, step.num_new_tokens, step.block_table, token):
+                finished.append(step.sequence)
+        return finished
+
+    def _record(self, sequence: Sequence, num_new_tokens: int, table: tuple[int, ...], token: int | None) -> bool:
+        """The model computed ``num_new_tokens`` more tokens of the sequence (their KV is in ``table``) and
+        sampled ``token`` (None: a prefill chunk short of the prompt's end). True if that finished it."""
+        sequence.num_computed_tokens += num_new_tokens
+        self._blocks_with_kv.update(table[: sequence.num_computed_tokens // self.block_pool.block_size])
+        if token is None:
+            return False
+        sequence.append_token(token)
+        if not sequence.is_finished and sequence.num_tokens >= self.max_model_len:
+            sequence.finish(FINISHED_BY_LENGTH)
+        if sequence.is_finished:
+            self._release(sequence)
+        return sequence.is_finished
+
+    # --- multi-step decoding ----------------------------------------------------------------------------
+
+    def schedule_decode_run(self, max_steps: int) -> DecodeRun | None:
+        """Plan up to ``max_steps`` decode steps at once; None when single steps must be taken instead.
+
+        An engine spends host time on every step: it plans the step, waits for the sampled tokens, records
+        them. When every running sequence is decoding and nobody waits, the coming steps are known in
+        advance except for their token ids, which the GPU can sample and feed back itself (greedy sampling:
+        the caller checks). So the run reserves a KV slot for every sequence and step now, the engine
+        launches the steps back to back and reads the tokens once (``finish_decode_run``): one round trip
+        to the host for several steps, as vLLM's multi-step scheduling did. The run stops before any
+        sequence could reach ``max_tokens`` or ``max_model_len``; a stop token ends a sequence early and
+        the tokens it computed after it are dropped.
+        """
+        if self._step_in_flight is not None:
+            raise RuntimeError("the last step is still in flight: pass its output to update() before scheduling again")
+        running = tuple(self._running)
+        if self._waiting or not running or any(seq.num_tokens - seq.num_computed_tokens != 1 for seq in running):
+            return None  # someone waits to be admitted, or a prefill is unfinished: single steps
+        steps = min(max_steps, *(seq.sampling_params.max_tokens - len(seq.output_token_ids) for seq in running),
+                    *(self.max_model_len - seq.num_tokens for seq in running))
+        pool = self.block_pool
+        # Each sequence's pool holds all its tokens but the last sampled one; the run slots num_steps more.
+        if steps < 2 or sum(pool.blocks_to_grow(seq.seq_id, steps) for seq in running) > pool.num_free_blocks:
+            return None
+        plan = _StepPlan(token_budget=len(running))
+        for sequence in running:
+            self._reserve_slots(sequence, sequence.num_tokens, plan)  # the known token: its slot, copy-on-write
+            pool.reserve(sequence.seq_id, steps - 1)
+        run = DecodeRun(running, steps, tuple(seq.token_ids_between(seq.num_tokens - 1, seq.num_tokens)[0]
+                                              for seq in running),
+                        tuple(seq.num_tokens - 1 for seq in running),
+                        tuple(tuple(pool.block_table(seq.seq_id)) for seq in running), tuple(plan.block_copies))
+        self._step_in_flight = run
+        return run
+
+    def finish_decode_run(self, run: DecodeRun, sampled_token_ids: np.ndarray) -> list[Sequence]:
+        """Record a run: ``sampled_token_ids[j, row]`` is what step ``j`` sampled for ``run.sequences[row]``.
+
+        Each step is recorded as ``update`` records one; a sequence that finishes keeps none of the tokens
+        sampled after. Returns the sequences the run finished (their blocks, reserved ones included, are freed).
+        """
+        if run is not self._step_in_flight:
+            raise ValueError("finish_decode_run() takes the last run schedule_decode_run() returned, once")
+        if np.shape(sampled_token_ids) != (run.num_steps, len(run.sequences)):
+            raise ValueError(f"a run of {run.num_steps} steps over {len(run.sequences)} sequences samples "
+                             f"[{run.num_steps}, {len(run.sequences)}] tokens, got {np.shape(sampled_token_ids)}")
+        self._step_in_flight = None
+        finished = []
+        for step in range(run.num_steps):
+            for sequence, table, token in zip(run.sequences, run.block_tables, sampled_token_ids[step], strict=True):
+                if sequence.is_finished:
+                    continue  # it stopped earlier in the run
+                if self._record(sequence, 1, table, int(token)):
+                    finished.append(sequence)
+                elif step + 1 < run.num_steps:  # the next step fed this token: it fills a reserved slot
+                    self.block_pool.append(sequence.seq_id, int(token))
+                    self._num_slotted_tokens[sequence.seq_id] += 1
         return finished
 
     # --- admitting, growing and evicting sequences ----------------------------------------------------

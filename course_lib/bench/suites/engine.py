@@ -8,7 +8,8 @@ CUDA graphs against eager launches, and serving throughput against Hugging Face 
   goes, kernel group by kernel group (``kernel_breakdown``).
 * **throughput, 64 requests**: 64 prompts of 512 random tokens, each generating 256 tokens (greedy, no
   early stop). The course's engine (continuous batching, CUDA graphs for decode) against transformers'
-  ``LlamaForCausalLM.generate`` on the same weights loaded from the same checkpoint; output tokens per second
+  ``LlamaForCausalLM.generate`` on the same weights loaded from the same checkpoint (the engine runs up to
+  DECODE_STEPS decode steps per round trip to the host: multi-step scheduling); output tokens per second
   of wall time, both in the same run: the median of SERVING_RUNS runs after a warm-up run (which compiles
   and fills caches). The engine gets fresh random prompts each run, so its prefix cache has nothing to reuse.
 
@@ -47,6 +48,7 @@ LAUNCHES, REPEATS = 1000, 10  # empty-kernel launches per timed call, and timed 
 # Kernel-name fragments of each part of a decode step (kernel_breakdown); anything else counts as "other".
 KERNEL_GROUPS = (("projections", ("nvjet", "gemm", "cublas")), ("attention", ("paged_attention",)),
                  ("norms", ("rms_norm",)), ("rotary_cache_write", ("rope_write_kv",)), ("activation", ("silu_mul",)))
+DECODE_STEPS = 8  # the engine's decode steps per round trip to the host while every request decodes (LLM)
 SERVING_RUNS = 3  # timed runs of each server after its warm-up: the figure is their median (the host is noisy)
 PARAMETERS = {"model": "LLAMA_1B_SHAPED (random weights)", "dtype": DTYPE, "block_size": BLOCK_SIZE,
               "decode_context": DECODE_CONTEXT, "requests": REQUESTS, "prompt": PROMPT, "output": OUTPUT,
@@ -175,7 +177,7 @@ def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int)
     blocks = requests * -(-(prompt + output) // BLOCK_SIZE) + 64
     llm = LLM(config, host_weights(config), dtype=DTYPE if gpu else "float32", num_blocks=blocks,
               block_size=BLOCK_SIZE, max_num_seqs=requests, max_num_batched_tokens=max(prompt, 4096),
-              max_model_len=prompt + output + 1, cuda_graphs=gpu)
+              max_model_len=prompt + output + 1, cuda_graphs=gpu, decode_steps=DECODE_STEPS)
     params = SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True)
     seconds = []
     for seed in range(SERVING_RUNS + 1):  # run 0 is the warm-up, as transformers gets one
@@ -187,7 +189,8 @@ def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int)
         if generated != requests * output:
             raise RuntimeError(f"the engine generated {generated} tokens, expected {requests * output}")
     timing = Timing.from_samples(np.array(seconds[1:]), "perf_counter")
-    params = {"role": "engine", "requests": requests, "prompt": prompt, "output": output, "cuda_graphs": gpu}
+    params = {"role": "engine", "requests": requests, "prompt": prompt, "output": output, "cuda_graphs": gpu,
+              "decode_steps": DECODE_STEPS}
     return measurement(f"engine {requests} requests", timing, params, tokens_per_s=generated / timing.median_s)
 
 
