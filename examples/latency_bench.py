@@ -56,6 +56,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cuda_graphs and not backend.has_gpu():
         parser.error(f"--cuda-graphs needs an NVIDIA GPU: {backend.mode_line()}")
+    if args.decode_steps < 1:
+        parser.error(f"--decode-steps must be >= 1, got {args.decode_steps}")
     return args
 
 

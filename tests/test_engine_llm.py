@@ -100,16 +100,26 @@ def test_a_checkpoint_directory_serves_the_same_tokens(tmp_path):
 # ---- multi-step decoding: several decode steps per round trip to the host -----------------------------------
 
 
+def record_runs(engine: LLM) -> list:
+    """The runs the engine's scheduler plans from now on (None where it falls back to a single step)."""
+    runs, schedule_run = [], engine.scheduler.schedule_decode_run
+
+    def recording(max_steps):
+        runs.append(schedule_run(max_steps))
+        return runs[-1]
+
+    engine.scheduler.schedule_decode_run = recording
+    return runs
+
+
 def test_multi_step_decoding_generates_the_same_tokens():
     batch = prompts(5, seed=7)
     params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (3, 9, 16, 1, 12)]  # runs end mid-way
     single = LLM(TINY, seed=6, block_size=8)
     multi = LLM(TINY, seed=6, block_size=8, decode_steps=4)
-    calls = []
-    schedule_run = multi.scheduler.schedule_decode_run
-    multi.scheduler.schedule_decode_run = lambda steps: calls.append(run := schedule_run(steps)) or run
+    runs = record_runs(multi)
     assert tokens_of(multi.generate(batch, params)) == tokens_of(single.generate(batch, params))
-    assert any(run is not None and run.num_steps == 4 for run in calls)  # the runs did happen
+    assert any(run is not None and run.num_steps == 4 for run in runs)  # the runs did happen
     assert multi.block_pool.num_free_blocks == multi.block_pool.num_blocks  # reserved blocks came back
 
 
@@ -133,10 +143,18 @@ def test_multi_step_runs_give_way_to_sampling_preemption_and_prefix_hits():
     sampled = SamplingParams(temperature=0.8, top_k=20, max_tokens=10, seed=3)
     greedy = SamplingParams(temperature=0.0, max_tokens=14)
     for params in (greedy, [sampled, greedy, greedy, greedy]):
-        roomy = tokens_of(LLM(TINY, seed=8, block_size=8).generate(batch, params))
+        expected = tokens_of(LLM(TINY, seed=8, block_size=8).generate(batch, params))
         for options in ({"num_blocks": 256}, {"num_blocks": 14, "max_num_batched_tokens": 24}):
             engine = LLM(TINY, seed=8, block_size=8, decode_steps=3, **options)
-            assert tokens_of(engine.generate(batch, params)) == roomy
+            engine.generate([shared + [1]], greedy)  # puts the shared prefix in the prefix cache
+            runs = record_runs(engine)
+            outputs = engine.generate(batch, params)
+            assert tokens_of(outputs) == expected
+            assert engine.block_pool.stats().hit_tokens >= 4 * 16  # two shared blocks of 8 for each request
+            assert any(runs)  # while a sampling request runs, steps are single: runs hold greedy sequences only
+            assert all(seq.sampling_params.is_greedy for run in runs if run for seq in run.sequences)
+            if params is greedy and options["num_blocks"] == 14:
+                assert sum(out.num_preemptions for out in outputs) > 0
 
 
 def test_decode_steps_must_be_positive():

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from course_lib.engine.block_pool import BlockPool
 from course_lib.engine.sampling import SamplingParams, sample
-from course_lib.engine.scheduler import Scheduler, SchedulerOutput
+from course_lib.engine.scheduler import DecodeRun, Scheduler, SchedulerOutput
 from course_lib.engine.sequence import Sequence, SequenceStatus
 
 VOCAB = 101
@@ -49,6 +49,24 @@ class FakeModel:
             if step.samples:
                 sampled.append(next_token(context[-1]))
         return sampled
+
+    def run_decode(self, run: DecodeRun) -> np.ndarray:
+        """A run of decode steps as the engine runs it: each step fed what the step before sampled."""
+        for copy in run.block_copies:
+            self.kv_cache[self._block_slots(copy.dst)] = self.kv_cache[self._block_slots(copy.src)]
+        contexts = [list(seq.all_token_ids) for seq in run.sequences]  # what each sequence holds at the start
+        fed, sampled = list(run.first_token_ids), []
+        for step in range(run.num_steps):
+            for row, table in enumerate(run.block_tables):
+                position = run.first_positions[row] + step
+                self.kv_cache[table[position // self.block_size] * self.block_size + position % self.block_size] = \
+                    fed[row]
+                assert self._read_context(table, position + 1) == contexts[row], f"row {row} reads bad KV"
+            fed = [next_token(context[-1]) for context in contexts]
+            for context, token in zip(contexts, fed, strict=True):
+                context.append(token)
+            sampled.append(fed)
+        return np.array(sampled)
 
     def _block_slots(self, block: int) -> slice:
         return slice(block * self.block_size, (block + 1) * self.block_size)
@@ -86,6 +104,23 @@ def run_to_completion(scheduler: Scheduler, model: FakeModel | None = None) -> l
         check_step(scheduler, output)
         scheduler.update(output, model.run(output))
         steps.append(output)
+    assert scheduler.block_pool.stats().used_blocks == 0
+    return steps
+
+
+def run_with_decode_runs(scheduler: Scheduler, max_steps: int, model: FakeModel | None = None) -> list:
+    """run_to_completion, taking a run of up to ``max_steps`` decode steps whenever the scheduler offers one."""
+    model = model or FakeModel(scheduler.block_pool)
+    steps = []
+    while scheduler.has_unfinished():
+        run = scheduler.schedule_decode_run(max_steps)
+        if run is not None:
+            scheduler.finish_decode_run(run, model.run_decode(run))
+        else:
+            output = scheduler.schedule()
+            check_step(scheduler, output)
+            scheduler.update(output, model.run(output))
+        steps.append(run or output)
     assert scheduler.block_pool.stats().used_blocks == 0
     return steps
 
@@ -401,3 +436,72 @@ def test_any_workload_gives_the_expected_outputs_within_the_limits(
             continue
         budget = min(sequence.sampling_params.max_tokens, 40 - len(sequence.prompt_token_ids))
         assert sequence.output_token_ids == expected_outputs(list(sequence.prompt_token_ids), budget)
+
+
+# --- multi-step decoding: runs of decode steps planned at once ----------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_decode_runs_give_the_outputs_of_single_steps(block_size):
+    scheduler = make_scheduler(block_size=block_size, num_blocks=256 // block_size + 8)
+    sequences = [scheduler.add_request(prompt, SamplingParams(max_tokens=n))
+                 for prompt, n in zip(some_prompts(6, seed=3), [1, 2, 5, 9, 13, 20], strict=True)]
+    steps = run_with_decode_runs(scheduler, max_steps=4)
+    assert any(isinstance(step, DecodeRun) and step.num_steps == 4 for step in steps)
+    assert_expected_outputs(sequences)
+
+
+def test_a_stop_token_or_max_model_len_inside_a_run_finishes_the_sequence_there():
+    outputs = expected_outputs([5], 12)
+    scheduler = make_scheduler(eos_token_id=outputs[5], max_model_len=9)
+    stopped = scheduler.add_request([5], SamplingParams(max_tokens=12))
+    capped = scheduler.add_request([5, 6, 5], SamplingParams(max_tokens=12, ignore_eos=True))
+    run_with_decode_runs(scheduler, max_steps=4)
+    assert (stopped.finish_reason, stopped.output_token_ids) == ("stop", outputs[:6])
+    assert (capped.finish_reason, capped.num_tokens) == ("length", 9)
+
+
+def test_blocks_filled_in_a_run_serve_later_prefix_hits():
+    scheduler = make_scheduler(block_size=2)
+    model = FakeModel(scheduler.block_pool)
+    first = scheduler.add_request([1, 2, 3], SamplingParams(max_tokens=9))
+    run_with_decode_runs(scheduler, 4, model)
+    again = scheduler.add_request([1, 2, 3, *first.output_token_ids[:6]], SamplingParams(max_tokens=3))
+    run_with_decode_runs(scheduler, 4, model)  # the fake model checks every context it reads back
+    assert again.num_cached_tokens == 8  # tokens 3 to 7 were written through slots reserved by the runs
+    assert again.output_token_ids == first.output_token_ids[6:]
+
+
+def test_runs_give_way_when_blocks_are_short_or_a_step_is_pending():
+    scheduler = make_scheduler(num_blocks=4, block_size=2)
+    model = FakeModel(scheduler.block_pool)
+    sequences = [scheduler.add_request([token], SamplingParams(max_tokens=6)) for token in (1, 2)]
+    assert scheduler.schedule_decode_run(4) is None  # requests wait to be admitted
+    output = scheduler.schedule()
+    with pytest.raises(RuntimeError, match="still in flight"):
+        scheduler.schedule_decode_run(4)
+    scheduler.update(output, model.run(output))
+    free = scheduler.block_pool.num_free_blocks
+    assert scheduler.schedule_decode_run(4) is None  # each needs 2 more blocks of 2 for 4 steps; 2 are free
+    assert scheduler.block_pool.num_free_blocks == free
+    run_with_decode_runs(scheduler, 4, model)
+    assert_expected_outputs(sequences)
+
+
+def test_a_run_is_recorded_once_with_one_token_per_step_and_sequence():
+    scheduler = make_scheduler()
+    model = FakeModel(scheduler.block_pool)
+    sequences = [scheduler.add_request(prompt, SamplingParams(max_tokens=6)) for prompt in some_prompts(2, seed=5)]
+    output = scheduler.schedule()
+    scheduler.update(output, model.run(output))
+    assert scheduler.schedule_decode_run(1) is None  # a run of one step is just a step
+    run = scheduler.schedule_decode_run(3)
+    with pytest.raises(RuntimeError, match="still in flight"):
+        scheduler.schedule()
+    with pytest.raises(ValueError, match=r"samples \[3, 2\] tokens"):
+        scheduler.finish_decode_run(run, np.zeros((2, 2), dtype=int))
+    scheduler.finish_decode_run(run, model.run_decode(run))
+    with pytest.raises(ValueError, match="once"):
+        scheduler.finish_decode_run(run, np.zeros((3, 2), dtype=int))
+    run_with_decode_runs(scheduler, 3, model)
+    assert_expected_outputs(sequences)

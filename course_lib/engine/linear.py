@@ -35,7 +35,8 @@ def linear(x: Any, weight: Any, dtype: str | None = None, *, float32_out: bool =
     if dtypes.element_type(weight, dtype) != kind:
         raise TypeError(f"linear takes x and weight of one element type, got {x.dtype} and {weight.dtype}")
     if not backend.has_gpu():
-        product = x.astype(np.float32) @ weight.T.astype(np.float32) if kind == "bfloat16" else x @ weight.T
+        wide = kind == "bfloat16" or float32_out  # fp32 products: NumPy's fp16 product would round its sums
+        product = x.astype(np.float32) @ weight.T.astype(np.float32) if wide else x @ weight.T
         return product.astype(np.float32 if float32_out else dtypes.host_dtype(kind))
     return _gemm_ex(x, weight, kind, float32_out)
 

@@ -63,8 +63,9 @@ class LLM:
     token budget of a step; ``max_num_seqs`` how many sequences run at once. With ``cuda_graphs`` (GPU
     only) steps that only decode replay a CUDA graph captured for their batch size (``engine.graphs``).
     With ``decode_steps`` > 1, while every running request decodes greedily and none waits, the engine runs
-    up to that many decode steps per round trip to the host, the GPU feeding each step's arg-max to the
-    next (``Scheduler.schedule_decode_run``); the tokens are the same, the host waits less often.
+    up to that many decode steps at a time, the GPU feeding each step's arg-max to the next
+    (``Scheduler.schedule_decode_run``); the tokens are the same. With CUDA graphs the host then waits for the
+    GPU once a run; eager steps still read their indices back to check them, so they wait every step.
     """
 
     def __init__(self, config: ModelConfig = TINY, weights: dict | None = None, *, seed: int = 0,

@@ -14,7 +14,9 @@ of the rest under a budget of ``max_num_batched_tokens``:
    queue to recompute prompt + outputs when readmitted. A step that preempts admits no one.
 
 The model runs the step, the sampler picks a token for each sequence whose step reached its last token,
-and ``update`` records them, finishing sequences and freeing their blocks.
+and ``update`` records them, finishing sequences and freeing their blocks. When every running sequence
+decodes and nobody waits, ``schedule_decode_run`` can plan several decode steps at once instead, and
+``finish_decode_run`` records them (multi-step scheduling: one round trip to the host for the run).
 
 The block pool registers a full block in the prefix cache as soon as it is allocated, before the model
 has written its KV. So the scheduler keeps its own set of blocks whose KV has been written, and a new
@@ -249,9 +251,9 @@ class Scheduler:
         advance except for their token ids, which the GPU can sample and feed back itself (greedy sampling:
         the caller checks). So the run reserves a KV slot for every sequence and step now, the engine
         launches the steps back to back and reads the tokens once (``finish_decode_run``): one round trip
-        to the host for several steps, as vLLM's multi-step scheduling did. The run stops before any
-        sequence could reach ``max_tokens`` or ``max_model_len``; a stop token ends a sequence early and
-        the tokens it computed after it are dropped.
+        to the host for several steps, as vLLM's multi-step scheduling did. A run never goes past any
+        sequence's ``max_tokens`` or ``max_model_len``; a stop token ends a sequence early and the tokens
+        computed for it after that are dropped.
         """
         if self._step_in_flight is not None:
             raise RuntimeError("the last step is still in flight: pass its output to update() before scheduling again")
@@ -261,13 +263,15 @@ class Scheduler:
         steps = min(max_steps, *(seq.sampling_params.max_tokens - len(seq.output_token_ids) for seq in running),
                     *(self.max_model_len - seq.num_tokens for seq in running))
         pool = self.block_pool
-        # Each sequence's pool holds all its tokens but the last sampled one; the run slots num_steps more.
+        # A decoding sequence's pool holds all its tokens but the last sampled one, and the run slots num_steps
+        # more (a prompt with one token left to prefill holds all of them: the count is then one too many).
         if steps < 2 or sum(pool.blocks_to_grow(seq.seq_id, steps) for seq in running) > pool.num_free_blocks:
             return None
         plan = _StepPlan(token_budget=len(running))
         for sequence in running:
             self._reserve_slots(sequence, sequence.num_tokens, plan)  # the known token: its slot, copy-on-write
             pool.reserve(sequence.seq_id, steps - 1)
+            self._forget_kv_of_unwritten_blocks(sequence)  # reserved blocks are fresh: whatever KV they held is gone
         run = DecodeRun(running, steps, tuple(seq.token_ids_between(seq.num_tokens - 1, seq.num_tokens)[0]
                                               for seq in running),
                         tuple(seq.num_tokens - 1 for seq in running),
@@ -336,7 +340,7 @@ class Scheduler:
         return True
 
     def _forget_kv_of_unwritten_blocks(self, sequence: Sequence) -> None:
-        """Blocks past what the sequence has computed are fresh (or not trusted): their old KV is gone."""
+        """Blocks past what the sequence has computed are fresh: whatever KV they held before is gone."""
         table = self.block_pool.block_table(sequence.seq_id)
         self._blocks_with_kv.difference_update(table[sequence.num_computed_tokens // self.block_pool.block_size :])
 
@@ -344,7 +348,8 @@ class Scheduler:
         """Give the sequence's first ``num_tokens`` tokens a KV slot, preempting when no block is free.
 
         Admission gave slots to every token the sequence had then; each sampled token gets its slot
-        here, the step it is fed to the model. Returns False if the sequence had to preempt itself.
+        here, the step it is fed to the model (in a decode run, the later ones get reserved slots instead).
+        Returns False if the sequence had to preempt itself.
         """
         while self._num_slotted_tokens[sequence.seq_id] < num_tokens:
             while not self.block_pool.can_append(sequence.seq_id):

@@ -9,7 +9,7 @@ CUDA graphs against eager launches, and serving throughput against Hugging Face 
 * **throughput, 64 requests**: 64 prompts of 512 random tokens, each generating 256 tokens (greedy, no
   early stop). The course's engine (continuous batching, CUDA graphs for decode) against transformers'
   ``LlamaForCausalLM.generate`` on the same weights loaded from the same checkpoint (the engine runs up to
-  DECODE_STEPS decode steps per round trip to the host: multi-step scheduling); output tokens per second
+  SERVING_DECODE_STEPS decode steps per round trip to the host: multi-step scheduling); output tokens per second
   of wall time, both in the same run: the median of SERVING_RUNS runs after a warm-up run (which compiles
   and fills caches). The engine gets fresh random prompts each run, so its prefix cache has nothing to reuse.
 
@@ -41,14 +41,14 @@ from course_lib.engine.weights import random_weights, save_checkpoint
 DESCRIPTION = "engine: batch-1 decode vs the HBM roofline, CUDA graph speedup, throughput vs transformers"
 DTYPE = "bfloat16"
 BLOCK_SIZE = 16
-DECODE_CONTEXT, DECODE_STEPS = 512, 50
+DECODE_CONTEXT, DECODE_REPEATS = 512, 50  # the batch-1 step's context, and the steps timed in a row
 REQUESTS, PROMPT, OUTPUT = 64, 512, 256
 COPY_BYTES = 1 << 30
 LAUNCHES, REPEATS = 1000, 10  # empty-kernel launches per timed call, and timed calls
 # Kernel-name fragments of each part of a decode step (kernel_breakdown); anything else counts as "other".
 KERNEL_GROUPS = (("projections", ("nvjet", "gemm", "cublas")), ("attention", ("paged_attention",)),
                  ("norms", ("rms_norm",)), ("rotary_cache_write", ("rope_write_kv",)), ("activation", ("silu_mul",)))
-DECODE_STEPS = 8  # the engine's decode steps per round trip to the host while every request decodes (LLM)
+SERVING_DECODE_STEPS = 8  # the engine's decode steps per round trip to the host while every request decodes
 SERVING_RUNS = 3  # timed runs of each server after its warm-up: the figure is their median (the host is noisy)
 PARAMETERS = {"model": "LLAMA_1B_SHAPED (random weights)", "dtype": DTYPE, "block_size": BLOCK_SIZE,
               "decode_context": DECODE_CONTEXT, "requests": REQUESTS, "prompt": PROMPT, "output": OUTPUT,
@@ -64,9 +64,9 @@ def steps(quick: bool) -> list[Step]:
     return [Step("copy bandwidth", measure_copy),
             Step("empty kernel launches, eager", functools.partial(measure_launch, "eager")),
             Step("empty kernel launches, CUDA graph", functools.partial(measure_launch, "graph")),
-            Step("decode batch 1, eager", functools.partial(measure_decode, LLAMA_1B_SHAPED, "eager", DECODE_STEPS)),
+            Step("decode batch 1, eager", functools.partial(measure_decode, LLAMA_1B_SHAPED, "eager", DECODE_REPEATS)),
             Step("decode batch 1, CUDA graph", functools.partial(measure_decode, LLAMA_1B_SHAPED, "graph",
-                                                                 DECODE_STEPS)),
+                                                                 DECODE_REPEATS)),
             Step(f"engine serving {requests} requests", functools.partial(measure_engine, LLAMA_1B_SHAPED, requests,
                                                                            PROMPT, output)),
             Step(f"transformers generate, {requests} requests", functools.partial(measure_transformers, requests,
@@ -145,7 +145,7 @@ def measure_decode(config: ModelConfig, how: str, repeats: int) -> dict[str, Any
             return model.forward(backend.xp.asarray(np.array([1], np.int32)), attention.positions, cache, attention)
         timing = _wall(eager, repeats)
         nodes = {}
-    params = {"role": how, "batch": 1, "context": context, "dtype": model.dtype,
+    params = {"role": how, "batch": 1, "context": context, "dtype": model.dtype, "steps_timed": repeats,
               "bytes_read": decode_bytes(weights, config, context), **nodes}
     return measurement(f"decode batch 1, {how}", timing, params, tokens_per_s=1.0 / timing.median_s, **breakdown)
 
@@ -177,7 +177,7 @@ def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int)
     blocks = requests * -(-(prompt + output) // BLOCK_SIZE) + 64
     llm = LLM(config, host_weights(config), dtype=DTYPE if gpu else "float32", num_blocks=blocks,
               block_size=BLOCK_SIZE, max_num_seqs=requests, max_num_batched_tokens=max(prompt, 4096),
-              max_model_len=prompt + output + 1, cuda_graphs=gpu, decode_steps=DECODE_STEPS)
+              max_model_len=prompt + output + 1, cuda_graphs=gpu, decode_steps=SERVING_DECODE_STEPS)
     params = SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True)
     seconds = []
     for seed in range(SERVING_RUNS + 1):  # run 0 is the warm-up, as transformers gets one
@@ -190,7 +190,7 @@ def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int)
             raise RuntimeError(f"the engine generated {generated} tokens, expected {requests * output}")
     timing = Timing.from_samples(np.array(seconds[1:]), "perf_counter")
     params = {"role": "engine", "requests": requests, "prompt": prompt, "output": output, "cuda_graphs": gpu,
-              "decode_steps": DECODE_STEPS}
+              "decode_steps": SERVING_DECODE_STEPS}
     return measurement(f"engine {requests} requests", timing, params, tokens_per_s=generated / timing.median_s)
 
 
