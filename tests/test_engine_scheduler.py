@@ -505,3 +505,12 @@ def test_a_run_is_recorded_once_with_one_token_per_step_and_sequence():
         scheduler.finish_decode_run(run, np.zeros((3, 2), dtype=int))
     run_with_decode_runs(scheduler, 3, model)
     assert_expected_outputs(sequences)
+
+
+def test_runs_go_on_while_requests_wait_for_a_seat():
+    scheduler = make_scheduler(max_num_seqs=2)
+    sequences = [scheduler.add_request(prompt, SamplingParams(max_tokens=8)) for prompt in some_prompts(4, seed=6)]
+    steps = run_with_decode_runs(scheduler, max_steps=4)
+    waiting_runs = [step for step in steps if isinstance(step, DecodeRun) and step.sequences[0] is sequences[0]]
+    assert waiting_runs  # the first two decoded in runs while the last two waited for their seats
+    assert_expected_outputs(sequences)

@@ -62,7 +62,7 @@ class LLM:
     directory. ``num_blocks`` x ``block_size`` is the KV cache in tokens; ``max_num_batched_tokens`` the
     token budget of a step; ``max_num_seqs`` how many sequences run at once. With ``cuda_graphs`` (GPU
     only) steps that only decode replay a CUDA graph captured for their batch size (``engine.graphs``).
-    With ``decode_steps`` > 1, while every running request decodes greedily and none waits, the engine runs
+    With ``decode_steps`` > 1, while every running request decodes greedily and no waiting one could join, it runs
     up to that many decode steps at a time, the GPU feeding each step's arg-max to the next
     (``Scheduler.schedule_decode_run``); the tokens are the same. With CUDA graphs the host then waits for the
     GPU once a run; eager steps still read their indices back to check them, so they wait every step.

@@ -15,7 +15,7 @@ of the rest under a budget of ``max_num_batched_tokens``:
 
 The model runs the step, the sampler picks a token for each sequence whose step reached its last token,
 and ``update`` records them, finishing sequences and freeing their blocks. When every running sequence
-decodes and nobody waits, ``schedule_decode_run`` can plan several decode steps at once instead, and
+decodes and no waiting request could join, ``schedule_decode_run`` can plan several decode steps at once, and
 ``finish_decode_run`` records them (multi-step scheduling: one round trip to the host for the run).
 
 The block pool registers a full block in the prefix cache as soon as it is allocated, before the model
@@ -247,7 +247,8 @@ class Scheduler:
         """Plan up to ``max_steps`` decode steps at once; None when single steps must be taken instead.
 
         An engine spends host time on every step: it plans the step, waits for the sampled tokens, records
-        them. When every running sequence is decoding and nobody waits, the coming steps are known in
+        them. When every running sequence is decoding and no waiting request has a free seat to take
+        (``max_num_seqs``; a run admits no one until it ends), the coming steps are known in
         advance except for their token ids, which the GPU can sample and feed back itself (greedy sampling:
         the caller checks). So the run reserves a KV slot for every sequence and step now, the engine
         launches the steps back to back and reads the tokens once (``finish_decode_run``): one round trip
@@ -258,8 +259,9 @@ class Scheduler:
         if self._step_in_flight is not None:
             raise RuntimeError("the last step is still in flight: pass its output to update() before scheduling again")
         running = tuple(self._running)
-        if self._waiting or not running or any(seq.num_tokens - seq.num_computed_tokens != 1 for seq in running):
-            return None  # someone waits to be admitted, or a prefill is unfinished: single steps
+        could_admit = self._waiting and len(running) < self.max_num_seqs
+        if could_admit or not running or any(seq.num_tokens - seq.num_computed_tokens != 1 for seq in running):
+            return None  # someone waiting could join the batch, or a prefill is unfinished: single steps
         steps = min(max_steps, *(seq.sampling_params.max_tokens - len(seq.output_token_ids) for seq in running),
                     *(self.max_model_len - seq.num_tokens for seq in running))
         pool = self.block_pool
