@@ -34,6 +34,7 @@ from course_lib.bench.results import new_result, provenance, save_result  # noqa
 from course_lib.engine.config import LLAMA_1B_SHAPED, TINY  # noqa: E402
 from course_lib.engine.latency import measure_latency  # noqa: E402
 from course_lib.engine.llm import LLM  # noqa: E402
+from course_lib.engine.options import add_engine_options, engine_options  # noqa: E402
 
 MODELS = {"tiny": TINY, "llama-1b-shaped": LLAMA_1B_SHAPED}
 
@@ -44,20 +45,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], help="requests served together")
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[32, 128], help="tokens per prompt")
     parser.add_argument("--output-lengths", type=int, nargs="+", default=[16], help="tokens generated per request")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="replay decode steps from CUDA graphs captured at start-up (needs a GPU)")
-    parser.add_argument("--decode-steps", type=int, default=1,
-                        help="decode steps per round trip to the host while every request decodes greedily "
-                             "(default 1; tokens then arrive in bursts of this many)")
+    add_engine_options(parser)
     parser.add_argument("--num-blocks", type=int, default=1024, help="KV-cache blocks of 16 tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompts")
     parser.add_argument("--out", type=Path, default=Path("latency_bench"), help="folder for the JSON and PNG")
     args = parser.parse_args(argv)
-    if args.cuda_graphs and not backend.has_gpu():
-        parser.error(f"--cuda-graphs needs an NVIDIA GPU: {backend.mode_line()}")
-    if args.decode_steps < 1:
-        parser.error(f"--decode-steps must be >= 1, got {args.decode_steps}")
+    args.engine = engine_options(parser, args)  # LLM's keyword arguments, checked
     return args
 
 
@@ -91,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     result = new_result("latency_bench", {"model": args.model, "dtype": args.dtype, "num_blocks": args.num_blocks})
     rng = np.random.default_rng(args.seed)
     sweep = list(itertools.product(args.batch_sizes, args.prompt_lengths, args.output_lengths))
-    llm = LLM(config, seed=args.seed, dtype=args.dtype, num_blocks=args.num_blocks,
-              max_model_len=config.max_position_embeddings, cuda_graphs=args.cuda_graphs,
-              decode_steps=args.decode_steps)
+    llm = LLM(config, seed=args.seed, num_blocks=args.num_blocks, max_model_len=config.max_position_embeddings,
+              **args.engine)
     for batch, prompt_length, output_length in tqdm(sweep, desc="latency sweep", unit="point"):
         result["measurements"].append(measure_latency(llm, batch, prompt_length, output_length, rng))
     json_path, png_path = save_result(result, args.out), args.out / "latency_bench.png"

@@ -19,6 +19,7 @@ import numpy as np
 from course_lib import backend
 from course_lib.engine.config import LLAMA_1B_SHAPED, TINY
 from course_lib.engine.llm import LLM
+from course_lib.engine.options import add_engine_options, engine_options
 from course_lib.engine.sampling import SamplingParams
 
 MODELS = {"tiny": TINY, "llama-1b-shaped": LLAMA_1B_SHAPED}
@@ -37,17 +38,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="keep the likeliest tokens up to this mass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights, prompt and sampling")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="replay decode steps from CUDA graphs captured at start-up (needs a GPU)")
-    parser.add_argument("--decode-steps", type=int, default=1,
-                        help="decode steps per round trip to the host while every request decodes greedily "
-                             "(default 1; tokens then arrive in bursts of this many)")
+    add_engine_options(parser)
     args = parser.parse_args(argv)
-    if args.cuda_graphs and not backend.has_gpu():
-        parser.error(f"--cuda-graphs needs an NVIDIA GPU: {backend.mode_line()}")
-    if args.decode_steps < 1:
-        parser.error(f"--decode-steps must be >= 1, got {args.decode_steps}")
+    args.engine = engine_options(parser, args)  # LLM's keyword arguments, checked
     return args
 
 
@@ -56,11 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     print(backend.mode_line())
     start = time.perf_counter()
     if args.checkpoint:
-        llm = LLM.from_checkpoint(args.checkpoint, dtype=args.dtype, cuda_graphs=args.cuda_graphs,
-                                  decode_steps=args.decode_steps)
+        llm = LLM.from_checkpoint(args.checkpoint, **args.engine)
     else:
-        llm = LLM(MODELS[args.model], seed=args.seed, dtype=args.dtype, cuda_graphs=args.cuda_graphs,
-                  decode_steps=args.decode_steps)
+        llm = LLM(MODELS[args.model], seed=args.seed, **args.engine)
     loaded = time.perf_counter()
     if args.prompt_tokens:
         prompt = [int(token) for token in args.prompt_tokens.split()]

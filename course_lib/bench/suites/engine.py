@@ -31,6 +31,7 @@ from course_lib import backend
 from course_lib.bench.baselines import copy_bandwidth, require_torch
 from course_lib.bench.runner import Step, measurement
 from course_lib.bench.timing import Timing
+from course_lib.engine.block_pool import blocks_for
 from course_lib.engine.config import LLAMA_1B_SHAPED, TINY, ModelConfig
 from course_lib.engine.graphs import DecodeGraphs
 from course_lib.engine.llm import LLM
@@ -130,15 +131,17 @@ def measure_decode(config: ModelConfig, how: str, repeats: int) -> dict[str, Any
     """One decode step at batch 1 over a context of DECODE_CONTEXT tokens, eager or replayed from a graph."""
     weights = host_weights(config)
     model = LlamaModel(config, weights, DTYPE if backend.has_gpu() else "float32")
-    blocks = -(-(DECODE_CONTEXT + 1) // BLOCK_SIZE)
+    blocks = blocks_for(DECODE_CONTEXT + 1, BLOCK_SIZE)
     cache = KVCache.allocate(config, blocks, BLOCK_SIZE, model.dtype)
     table, context = list(range(blocks)), DECODE_CONTEXT
     breakdown = {}
     if how == "graph":
         graphs = DecodeGraphs(model, cache, batch_sizes=(1,), max_context_len=blocks * BLOCK_SIZE)
-        timing = _wall(lambda: graphs.run([1], [context], [table]), repeats)
+        def replay() -> Any:
+            return graphs.run([1], [context], [table])
+        timing = _wall(replay, repeats)
         nodes = {"graph_nodes": graphs.steps[1].num_nodes}
-        breakdown = kernel_breakdown(lambda: graphs.run([1], [context], [table]), repeats)
+        breakdown = kernel_breakdown(replay, repeats)
     else:
         def eager() -> Any:
             attention = AttentionMetadata.build([(1, context, table)], BLOCK_SIZE)
@@ -174,7 +177,7 @@ def kernel_breakdown(run: Callable[[], Any], calls: int) -> dict[str, float]:
 def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int) -> dict[str, Any]:
     """The engine serving ``requests`` prompts at once: output tokens per second of wall time."""
     gpu = backend.has_gpu()
-    blocks = requests * -(-(prompt + output) // BLOCK_SIZE) + 64
+    blocks = requests * blocks_for(prompt + output, BLOCK_SIZE) + 64
     llm = LLM(config, host_weights(config), dtype=DTYPE if gpu else "float32", num_blocks=blocks,
               block_size=BLOCK_SIZE, max_num_seqs=requests, max_num_batched_tokens=max(prompt, 4096),
               max_model_len=prompt + output + 1, cuda_graphs=gpu, decode_steps=SERVING_DECODE_STEPS)
