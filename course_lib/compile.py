@@ -141,7 +141,7 @@ def compile_cuda(
         log = _read(nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog, program).decode(errors="replace")
         _check(status + (None,), f"compiling {name} for {arch}", log)
         ptx = _read(nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX, program).decode()
-        cubin = _read(nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, program)
+        cubin = _read(nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, program, text=False)
         readable = {
             _check(nvrtc.nvrtcGetLoweredName(program, expression.encode()), "nvrtcGetLoweredName").decode(): expression
             for expression in name_expressions
@@ -153,11 +153,13 @@ def compile_cuda(
     return CompiledSource(name, arch, ptx, cubin, log, kernels)
 
 
-def _read(size_fn: Any, data_fn: Any, program: Any) -> bytes:
+def _read(size_fn: Any, data_fn: Any, program: Any, *, text: bool = True) -> bytes:
+    """One of NVRTC's outputs. The log's and the PTX's sizes count a closing NUL, which is dropped; a cubin is
+    an ELF file that may end in zero bytes of its own, so it is returned whole."""
     size = _check(size_fn(program), size_fn.__name__)
     buffer = b" " * size
     _check(data_fn(program, buffer), data_fn.__name__)
-    return buffer.rstrip(b"\x00")
+    return buffer.rstrip(b"\x00") if text else buffer
 
 
 _ENTRY = re.compile(r"Compiling entry function '(?P<kernel>[^']+)' for '(?P<arch>\w+)'")
