@@ -75,6 +75,10 @@ def test_replays_check_their_inputs_on_the_host(rng):
         graphs.run([TINY.vocab_size], [3], [[0]])
     with pytest.raises(ValueError, match="a decode batch of 1 to 2"):
         graphs.run([1, 2, 3], [3, 3, 3], [[0], [1], [2]])
+    graphs.run([1], [3], [[0]])
+    graphs.close()
+    with pytest.raises(RuntimeError, match="were closed"):
+        graphs.run([1], [3], [[0]])
 
 
 @gpu

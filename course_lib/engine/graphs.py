@@ -104,6 +104,15 @@ class DecodeGraphs:
     def batch_sizes(self) -> list[int]:
         return list(self.steps)
 
+    def close(self) -> None:
+        """Destroy the executable graphs now, once their last replay is done, instead of whenever (and in
+        whatever order, at interpreter exit) Python collects them. The graphs cannot be replayed afterwards."""
+        self.stream.synchronize()
+        runtime = _runtime()
+        for step in self.steps.values():
+            _runtime_call(runtime.cudaGraphExecDestroy(step.graph), "cudaGraphExecDestroy")
+        self.steps = {}
+
     def run(self, token_ids: Sequence[int], context_lens: Sequence[int],
             block_tables: Sequence[Sequence[int]]) -> Any:
         """Logits ``[batch, vocab]`` of a decode batch by graph replay, padded to the next captured size.
@@ -111,6 +120,8 @@ class DecodeGraphs:
         ``token_ids`` are host integers, checked here, or a device array: the previous step's arg-max in a
         multi-step run, copied on the GPU (an arg-max is always a token id of the vocabulary).
         """
+        if not self.steps:
+            raise RuntimeError("these CUDA graphs were closed; capture new ones")
         on_device = isinstance(token_ids, backend.xp.ndarray)
         batch = len(token_ids)
         if not 1 <= batch <= self.batch_sizes[-1] or len(context_lens) != batch or len(block_tables) != batch:

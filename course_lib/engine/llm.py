@@ -91,6 +91,12 @@ class LLM:
         config, weights = load_checkpoint(directory)
         return cls(config, weights, **options)
 
+    def close(self) -> None:
+        """Release the CUDA graphs (if any) now; the engine then runs eager steps only."""
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
+
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion, batched continuously; outputs in the order of ``prompts``."""

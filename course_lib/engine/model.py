@@ -37,7 +37,9 @@ from course_lib.engine.block_pool import BlockCopy
 from course_lib.engine.config import ModelConfig
 from course_lib.engine.linear import linear
 from course_lib.engine.weights import check_weights
+from course_lib.kernels import matvec
 from course_lib.kernels.fused import inverse_frequencies, rope_write_kv_step, silu_mul
+from course_lib.kernels.matvec import add_matvec, normed_matvec
 from course_lib.kernels.norm import add_rms_norm, rms_norm
 from course_lib.kernels.paged_attention import blocks_for, decode_step
 from course_lib.kernels.prepared import PreparedStep
@@ -171,13 +173,18 @@ class LlamaModel:
     """A Llama decoder on the current device: ``forward`` maps a step's flat batch of tokens to logits.
 
     ``weights`` use Hugging Face names (``course_lib.engine.weights``); they are converted to ``dtype``
-    (default: the embedding's) and moved to the device once, here.
+    (default: the embedding's) and moved to the device once, here. A step of one token (batch-1 decode) runs
+    on matrix-vector products with the norms, activation and residual adds fused in (``_one_token_logits``)
+    unless ``one_token_matvec=False`` or the model's rows do not fit those kernels (``matvec.supports``).
     """
 
-    def __init__(self, config: ModelConfig, weights: dict[str, Any], dtype: str | None = None) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, Any], dtype: str | None = None, *,
+                 one_token_matvec: bool = True) -> None:
         check_weights(config, weights)
         self.config = config
         self.dtype = dtype or dtypes.element_type(weights["model.embed_tokens.weight"])
+        row_lengths = (config.hidden_size, config.num_heads * config.head_dim, config.intermediate_size)
+        self.one_token_matvec = one_token_matvec and all(matvec.supports(k, self.dtype) for k in row_lengths)
         host_type = dtypes.host_dtype(self.dtype)
         host = {name: np.ascontiguousarray(backend.to_numpy(w).astype(host_type)) for name, w in weights.items()}
         for i in range(config.num_layers):  # stack the projections that read the same input: one GEMM each
@@ -200,6 +207,8 @@ class LlamaModel:
         For a caller that checked them on the host already, and for CUDA graph capture, where no such read
         may happen (``course_lib.engine.graphs``).
         """
+        if attention.num_tokens == 1 and self.one_token_matvec:
+            return self._one_token_logits(token_ids, positions, kv_cache, attention)
         return self.compute_logits(self._hidden_states(token_ids, positions, kv_cache, attention), attention)
 
     def _hidden_states(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
@@ -212,12 +221,35 @@ class LlamaModel:
         residual = w["model.embed_tokens.weight"][token_ids]
         hidden = rms_norm(residual, w["model.layers.0.input_layernorm.weight"], eps, dtype=kind)
         for i in range(layers):
-            attended = self.self_attention(i, hidden, positions, kv_cache, attention)
-            hidden = add_rms_norm(attended, residual, w[f"model.layers.{i}.post_attention_layernorm.weight"], eps,
-                                  dtype=kind)
+            layer = f"model.layers.{i}."
+            qkv = linear(hidden, w[layer + "self_attn.qkv_proj.weight"], kind)
+            attended = linear(self.attend(i, qkv, positions, kv_cache, attention), w[layer + "self_attn.o_proj.weight"],
+                              kind)
+            hidden = add_rms_norm(attended, residual, w[layer + "post_attention_layernorm.weight"], eps, dtype=kind)
             following = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < layers else "model.norm.weight"
             hidden = add_rms_norm(self.mlp(i, hidden), residual, w[following], eps, dtype=kind)
         return hidden
+
+    def _one_token_logits(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
+        """The logits of a step of one token, its norms, activations and residual adds fused into the projections.
+
+        A decode step at batch 1 is all matrix-vector products, and the small kernels between them cost more
+        than they compute (``course_lib.kernels.matvec``): here each norm rides on the product after it, the
+        activation and each residual add on the product before it. Same function as ``_hidden_states`` and
+        ``compute_logits``, up to the order of the sums.
+        """
+        w, eps, kind = self.weights, self.config.rms_norm_eps, self.dtype
+        residual = w["model.embed_tokens.weight"][token_ids]
+        for i in range(self.config.num_layers):
+            layer = f"model.layers.{i}."
+            qkv = normed_matvec(residual, w[layer + "input_layernorm.weight"], w[layer + "self_attn.qkv_proj.weight"],
+                                eps, dtype=kind)
+            add_matvec(residual, self.attend(i, qkv, positions, kv_cache, attention),
+                       w[layer + "self_attn.o_proj.weight"], dtype=kind)
+            gate_up = normed_matvec(residual, w[layer + "post_attention_layernorm.weight"],
+                                    w[layer + "mlp.gate_up_proj.weight"], eps, dtype=kind)
+            add_matvec(residual, gate_up, w[layer + "mlp.down_proj.weight"], activation="silu_mul", dtype=kind)
+        return normed_matvec(residual, w["model.norm.weight"], self.lm_head, eps, dtype=kind, float32_out=True)
 
     def compute_logits(self, hidden: Any, attention: AttentionMetadata) -> Any:
         """Project only the rows a token is sampled from: each sequence's last new token (every row, in decode)."""
@@ -225,20 +257,19 @@ class LlamaModel:
         last = hidden if every_row else hidden[attention.last_token_rows]
         return linear(last, self.lm_head, self.dtype, float32_out=True)
 
-    def self_attention(self, i: int, x: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
-        """Grouped-query attention of layer ``i``: project, rotate and cache the new keys and values, attend."""
-        config, prefix, kind = self.config, f"model.layers.{i}.self_attn.", self.dtype
-        qkv = linear(x, self.weights[prefix + "qkv_proj.weight"], kind)
+    def attend(self, i: int, qkv: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
+        """Grouped-query attention of layer ``i`` from its q/k/v projection: rotate, cache the new keys and values,
+        attend. Returns ``[tokens, heads * head_dim]``, the input of the output projection."""
+        config, kind = self.config, self.dtype
         caches = {"key_cache": kv_cache.keys[i], "value_cache": kv_cache.values[i]}
         rope = attention.prepared("rope_write_kv", partial(rope_write_kv_step, qkv, positions, self.frequencies,
                                                            config.num_heads, *caches.values(), attention.slot_mapping,
                                                            dtype=kind))
         query = rope(qkv=qkv, **caches)  # the new keys and values go straight into the cache
-        attend = attention.prepared("attention", partial(
+        attention_step = attention.prepared("attention", partial(
             decode_step, query, *caches.values(), attention.block_tables, attention.context_lens,
             partition_size="auto", dtype=kind))
-        out = attend(query=query, **caches)  # [tokens, heads, head_dim]
-        return linear(out.reshape(x.shape[0], -1), self.weights[prefix + "o_proj.weight"], kind)
+        return attention_step(query=query, **caches).reshape(qkv.shape[0], -1)  # [tokens, heads * head_dim]
 
     def mlp(self, i: int, x: Any) -> Any:
         """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up from one stacked projection."""

@@ -11,33 +11,7 @@
 //     (the second read mostly hits L2) and, with PACK = 1, handles any length and alignment.
 
 #include "elements.cuh"
-
-// ---- the block-wide sum --------------------------------------------------------------------
-// Each warp adds its 32 values with shuffles (no shared memory, no barrier), warp leaders meet in
-// shared memory, and warp 0 adds those. Every thread gets the total.
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-__device__ float block_sum(float v) {
-    __shared__ float per_warp[32];
-    __shared__ float total;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    v = warp_sum(v);
-    if (lane == 0) per_warp[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (blockDim.x + 31) / 32 ? per_warp[lane] : 0.0f;
-        v = warp_sum(v);
-        if (lane == 0) total = v;
-    }
-    __syncthreads();
-    const float result = total;
-    __syncthreads();  // per_warp and total may be reused by the next call
-    return result;
-}
+#include "reduce.cuh"
 
 // ---- a row into registers: ITEMS packs per thread, zeros past the end of the row -------------------
 template <typename T, int ITEMS, int PACK>

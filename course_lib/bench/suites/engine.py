@@ -4,8 +4,11 @@ CUDA graphs against eager launches, and serving throughput against Hugging Face 
 * **decode, batch 1**: the wall time of one decode step (context 512), eager (every kernel launched from
   Python) and replayed from a CUDA graph (``course_lib.engine.graphs``). At batch 1 a step reads every
   weight once, except the embedding table, of which it reads one row: the **roofline** is those bytes
-  over the copy bandwidth measured in the same run. The graphed step also records where its GPU time
-  goes, kernel group by kernel group (``kernel_breakdown``).
+  over the copy bandwidth measured in the same run, of a COPY_BYTES copy (about the bytes a step streams).
+  The graphed step also records where its GPU time goes, kernel group by kernel group
+  (``kernel_breakdown``), and is timed once more without the one-token matrix-vector products that carry
+  the norms, activation and residual adds (``one_token_matvec=False``: cuBLAS and separate kernels, as a
+  larger batch runs), which is what that fusion saves.
 * **throughput, 64 requests**: 64 prompts of 512 random tokens, each generating 256 tokens (greedy, no
   early stop). The course's engine (continuous batching, CUDA graphs for decode) against transformers'
   ``LlamaForCausalLM.generate`` on the same weights loaded from the same checkpoint (the engine runs up to
@@ -44,12 +47,16 @@ DTYPE = "bfloat16"
 BLOCK_SIZE = 16
 DECODE_CONTEXT, DECODE_REPEATS = 512, 50  # the batch-1 step's context, and the steps timed in a row
 REQUESTS, PROMPT, OUTPUT = 64, 512, 256
-COPY_BYTES = 1 << 30
+# The roofline's copy: 1 GiB each way, about the bytes a decode step streams (an H100 copies smaller buffers
+# faster, so the suite also records a 256 MiB copy, for comparison only).
+COPY_BYTES, REFERENCE_COPY_BYTES = 1 << 30, 256 << 20
 LAUNCHES, REPEATS = 1000, 10  # empty-kernel launches per timed call, and timed calls
+ROUNDS = 7  # a wall-clock figure is the median of this many rounds of calls in a row (the host is noisy)
 # Kernel-name fragments of each part of a decode step (kernel_breakdown); anything else counts as "other".
-KERNEL_GROUPS = (("projections", ("nvjet", "gemm", "cublas")), ("attention", ("paged_attention",)),
+KERNEL_GROUPS = (("projections", ("nvjet", "gemm", "cublas", "matvec")), ("attention", ("paged_attention",)),
                  ("norms", ("rms_norm",)), ("rotary_cache_write", ("rope_write_kv",)), ("activation", ("silu_mul",)))
-SERVING_DECODE_STEPS = 8  # the engine's decode steps per round trip to the host while every request decodes
+SERVING_DECODE_STEPS = 16  # the engine's decode steps per round trip to the host while every request decodes
+SERVING_TOKEN_BUDGET = 16384  # max_num_batched_tokens: 32 prompts of 512 tokens prefilled per step
 SERVING_RUNS = 3  # timed runs of each server after its warm-up: the figure is their median (the host is noisy)
 PARAMETERS = {"model": "LLAMA_1B_SHAPED (random weights)", "dtype": DTYPE, "block_size": BLOCK_SIZE,
               "decode_context": DECODE_CONTEXT, "requests": REQUESTS, "prompt": PROMPT, "output": OUTPUT,
@@ -63,11 +70,14 @@ def steps(quick: bool) -> list[Step]:
     require_torch("the engine suite's transformers baseline")
     requests, output = (8, 32) if quick else (REQUESTS, OUTPUT)
     return [Step("copy bandwidth", measure_copy),
+            Step("copy bandwidth, 256 MiB", functools.partial(measure_copy, REFERENCE_COPY_BYTES)),
             Step("empty kernel launches, eager", functools.partial(measure_launch, "eager")),
             Step("empty kernel launches, CUDA graph", functools.partial(measure_launch, "graph")),
             Step("decode batch 1, eager", functools.partial(measure_decode, LLAMA_1B_SHAPED, "eager", DECODE_REPEATS)),
             Step("decode batch 1, CUDA graph", functools.partial(measure_decode, LLAMA_1B_SHAPED, "graph",
                                                                  DECODE_REPEATS)),
+            Step("decode batch 1, CUDA graph, unfused", functools.partial(
+                measure_decode, LLAMA_1B_SHAPED, "graph", DECODE_REPEATS, one_token_matvec=False)),
             Step(f"engine serving {requests} requests", functools.partial(measure_engine, LLAMA_1B_SHAPED, requests,
                                                                            PROMPT, output)),
             Step(f"transformers generate, {requests} requests", functools.partial(measure_transformers, requests,
@@ -88,8 +98,12 @@ def decode_bytes(weights: dict[str, Any], config: ModelConfig, context: int) -> 
     return sum(int(w.nbytes) for w in weights.values()) - int(embedding.nbytes) + config.hidden_size * item + kv
 
 
-def measure_copy() -> dict[str, Any]:
-    return copy_bandwidth(COPY_BYTES)
+def measure_copy(nbytes: int = COPY_BYTES) -> dict[str, Any]:
+    """The copy bandwidth; any size but COPY_BYTES is recorded as a reference, not as the roofline's copy."""
+    result = copy_bandwidth(nbytes)
+    if nbytes != COPY_BYTES:
+        result["label"], result["parameters"]["role"] = f"copy {nbytes >> 20} MiB", "copy reference"
+    return result
 
 
 def measure_launch(how: str, launches: int = LAUNCHES) -> dict[str, Any]:
@@ -115,22 +129,29 @@ def measure_launch(how: str, launches: int = LAUNCHES) -> dict[str, Any]:
                        us_per_launch=per_launch * 1e6)
 
 
-def _wall(run: Callable[[], Any], repeats: int) -> Timing:
-    """Seconds per call of ``run`` over ``repeats`` calls in a row, the device synchronised at the end."""
+def _wall(run: Callable[[], Any], repeats: int, rounds: int = ROUNDS) -> Timing:
+    """Seconds per call of ``run``: ``rounds`` rounds of ``repeats`` calls in a row, each timed with the device
+    synchronised at its end; the Timing's samples are the rounds' means."""
     run()
     backend.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    backend.synchronize()
-    seconds = (time.perf_counter() - start) / repeats
-    return Timing.from_samples(np.array([seconds]), "perf_counter")
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        backend.synchronize()
+        seconds.append((time.perf_counter() - start) / repeats)
+    return Timing.from_samples(np.array(seconds), "perf_counter")
 
 
-def measure_decode(config: ModelConfig, how: str, repeats: int) -> dict[str, Any]:
-    """One decode step at batch 1 over a context of DECODE_CONTEXT tokens, eager or replayed from a graph."""
+def measure_decode(config: ModelConfig, how: str, repeats: int, one_token_matvec: bool = True) -> dict[str, Any]:
+    """One decode step at batch 1 over a context of DECODE_CONTEXT tokens, eager or replayed from a graph.
+
+    ``one_token_matvec=False`` runs the step as a batch of any size would (cuBLAS products, separate norm and
+    activation kernels) instead of the fused matrix-vector products: what the fusion saves.
+    """
     weights = host_weights(config)
-    model = LlamaModel(config, weights, DTYPE if backend.has_gpu() else "float32")
+    model = LlamaModel(config, weights, DTYPE if backend.has_gpu() else "float32", one_token_matvec=one_token_matvec)
     blocks = blocks_for(DECODE_CONTEXT + 1, BLOCK_SIZE)
     cache = KVCache.allocate(config, blocks, BLOCK_SIZE, model.dtype)
     table, context = list(range(blocks)), DECODE_CONTEXT
@@ -142,15 +163,18 @@ def measure_decode(config: ModelConfig, how: str, repeats: int) -> dict[str, Any
         timing = _wall(replay, repeats)
         nodes = {"graph_nodes": graphs.steps[1].num_nodes}
         breakdown = kernel_breakdown(replay, repeats)
+        graphs.close()
     else:
         def eager() -> Any:
             attention = AttentionMetadata.build([(1, context, table)], BLOCK_SIZE)
             return model.forward(backend.xp.asarray(np.array([1], np.int32)), attention.positions, cache, attention)
         timing = _wall(eager, repeats)
         nodes = {}
-    params = {"role": how, "batch": 1, "context": context, "dtype": model.dtype, "steps_timed": repeats,
+    role = how if model.one_token_matvec else f"{how} unfused"
+    params = {"role": role, "batch": 1, "context": context, "dtype": model.dtype, "steps_timed": repeats,
+              "rounds": timing.repeats, "one_token_matvec": model.one_token_matvec,
               "bytes_read": decode_bytes(weights, config, context), **nodes}
-    return measurement(f"decode batch 1, {how}", timing, params, tokens_per_s=1.0 / timing.median_s, **breakdown)
+    return measurement(f"decode batch 1, {role}", timing, params, tokens_per_s=1.0 / timing.median_s, **breakdown)
 
 
 def kernel_breakdown(run: Callable[[], Any], calls: int) -> dict[str, float]:
@@ -179,7 +203,8 @@ def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int)
     gpu = backend.has_gpu()
     blocks = requests * blocks_for(prompt + output, BLOCK_SIZE) + 64
     llm = LLM(config, host_weights(config), dtype=DTYPE if gpu else "float32", num_blocks=blocks,
-              block_size=BLOCK_SIZE, max_num_seqs=requests, max_num_batched_tokens=max(prompt, 4096),
+              block_size=BLOCK_SIZE, max_num_seqs=requests,
+              max_num_batched_tokens=max(prompt, SERVING_TOKEN_BUDGET),
               max_model_len=prompt + output + 1, cuda_graphs=gpu, decode_steps=SERVING_DECODE_STEPS)
     params = SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True)
     seconds = []
@@ -191,9 +216,10 @@ def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int)
         generated = sum(len(out.output_token_ids) for out in outputs)
         if generated != requests * output:
             raise RuntimeError(f"the engine generated {generated} tokens, expected {requests * output}")
+    llm.close()
     timing = Timing.from_samples(np.array(seconds[1:]), "perf_counter")
     params = {"role": "engine", "requests": requests, "prompt": prompt, "output": output, "cuda_graphs": gpu,
-              "decode_steps": SERVING_DECODE_STEPS}
+              "decode_steps": SERVING_DECODE_STEPS, "max_num_batched_tokens": max(prompt, SERVING_TOKEN_BUDGET)}
     return measurement(f"engine {requests} requests", timing, params, tokens_per_s=generated / timing.median_s)
 
 
@@ -242,6 +268,8 @@ def headline(measurements: list[dict[str, Any]]) -> dict[str, float]:
         figures["decode_b1_vs_roofline"] = roofline_s / graph["timing"]["median_s"]
     if graph and eager:
         figures["graph_speedup_b1"] = eager["timing"]["median_s"] / graph["timing"]["median_s"]
+    if graph and (unfused := found.get("graph unfused")):
+        figures["matvec_fusion_speedup_b1"] = unfused["timing"]["median_s"] / graph["timing"]["median_s"]
     engine, baseline = found.get("engine"), found.get("transformers")
     if engine and baseline:
         figures[f"throughput_vs_transformers_b{engine['parameters']['requests']}"] = (
