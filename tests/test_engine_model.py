@@ -129,6 +129,53 @@ def test_tied_embeddings_and_bfloat16(rng):
     assert_matches(logits[0], reference, "bfloat16")
 
 
+@pytest.fixture
+def matvec_calls(monkeypatch) -> list[str]:
+    """The names of the fused matrix-vector products the model calls, in order."""
+    from course_lib.engine import model as model_module
+
+    calls = []
+
+    def counting(name, real):
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return counted
+
+    for name in ("normed_matvec", "add_matvec"):
+        monkeypatch.setattr(model_module, name, counting(name, getattr(model_module, name)))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_token_steps_give_the_same_logits_with_the_fused_products(weights, rng, dtype, matvec_calls):
+    """A step of one token runs on course_lib.kernels.matvec (norms, activation and residual adds fused into the
+    projections); without it, on the path every larger step takes. Both match the dense model."""
+    tokens = rng.integers(0, TINY.vocab_size, 10)
+    (table,) = scattered_tables(rng, len(tokens))
+    logits = {}
+    for fused in (True, False):
+        model = LlamaModel(TINY, weights, dtype, one_token_matvec=fused)
+        cache = KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE, dtype)
+        run_step(model, cache, [(tokens[:-1], len(tokens) - 1, table)])
+        assert matvec_calls == []  # a prompt of several tokens takes the batched path
+        logits[fused] = run_step(model, cache, [(tokens[-1:], len(tokens), table)])[0]
+        per_layer = ["normed_matvec", "add_matvec"] * 2
+        assert matvec_calls == (per_layer * TINY.num_layers + ["normed_matvec"] if fused else [])
+        matvec_calls.clear()
+    assert_matches(logits[True], dense_forward(TINY, weights, tokens)[-1], dtype)
+    assert_matches(logits[True], logits[False], dtype)
+
+
+def test_rows_the_fused_products_cannot_take_use_the_batched_path(rng, matvec_calls):
+    config = ModelConfig(**{**vars(TINY), "intermediate_size": 18})  # not whole 16-byte packs of fp32
+    model = LlamaModel(config, random_weights(config, seed=0))
+    assert not model.one_token_matvec
+    cache = KVCache.allocate(config, NUM_BLOCKS, BLOCK_SIZE)
+    run_step(model, cache, [(rng.integers(0, config.vocab_size, 1), 1, [0])])
+    assert matvec_calls == []
+
+
 # ---- the metadata a scheduler hands the model ----------------------------------------------------------
 
 

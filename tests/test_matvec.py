@@ -10,8 +10,8 @@ from course_lib.kernels import matvec
 
 DTYPES = ("float32", "float16", "bfloat16")
 EPS = 1e-5
-# (n, k): a tail of rows past the last full block of ROWS, a row shorter than a warp's packs, rows of several
-# batches of packs, a row whose last batch is partial, the longest fp32 row.
+# (n, k): a row shorter than a warp's packs with a tail of rows past the last full block of ROWS, a row of one
+# batch of packs, rows of several batches, a row whose last batch is partial, the longest fp32 row.
 SHAPES = ((37, 64), (258, 512), (64, 2048), (30, 4104), (5, 8192))
 
 
@@ -24,6 +24,19 @@ def rng() -> np.random.Generator:
 
 def host64(array, dtype):
     return dtypes.to_float32(array, dtype).astype(np.float64)
+
+
+def nan_filled(shape, dtype, empty=dtypes.empty):
+    """A device array of ``shape`` holding NaNs (bf16's NaN bits on a GPU): what a kernel forgets to write shows."""
+    array = empty(shape, dtype)
+    array[...] = 0x7FC0 if str(array.dtype) == "uint16" else np.nan
+    return array
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every array the functions allocate starts as NaNs."""
+    monkeypatch.setattr(matvec.dtypes, "empty", nan_filled)
 
 
 def rms_norm64(x, weight):
@@ -50,10 +63,14 @@ def test_normed_matvec_is_the_product_with_the_normed_row(rng, dtype, n, k):
 def test_add_matvec_adds_the_product_to_the_residual_in_place(rng, dtype, n, k):
     if not matvec.supports(k, dtype):
         pytest.skip(f"k={k} is too long for {dtype} rows")
-    x, weight, residual = (dtypes.random_normal(shape, dtype, rng) for shape in ((1, k), (n, k), (1, n)))
+    x, weight = (dtypes.random_normal(shape, dtype, rng) for shape in ((1, k), (n, k)))
+    stream = nan_filled((1, n + 64), dtype)  # the residual, then 64 spare values that must stay NaN
+    stream[:, :n] = dtypes.random_normal((1, n), dtype, rng)
+    residual = stream[:, :n]
     expected = host64(residual, dtype) + host64(x, dtype) @ host64(weight, dtype).T
     assert matvec.add_matvec(residual, x, weight, dtype=dtype) is residual
     assert relative_error(dtypes.to_float32(residual, dtype), expected) < tolerance_for(dtype)
+    assert np.isnan(dtypes.to_float32(stream, dtype)[0, n:]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -80,6 +97,13 @@ def test_bad_inputs_are_refused_before_any_launch(rng):
         matvec.add_matvec(dtypes.random_normal((1, 8), "float32", rng), x, weight, activation="silu_mul")
     with pytest.raises(ValueError, match="activation must be one of"):
         matvec.add_matvec(dtypes.random_normal((1, 8), "float32", rng), x, weight, activation="gelu")
+    with pytest.raises(ValueError, match=r"weight must be a 2-D \[n, k\] array"):
+        matvec.normed_matvec(x, norm_weight, norm_weight, EPS)
+    with pytest.raises(ValueError, match="n, k >= 1"):
+        matvec.normed_matvec(x, norm_weight, weight[:0], EPS)
+    square = dtypes.random_normal((64, 64), "float32", rng)
+    with pytest.raises(ValueError, match="must not overlap"):
+        matvec.add_matvec(x, x, square)
     odd = dtypes.random_normal((8, 66), "float32", rng)
     with pytest.raises(ValueError, match="use course_lib.engine.linear"):
         matvec.normed_matvec(dtypes.random_normal((1, 66), "float32", rng),

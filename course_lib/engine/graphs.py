@@ -105,13 +105,13 @@ class DecodeGraphs:
         return list(self.steps)
 
     def close(self) -> None:
-        """Destroy the executable graphs now, once their last replay is done, instead of whenever (and in
-        whatever order, at interpreter exit) Python collects them. The graphs cannot be replayed afterwards."""
+        """Destroy the executable graphs now, once their last replay is done, rather than leave them to the
+        process's exit (where an engine suite that also ran PyTorch aborted). They cannot be replayed afterwards."""
         self.stream.synchronize()
         runtime = _runtime()
-        for step in self.steps.values():
+        while self.steps:
+            _, step = self.steps.popitem()
             _runtime_call(runtime.cudaGraphExecDestroy(step.graph), "cudaGraphExecDestroy")
-        self.steps = {}
 
     def run(self, token_ids: Sequence[int], context_lens: Sequence[int],
             block_tables: Sequence[Sequence[int]]) -> Any:

@@ -11,8 +11,8 @@
 //   * PLAIN:    y = W x.
 // With ADD, the product is added to y in place: the residual stream, y += W x.
 // The values that feed the products are rounded to T where the unfused kernels round them (the normed row,
-// the activation, the product before its residual add), so both paths compute the same function up to
-// the order of the sums.
+// the activation, the product before its residual add), so both paths compute the same function, up to the
+// order of the sums and last-bit differences such as rsqrtf's.
 //
 // Layout: W [n, k] row-major, as Hugging Face stores a linear layer. A block of WARPS warps computes
 // WARPS * ROWS_PER_WARP outputs in two phases:
@@ -60,7 +60,9 @@ __global__ void __launch_bounds__(matvec::THREADS)
     };
     load_batch(0);
     float old = 0.0f;  // ADD: the value the lane's output row holds now, fetched early too
-    if (ADD && lane < ROWS_PER_WARP && row0 + lane < n) old = to_float(reinterpret_cast<const T*>(y)[row0 + lane]);
+    if constexpr (ADD) {
+        if (lane < ROWS_PER_WARP && row0 + lane < n) old = to_float(reinterpret_cast<const T*>(y)[row0 + lane]);
+    }
 
     // Phase 1: the input, into shared memory.
     float sum_sq = 0.0f;
@@ -73,8 +75,10 @@ __global__ void __launch_bounds__(matvec::THREADS)
 #pragma unroll
             for (int j = 0; j < PACK; ++j) v[j] = v[j] / (1.0f + expf(-v[j])) * up[j];
         }
+        if constexpr (INPUT == RMS_NORM) {
 #pragma unroll
-        for (int j = 0; j < PACK; ++j) sum_sq += v[j] * v[j];
+            for (int j = 0; j < PACK; ++j) sum_sq += v[j] * v[j];
+        }
         store_floats<T, PACK>(input, p, v);
     }
     if constexpr (INPUT == RMS_NORM) {

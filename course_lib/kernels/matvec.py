@@ -3,7 +3,8 @@
 At one token per step a Llama layer's four projections are matrix-vector products, and around them sit two
 RMSNorms, a SwiGLU activation and two residual adds: kernels that move a few kilobytes each, yet cost a
 launch and a chain of memory latencies. The kernels of ``matvec.cu`` fold each of those steps into the
-product next to it, so a layer is four products (plus attention) instead of nine kernels:
+product next to it, so a layer is seven kernels (four products, the rotary embedding, attention and its merge)
+instead of ten:
 
 * ``normed_matvec(x, norm_weight, weight, eps)``: ``weight @ rms_norm(x)``, the projections that follow a
   norm (q/k/v, gate/up, and the logits with ``float32_out``);
@@ -13,7 +14,7 @@ product next to it, so a layer is four products (plus attention) instead of nine
 ``x`` is one token, ``[1, k]``; ``weight`` is ``[n, k]`` row-major, as Hugging Face stores a linear layer. The
 values feeding a product are rounded to the element type where the unfused kernels round them, so the fused
 path computes the same function as ``rms_norm``, ``silu_mul``, ``linear`` and ``add_rms_norm`` in sequence, up
-to the order of the sums. In CPU mode NumPy computes it, with the same roundings.
+to the order of the sums and last-bit differences (the kernel's ``rsqrtf``). In CPU mode NumPy computes it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from course_lib import compile as cuda_compile
 
 SOURCE = "matvec.cu"
 PACK_BYTES = 16  # a thread loads 16 bytes of a row at a time
-ROWS, THREADS = 16, 512  # outputs and threads per block (matvec::ROWS, matvec::THREADS)
+ROWS, THREADS = 16, 512  # outputs and threads per block: keep equal to matvec::ROWS and matvec::THREADS
 SHARED_BYTES = 32 * 1024  # the input row sits in shared memory: well under the 48 KiB a block gets by default
 INPUTS = {"plain": "PLAIN", "rms_norm": "RMS_NORM", "silu_mul": "SILU_MUL"}
 ACTIVATIONS = (None, "silu_mul")
@@ -57,31 +58,43 @@ class Product:
     k: int
 
 
-def check_inputs(x: Any, weight: Any, dtype: str | None, *, x_width: int = 1,
-                 others: dict[str, tuple[Any, tuple[int, ...]]] | None = None) -> Product:
-    """``x`` [1, x_width * k] and ``weight`` [n, k] of one element type, and the ``others`` of their shapes."""
-    arrays = {"x": x, "weight": weight, **{name: array for name, (array, _) in (others or {}).items()}}
+def check_inputs(x: Any, weight: Any, dtype: str | None, *, x_width: int = 1, norm_weight: Any = None,
+                 residual: Any = None) -> Product:
+    """``weight`` [n, k], ``x`` [1, x_width * k], and ``norm_weight`` [k] or ``residual`` [1, n] when given: device
+    arrays of one element type, C-contiguous, 16-byte aligned, with rows the kernels take (:func:`supports`)."""
+    dtypes.require_device_array("weight", weight)
+    if weight.ndim != 2 or min(weight.shape) < 1:
+        raise ValueError(f"weight must be a 2-D [n, k] array with n, k >= 1, got shape {tuple(weight.shape)}")
+    kind = dtypes.element_type(weight, dtype)
+    n, k = (int(size) for size in weight.shape)
+    expected = {"x": (x, (1, x_width * k)), "norm_weight": (norm_weight, (k,)), "residual": (residual, (1, n))}
+    arrays = {name: array for name, (array, _) in expected.items() if array is not None}
     for name, array in arrays.items():
         dtypes.require_device_array(name, array)
-    kind = dtypes.element_type(weight, dtype)
-    if weight.ndim != 2 or x.ndim != 2:
-        raise ValueError(f"weight must be [n, k] and x [1, k], got {tuple(weight.shape)} and {tuple(x.shape)}")
-    n, k = (int(size) for size in weight.shape)
-    expected = {"x": (1, x_width * k), **{name: shape for name, (_, shape) in (others or {}).items()}}
-    for name, array in arrays.items():
-        if name != "weight" and tuple(array.shape) != expected[name]:
-            raise ValueError(f"{name} must have shape {expected[name]} for a weight of shape {(n, k)} (one token), "
+        if tuple(array.shape) != expected[name][1]:
+            raise ValueError(f"{name} must have shape {expected[name][1]} for a weight of shape {(n, k)} (one token), "
                              f"got {tuple(array.shape)}")
+    for name, array in {**arrays, "weight": weight}.items():
         if dtypes.element_type(array, dtype) != kind:
             raise TypeError(f"{name} must hold {kind} like weight, got {array.dtype}")
         if not array.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous")
         if backend.has_gpu() and array.data.ptr % PACK_BYTES:
             raise ValueError(f"{name} must start on a 16-byte boundary (the kernels load 16 bytes at a time)")
+    if residual is not None and any(_overlap(residual, other) for other in (x, weight)):
+        raise ValueError("residual must not overlap x or weight: the kernel writes it while other blocks still read")
     if not supports(k, kind):
         raise ValueError(f"matvec takes rows of a multiple of {PACK_BYTES // dtypes.ITEM_BYTES[kind]} {kind} elements, "
                          f"at most {max_row_length(kind)}, got k={k}; use course_lib.engine.linear for this shape")
     return Product(kind, n, k)
+
+
+def _overlap(a: Any, b: Any) -> bool:
+    """Do two C-contiguous arrays share bytes? From their addresses alone: no device work, so the check may run
+    while a CUDA graph is being captured."""
+    if not backend.has_gpu():
+        return bool(np.may_share_memory(a, b))
+    return a.data.ptr < b.data.ptr + b.nbytes and b.data.ptr < a.data.ptr + a.nbytes
 
 
 # ---- the public functions ------------------------------------------------------------------------------
@@ -90,7 +103,7 @@ def check_inputs(x: Any, weight: Any, dtype: str | None, *, x_width: int = 1,
 def normed_matvec(x: Any, norm_weight: Any, weight: Any, eps: float, *, dtype: str | None = None,
                   float32_out: bool = False) -> Any:
     """``weight @ rms_norm(x, norm_weight, eps)`` for one token: [1, n], in x's type or float32 (the logits)."""
-    product = check_inputs(x, weight, dtype, others={"norm_weight": (norm_weight, (weight.shape[1],))})
+    product = check_inputs(x, weight, dtype, norm_weight=norm_weight)
     out = dtypes.empty((1, product.n), "float32" if float32_out else product.dtype)
     if backend.has_gpu():
         _launch(product, "rms_norm", False, out, weight, x, norm_weight, eps)
@@ -112,8 +125,7 @@ def add_matvec(residual: Any, x: Any, weight: Any, *, activation: str | None = N
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    product = check_inputs(x, weight, dtype, x_width=2 if activation else 1,
-                           others={"residual": (residual, (1, weight.shape[0]))})
+    product = check_inputs(x, weight, dtype, x_width=2 if activation else 1, residual=residual)
     if backend.has_gpu():
         _launch(product, activation or "plain", True, residual, weight, x, x, 0.0)
     else:

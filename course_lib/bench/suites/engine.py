@@ -70,7 +70,8 @@ def steps(quick: bool) -> list[Step]:
     require_torch("the engine suite's transformers baseline")
     requests, output = (8, 32) if quick else (REQUESTS, OUTPUT)
     return [Step("copy bandwidth", measure_copy),
-            Step("copy bandwidth, 256 MiB", functools.partial(measure_copy, REFERENCE_COPY_BYTES)),
+            Step(f"copy bandwidth, {REFERENCE_COPY_BYTES >> 20} MiB", functools.partial(measure_copy,
+                                                                                  REFERENCE_COPY_BYTES)),
             Step("empty kernel launches, eager", functools.partial(measure_launch, "eager")),
             Step("empty kernel launches, CUDA graph", functools.partial(measure_launch, "graph")),
             Step("decode batch 1, eager", functools.partial(measure_decode, LLAMA_1B_SHAPED, "eager", DECODE_REPEATS)),
@@ -160,10 +161,12 @@ def measure_decode(config: ModelConfig, how: str, repeats: int, one_token_matvec
         graphs = DecodeGraphs(model, cache, batch_sizes=(1,), max_context_len=blocks * BLOCK_SIZE)
         def replay() -> Any:
             return graphs.run([1], [context], [table])
-        timing = _wall(replay, repeats)
-        nodes = {"graph_nodes": graphs.steps[1].num_nodes}
-        breakdown = kernel_breakdown(replay, repeats)
-        graphs.close()
+        try:
+            timing = _wall(replay, repeats)
+            nodes = {"graph_nodes": graphs.steps[1].num_nodes}
+            breakdown = kernel_breakdown(replay, repeats)
+        finally:
+            graphs.close()
     else:
         def eager() -> Any:
             attention = AttentionMetadata.build([(1, context, table)], BLOCK_SIZE)
@@ -202,24 +205,26 @@ def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int)
     """The engine serving ``requests`` prompts at once: output tokens per second of wall time."""
     gpu = backend.has_gpu()
     blocks = requests * blocks_for(prompt + output, BLOCK_SIZE) + 64
+    budget = max(prompt, SERVING_TOKEN_BUDGET)  # a whole prompt fits in one step
     llm = LLM(config, host_weights(config), dtype=DTYPE if gpu else "float32", num_blocks=blocks,
-              block_size=BLOCK_SIZE, max_num_seqs=requests,
-              max_num_batched_tokens=max(prompt, SERVING_TOKEN_BUDGET),
+              block_size=BLOCK_SIZE, max_num_seqs=requests, max_num_batched_tokens=budget,
               max_model_len=prompt + output + 1, cuda_graphs=gpu, decode_steps=SERVING_DECODE_STEPS)
     params = SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True)
     seconds = []
-    for seed in range(SERVING_RUNS + 1):  # run 0 is the warm-up, as transformers gets one
-        prompts = _prompts(config, requests, prompt, seed)  # fresh random tokens: no prefix-cache hits
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params)
-        seconds.append(time.perf_counter() - start)
-        generated = sum(len(out.output_token_ids) for out in outputs)
-        if generated != requests * output:
-            raise RuntimeError(f"the engine generated {generated} tokens, expected {requests * output}")
-    llm.close()
+    try:
+        for seed in range(SERVING_RUNS + 1):  # run 0 is the warm-up, as transformers gets one
+            prompts = _prompts(config, requests, prompt, seed)  # fresh random tokens: no prefix-cache hits
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params)
+            seconds.append(time.perf_counter() - start)
+            generated = sum(len(out.output_token_ids) for out in outputs)
+            if generated != requests * output:
+                raise RuntimeError(f"the engine generated {generated} tokens, expected {requests * output}")
+    finally:
+        llm.close()
     timing = Timing.from_samples(np.array(seconds[1:]), "perf_counter")
     params = {"role": "engine", "requests": requests, "prompt": prompt, "output": output, "cuda_graphs": gpu,
-              "decode_steps": SERVING_DECODE_STEPS, "max_num_batched_tokens": max(prompt, SERVING_TOKEN_BUDGET)}
+              "decode_steps": SERVING_DECODE_STEPS, "max_num_batched_tokens": budget}
     return measurement(f"engine {requests} requests", timing, params, tokens_per_s=generated / timing.median_s)
 
 
@@ -259,7 +264,7 @@ def measure_transformers(requests: int, output: int) -> dict[str, Any]:
 
 
 def headline(measurements: list[dict[str, Any]]) -> dict[str, float]:
-    """The figures issue 6 names, from whichever measurements the run holds."""
+    """The figures issue 6 names, and what the one-token fusion saves, from whichever measurements the run holds."""
     found = {"copy" if m["label"] == "copy" else m["parameters"].get("role"): m for m in measurements}
     figures = {}
     copy, eager, graph = found.get("copy"), found.get("eager"), found.get("graph")
