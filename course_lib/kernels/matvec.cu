@@ -24,7 +24,6 @@
 // each lane keeps ROWS_PER_WARP * UNROLL loads going, the next batch issued before the current one is used,
 // and the first batch is issued before phase 1, so that its latency hides the input's preparation.
 
-#include "elements.cuh"
 #include "reduce.cuh"
 
 namespace matvec {
@@ -83,14 +82,8 @@ __global__ void __launch_bounds__(matvec::THREADS)
     }
     if constexpr (INPUT == RMS_NORM) {
         const float inv_rms = rsqrtf(block_sum(sum_sq) / k + eps);
-        for (int p = threadIdx.x; p < packs; p += THREADS) {  // the packs this thread wrote: no barrier needed
-            float v[PACK], scale[PACK];
-            load_floats<T, PACK>(input, p, v);
-            load_floats<T, PACK>(norm_weight, p, scale);
-#pragma unroll
-            for (int j = 0; j < PACK; ++j) v[j] = v[j] * inv_rms * scale[j];
-            store_floats<T, PACK>(input, p, v);
-        }
+        // Each thread rescales the packs it wrote above: no barrier needed.
+        reload_scale_and_store<T, PACK>(input, input, norm_weight, inv_rms, packs);
     }
     __syncthreads();
 

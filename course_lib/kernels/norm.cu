@@ -10,7 +10,6 @@
 //   * for rows too long to hold in registers, a "long row" variant that reads the row twice
 //     (the second read mostly hits L2) and, with PACK = 1, handles any length and alignment.
 
-#include "elements.cuh"
 #include "reduce.cuh"
 
 // ---- a row into registers: ITEMS packs per thread, zeros past the end of the row -------------------
@@ -42,20 +41,6 @@ __device__ __forceinline__ void scale_and_store(T* out_row, const float (&weight
             for (int j = 0; j < PACK; ++j) v[it][j] = v[it][j] * inv_rms * weight[it][j];
             store_floats<T, PACK>(out_row, p, v[it]);
         }
-    }
-}
-
-// Same for rows too long to keep: the values are read again from `row` (x, or the new residual).
-template <typename T, int PACK>
-__device__ __forceinline__ void reload_scale_and_store(T* out_row, const T* row, const T* w, float inv_rms,
-                                                       int packs) {
-    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
-        float v[PACK], weight[PACK];
-        load_floats<T, PACK>(row, p, v);
-        load_floats<T, PACK>(w, p, weight);
-#pragma unroll
-        for (int j = 0; j < PACK; ++j) v[j] = v[j] * inv_rms * weight[j];
-        store_floats<T, PACK>(out_row, p, v);
     }
 }
 

@@ -1,5 +1,8 @@
-// Sums across a warp and across a thread block, shared by the course's kernels that reduce a row.
+// Sums across a warp and across a thread block, and the scaling an RMSNorm applies once it has its row's
+// sum: shared by the course's kernels that normalise a row (norm.cu, matvec.cu).
 #pragma once
+
+#include "elements.cuh"
 
 // Each warp adds its 32 values with shuffles: no shared memory, no barrier. Every lane gets the total.
 __device__ __forceinline__ float warp_sum(float v) {
@@ -21,4 +24,19 @@ __device__ __forceinline__ float block_sum(float v) {
     v = warp_sum(lane < warps ? per_warp[lane] : 0.0f);
     __syncthreads();  // per_warp may be written again by the next call
     return v;
+}
+
+// out_row = row * inv_rms * w, pack by pack, each thread taking packs threadIdx.x, + blockDim.x, ...: the
+// values are read again from `row` (in place when out_row == row: each thread rewrites only its own packs).
+template <typename T, int PACK>
+__device__ __forceinline__ void reload_scale_and_store(T* out_row, const T* row, const T* w, float inv_rms,
+                                                       int packs) {
+    for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+        float v[PACK], weight[PACK];
+        load_floats<T, PACK>(row, p, v);
+        load_floats<T, PACK>(w, p, weight);
+#pragma unroll
+        for (int j = 0; j < PACK; ++j) v[j] = v[j] * inv_rms * weight[j];
+        store_floats<T, PACK>(out_row, p, v);
+    }
 }
