@@ -259,7 +259,7 @@ def test_load_needs_config_and_weights_files(tmp_path, weights):
         load_checkpoint(tmp_path)
     save_checkpoint(tmp_path, TINY, weights)
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no model.safetensors in"):
+    with pytest.raises(FileNotFoundError, match="no model.safetensors and no model.safetensors.index.json in"):
         load_checkpoint(tmp_path)
 
 
@@ -295,7 +295,9 @@ def test_config_rejects_impossible_shapes(changes, message):
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"model_type": "mistral"}, "expected a Llama config"),
-    ({"rope_scaling": {"rope_type": "llama3"}}, "rope_scaling=.* is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "llama3 rope scaling lacks factor"),
+    ({"sliding_window": 4096}, "sliding_window are not understood"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
 ])
 def test_config_refuses_what_the_engine_does_not_implement(changes, message):

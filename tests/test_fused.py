@@ -6,10 +6,12 @@ import pytest
 
 from course_lib import backend, dtypes
 from course_lib.check import relative_error, tolerance_for
+from course_lib.engine.rope import Llama3Scaling, inverse_frequencies
 from course_lib.kernels import fused
 
 DTYPES = ("float32", "float16", "bfloat16")
-HEADS, KV_HEADS, HEAD_DIM, THETA = 8, 2, 64, 10000.0
+HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
+FREQUENCIES = inverse_frequencies(HEAD_DIM, 500000.0, Llama3Scaling(8.0, 1.0, 4.0, 64))  # every branch of llama3
 
 
 @pytest.fixture
@@ -27,7 +29,7 @@ def rope_step(qkv, positions, dtype=None, slots=None):
     xp, tokens, rng = backend.xp, qkv.shape[0], np.random.default_rng()
     caches = [dtypes.random_normal((BLOCKS, KV_HEADS, BLOCK_SIZE, HEAD_DIM), dtype or "float32", rng) for _ in range(2)]
     slots = np.arange(tokens, dtype=np.int32) * 3 if slots is None else slots  # 0, 3, 6, ...: scattered slots
-    step = fused.rope_write_kv_step(qkv, positions, fused.inverse_frequencies(HEAD_DIM, THETA), HEADS, *caches,
+    step = fused.rope_write_kv_step(qkv, positions, backend.xp.asarray(FREQUENCIES.astype(np.float32)), HEADS, *caches,
                                     xp.asarray(slots), dtype)
     return step, caches, slots
 
@@ -43,7 +45,7 @@ def test_rope_write_kv_rotates_q_and_stores_rotated_k_and_v_at_their_slots(rng, 
     before = [dtypes.to_float32(cache, dtype) for cache in caches]
     q = step()
     heads = dtypes.to_float32(qkv, dtype).astype(np.float64).reshape(tokens, -1, HEAD_DIM)
-    expected = fused.rope_reference(heads, positions, THETA)
+    expected = fused.rope_reference(heads, positions, FREQUENCIES)
     assert q.shape == (tokens, HEADS, HEAD_DIM)
     assert relative_error(dtypes.to_float32(q, dtype), expected[:, :HEADS]) < tolerance_for(dtype)
     key_cache, value_cache = (dtypes.to_float32(cache, dtype) for cache in caches)
@@ -80,7 +82,7 @@ def test_rope_angles_in_float32_lose_precision_with_the_position(rng):
     positions = np.array([29_000, 29_500, 30_000, 32_000], dtype=np.int32)
     q = rope_step(qkv, backend.xp.asarray(positions))[0]()
     heads = dtypes.to_float32(qkv).astype(np.float64).reshape(4, -1, HEAD_DIM)
-    assert relative_error(dtypes.to_float32(q), fused.rope_reference(heads, positions, THETA)[:, :HEADS]) < \
+    assert relative_error(dtypes.to_float32(q), fused.rope_reference(heads, positions, FREQUENCIES)[:, :HEADS]) < \
         tolerance_for("bfloat16")
 
 

@@ -12,12 +12,26 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from course_lib.engine import rope
+from course_lib.engine.rope import Llama3Scaling
+
 # Hugging Face's name for each field, where it differs from ours.
 HF_NAMES = {
     "num_layers": "num_hidden_layers",
     "num_heads": "num_attention_heads",
     "num_kv_heads": "num_key_value_heads",
 }
+
+# config.json fields that describe the file or training, not the forward pass: read past without a word.
+# Any field neither here nor read by ``from_hf`` is refused by name: an ignored field can change the math.
+HF_BOOKKEEPING = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
+    "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "output_attentions", "output_hidden_states",
+    "return_dict", "is_decoder", "tokenizer_class", "name_or_path",
+}
+# Fields the engine reads only to check they ask for what it implements: their one supported value.
+HF_FIXED = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "pretraining_tp": 1}
+HF_ROPE = {"rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor"}
 
 
 @dataclass(frozen=True)
@@ -32,7 +46,8 @@ class ModelConfig:
     num_kv_heads: int  # key/value heads; num_heads // num_kv_heads query heads share each (GQA)
     head_dim: int = field(default=0)  # 0: hidden_size // num_heads, as Llama has it
     max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
+    rope_theta: float = rope.DEFAULT_THETA
+    rope_scaling: Llama3Scaling | None = None  # Llama 3.1's stretch of the low frequencies (``course_lib.engine.rope``)
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False  # the output projection reuses the embedding table
 
@@ -67,6 +82,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3Scaling):
+            raise ValueError(f"rope_scaling must be None or a Llama3Scaling, got {self.rope_scaling!r}")
         if not isinstance(self.tie_word_embeddings, bool):
             raise ValueError(f"tie_word_embeddings must be True or False, got {self.tie_word_embeddings!r}")
 
@@ -75,16 +92,20 @@ class ModelConfig:
         """How many query heads read each kv head."""
         return self.num_heads // self.num_kv_heads
 
+    def inverse_frequencies(self) -> Any:
+        """RoPE's ``head_dim / 2`` frequencies in float64, scaling applied (``course_lib.engine.rope``)."""
+        return rope.inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Read a Hugging Face ``LlamaConfig`` dict (the contents of ``config.json``).
+        """Read a Hugging Face ``LlamaConfig`` dict (the contents of ``config.json``), as transformers 4 or 5 wrote it.
 
-        Features this engine does not implement are refused by name rather than silently ignored.
+        Every field is either used, checked to ask for what the engine implements, or known to be bookkeeping;
+        anything else is refused by name rather than silently ignored.
         """
         if hf.get("model_type", "llama") != "llama":
             raise ValueError(f"expected a Llama config (model_type 'llama'), got model_type {hf['model_type']!r}")
-        unsupported = {"rope_scaling": None, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
-        for key, supported in unsupported.items():
+        for key, supported in HF_FIXED.items():
             if hf.get(key, supported) != supported:
                 raise ValueError(f"{key}={hf[key]!r} is not supported by this engine (it needs {supported!r})")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
@@ -93,21 +114,27 @@ class ModelConfig:
             raise ValueError(f"the config lacks {', '.join(missing)}")
         values = {name: hf[HF_NAMES.get(name, name)] for name in required}
         values["num_kv_heads"] = hf.get("num_key_value_heads") or values["num_heads"]  # absent: multi-head
-        optional = ("head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+        optional = ("head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
         values.update({name: hf[name] for name in optional if hf.get(name) is not None})
+        values["rope_theta"], values["rope_scaling"] = rope.from_hf(hf)
+        read = {HF_NAMES.get(name, name) for name in (*required, "num_kv_heads", *optional)}
+        unknown = sorted(key for key in hf if key not in read | HF_BOOKKEEPING | set(HF_FIXED) | HF_ROPE
+                         and not key.startswith("_"))
+        if unknown:
+            raise ValueError(f"config field(s) {', '.join(unknown)} are not understood by this engine: refusing "
+                             f"rather than ignoring what may change the model's math")
         return cls(**values)
 
     def to_hf(self) -> dict[str, Any]:
-        """This config as a Hugging Face ``LlamaConfig`` dict, ready for ``config.json``."""
-        fields = {HF_NAMES.get(name, name): value for name, value in asdict(self).items()}
+        """This config as a Hugging Face ``LlamaConfig`` dict, ready for ``config.json`` (transformers 5's spelling)."""
+        fields = {HF_NAMES.get(name, name): value for name, value in asdict(self).items()
+                  if name not in ("rope_theta", "rope_scaling")}
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "rope_scaling": None,
+            **HF_FIXED,
             **fields,
+            **rope.to_hf(self.rope_theta, self.rope_scaling),
         }
 
 

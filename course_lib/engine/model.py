@@ -38,7 +38,7 @@ from course_lib.engine.config import ModelConfig
 from course_lib.engine.linear import linear
 from course_lib.engine.weights import check_weights
 from course_lib.kernels import matvec
-from course_lib.kernels.fused import inverse_frequencies, rope_write_kv_step, silu_mul
+from course_lib.kernels.fused import rope_write_kv_step, silu_mul
 from course_lib.kernels.matvec import add_matvec, normed_matvec
 from course_lib.kernels.norm import add_rms_norm, rms_norm
 from course_lib.kernels.paged_attention import blocks_for, decode_step
@@ -194,7 +194,7 @@ class LlamaModel:
                     [host.pop(f"model.layers.{i}.{block}.{part}_proj.weight") for part in parts])
         self.weights = {name: dtypes.to_device(array) for name, array in host.items()}
         self.lm_head = self.weights.get("lm_head.weight", self.weights["model.embed_tokens.weight"])
-        self.frequencies = inverse_frequencies(config.head_dim, config.rope_theta)
+        self.frequencies = backend.xp.asarray(config.inverse_frequencies().astype(np.float32))
 
     def forward(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
         """Logits ``[num_sequences, vocab]`` (fp32) for the last new token of each sequence of the step."""

@@ -36,10 +36,10 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, config: ModelConfig) -> np.ndar
     return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + config.rms_norm_eps) * weight
 
 
-def _rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
-    """Rotate feature pairs ``(i, i + d/2)`` of ``x`` [length, heads, d] by ``position * theta**(-2i/d)``."""
+def _rope(x: np.ndarray, positions: np.ndarray, frequencies: np.ndarray) -> np.ndarray:
+    """Rotate feature pairs ``(i, i + d/2)`` of ``x`` [length, heads, d] by ``position * frequencies[i]``."""
     half = x.shape[-1] // 2
-    angles = positions[:, None, None] * theta ** (-np.arange(half) / half)  # [length, 1, d/2]
+    angles = positions[:, None, None] * frequencies  # [length, 1, d/2]
     first, second = x[..., :half], x[..., half:]
     return np.concatenate(
         [first * np.cos(angles) - second * np.sin(angles), second * np.cos(angles) + first * np.sin(angles)], axis=-1
@@ -50,15 +50,11 @@ def _attention(
     config: ModelConfig, w: dict[str, np.ndarray], layer: str, x: np.ndarray, positions: np.ndarray
 ) -> np.ndarray:
     """Causal grouped-query self-attention over the whole sequence, kv heads repeated to match the query heads."""
-    length, d = x.shape[0], config.head_dim
-    query = _rope(
-        (x @ w[layer + "self_attn.q_proj.weight"].T).reshape(length, config.num_heads, d), positions, config.rope_theta
-    )
-    key = _rope(
-        (x @ w[layer + "self_attn.k_proj.weight"].T).reshape(length, config.num_kv_heads, d),
-        positions,
-        config.rope_theta,
-    )
+    length, d, frequencies = x.shape[0], config.head_dim, config.inverse_frequencies()
+    query = _rope((x @ w[layer + "self_attn.q_proj.weight"].T).reshape(length, config.num_heads, d), positions,
+                  frequencies)
+    key = _rope((x @ w[layer + "self_attn.k_proj.weight"].T).reshape(length, config.num_kv_heads, d), positions,
+                frequencies)
     value = (x @ w[layer + "self_attn.v_proj.weight"].T).reshape(length, config.num_kv_heads, d)
     key, value = np.repeat(key, config.queries_per_kv, axis=1), np.repeat(value, config.queries_per_kv, axis=1)
     scores = np.einsum("qhd,khd->hqk", query, key) / np.sqrt(d)

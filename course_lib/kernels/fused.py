@@ -31,12 +31,6 @@ MAX_THREADS = 1024
 MAX_BLOCKS = 65_535  # silu_mul's grid-stride loop covers any size with at most this many blocks
 
 
-def inverse_frequencies(head_dim: int, theta: float) -> Any:
-    """RoPE's ``theta ** (-2i / head_dim)`` for the ``head_dim / 2`` pairs, float32 on the device."""
-    xp = backend.xp
-    return (1.0 / theta ** (xp.arange(0, head_dim, 2, dtype=xp.float32) / head_dim)).astype(xp.float32)
-
-
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -125,10 +119,12 @@ def silu_mul(gate_up: Any, dtype: str | None = None) -> Any:
     return out
 
 
-def rope_reference(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
-    """RoPE in float64 on [tokens, heads, head_dim], as Hugging Face's Llama writes it (rotate_half)."""
+def rope_reference(x: np.ndarray, positions: np.ndarray, frequencies: np.ndarray) -> np.ndarray:
+    """RoPE in float64 on [tokens, heads, head_dim], as Hugging Face's Llama writes it (rotate_half).
+
+    ``frequencies`` are the ``head_dim / 2`` angles per position (``course_lib.engine.rope.inverse_frequencies``).
+    """
     half = x.shape[-1] // 2
-    frequencies = theta ** (-np.arange(0, x.shape[-1], 2, dtype=np.float64) / x.shape[-1])
     angles = positions.astype(np.float64)[:, None, None] * frequencies[None, None, :]
     cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
     return x * cos + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin
