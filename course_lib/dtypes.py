@@ -92,7 +92,7 @@ def widen(array: Any, dtype: str) -> Any:
         element_type(array, dtype)  # says what is wrong unless dtype declares the bits bfloat16
         xp = backend.xp
         return (array.astype(xp.uint32) << 16).view(xp.float32)
-    return array.astype(np.float32)
+    return array.astype(np.float32, copy=False)  # float32 already: the array itself (a weight is large), not a copy
 
 
 def narrow(values: Any, dtype: str) -> Any:

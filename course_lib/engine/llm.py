@@ -11,16 +11,20 @@ One engine step, the loop every serving engine runs:
    short of the prompt's end samples nothing);
 5. the scheduler appends the tokens, finishes what is done and frees its blocks.
 
-Prompts are lists of token ids (the course's models have random weights and no tokenizer). A request that
-can never run (an empty prompt, one longer than the model's context, one that could never fit the KV
-pool) comes back finished with ``finish_reason`` ``"error: ..."``; the other requests are unaffected.
+A prompt is text or a list of token ids. Text needs a tokenizer: a real model brings its own
+(``LLM.from_pretrained("smollm2")``, ``from_gguf``, ``from_checkpoint``), the random-weight models of the
+tests have none. ``chat`` lays a conversation out in the model's chat template first. Outputs carry the
+decoded text, and log-probabilities when ``SamplingParams`` asks for them. A request that can never run
+(an empty prompt, one longer than the model's context, one that could never fit the KV pool) comes back
+finished with ``finish_reason`` ``"error: ..."``; the other requests are unaffected.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,31 +32,48 @@ from course_lib import backend
 from course_lib.engine import sequence as sequences
 from course_lib.engine.block_pool import BlockPool
 from course_lib.engine.config import TINY, ModelConfig
+from course_lib.engine.gguf_checkpoint import load_gguf
 from course_lib.engine.graphs import DecodeGraphs, graph_batch_sizes
+from course_lib.engine.logprobs import top_logprobs
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
 from course_lib.engine.sampling import SamplingParams, greedy_tokens, sample
-from course_lib.engine.scheduler import DecodeRun, Scheduler
+from course_lib.engine.scheduler import DecodeRun, Scheduler, SchedulerOutput, SequenceStep
+from course_lib.engine.tokenizer import TOKENIZER_FILE, Tokenizer
 from course_lib.engine.weights import load_checkpoint, random_weights
+
+Prompt = str | Sequence[int]  # text (encoded by the model's tokenizer) or token ids
+Messages = Sequence[dict[str, str]]  # a conversation: [{"role": "user", "content": "..."}, ...]
+TokenLogprobs = dict[int, float]  # token id -> log-probability: the k likeliest and the chosen one
 
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """A finished request: its prompt, the tokens generated, and why it stopped."""
+    """A finished request: its prompt, the tokens generated, and why it stopped.
+
+    ``text`` is the output decoded without special tokens (``None`` for a model without a tokenizer).
+    ``logprobs`` has one dict per output token and ``prompt_logprobs`` one per prompt token, ``None`` for the
+    first, which nothing predicts; each is ``None`` unless the request's ``SamplingParams`` asked for it.
+    """
 
     request_id: int
     prompt_token_ids: tuple[int, ...]
     output_token_ids: tuple[int, ...]
     finish_reason: str  # "length", "stop", or "error: <why>" for a request that could not run
     num_preemptions: int  # times the scheduler evicted it and recomputed its KV (the outputs do not change)
+    text: str | None = None
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token, as the stream hands it out."""
+    """One generated token, as the stream hands it out, with the text it completes ("" if none yet)."""
 
     request_id: int
     token_id: int
     finished: bool
+    text: str = ""
+    logprobs: TokenLogprobs | None = None  # when the request's SamplingParams ask for them
 
 
 class LLM:
@@ -71,25 +92,58 @@ class LLM:
     def __init__(self, config: ModelConfig = TINY, weights: dict | None = None, *, seed: int = 0,
                  dtype: str = "float32", num_blocks: int = 256, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 eos_token_id: int | None = None, cuda_graphs: bool = False, decode_steps: int = 1) -> None:
+                 tokenizer: Tokenizer | None = None, eos_token_ids: Iterable[int] | None = None,
+                 cuda_graphs: bool = False, decode_steps: int = 1) -> None:
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be >= 1 (1: a round trip to the host every step), got {decode_steps}")
+        if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only "
+                             f"{config.vocab_size}: they are not from the same model")
         self.decode_steps = decode_steps
+        self.tokenizer = tokenizer
+        if eos_token_ids is None:  # the model's own end-of-sequence tokens, when its tokenizer names them
+            eos_token_ids = tokenizer.eos_token_ids if tokenizer else ()
         weights = random_weights(config, seed, dtype) if weights is None else weights
         self.config = config
         self.model = LlamaModel(config, weights, dtype)
         self.kv_cache = KVCache.allocate(config, num_blocks, block_size, dtype)
         self.block_pool = BlockPool(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_pool, max_num_batched_tokens, max_num_seqs,
-                                   max_model_len or config.max_position_embeddings, eos_token_id)
+                                   max_model_len or config.max_position_embeddings, eos_token_ids)
         self.graphs = DecodeGraphs(self.model, self.kv_cache, graph_batch_sizes(max_num_seqs),
                                    self.scheduler.max_model_len) if cuda_graphs else None
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, **options: object) -> LLM:
-        """An engine on the weights of a ``config.json`` + ``*.safetensors`` directory."""
+        """An engine on the weights of a ``config.json`` + ``*.safetensors`` directory (and its tokenizer, if it
+        has a ``tokenizer.json``)."""
         config, weights = load_checkpoint(directory)
+        if (Path(directory) / TOKENIZER_FILE).is_file():
+            options.setdefault("tokenizer", Tokenizer.from_pretrained_dir(directory))
         return cls(config, weights, **options)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, **options: object) -> LLM:
+        """An engine on a GGUF file: config, dequantized weights and tokenizer all come from the one file."""
+        checkpoint = load_gguf(path)
+        options.setdefault("tokenizer", Tokenizer.from_gguf_metadata(checkpoint.metadata, source=str(path)))
+        return cls(checkpoint.config, checkpoint.weights, **options)
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, **options: object) -> LLM:
+        """An engine on a course model by name (``"smollm2"``, fetched once), a ``.gguf`` file or a checkpoint
+        folder."""
+        from course_lib import models  # the registry of downloadable models; only this entry point needs it
+
+        if str(model) in models.MODELS:
+            return cls.from_gguf(models.fetch(str(model)), **options)
+        path = Path(model)
+        if path.is_dir():
+            return cls.from_checkpoint(path, **options)
+        if path.suffix == ".gguf":
+            return cls.from_gguf(path, **options)
+        raise ValueError(f"{model!r} is neither a course model ({', '.join(models.MODELS)}), a .gguf file nor a "
+                         f"checkpoint folder")
 
     def close(self) -> None:
         """Release the CUDA graphs (if any) now; the engine then runs eager steps only."""
@@ -97,28 +151,56 @@ class LLM:
             self.graphs.close()
             self.graphs = None
 
-    def generate(self, prompts: Sequence[Sequence[int]],
+    def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run every prompt to completion, batched continuously; outputs in the order of ``prompts``."""
+        """Run every prompt (text or token ids; one prompt or a list) to completion, batched continuously;
+        outputs in the order of ``prompts``."""
         requests = self._add_requests(prompts, params)
         while self.scheduler.has_unfinished():
             self.step()
-        return [_output(index, seq) for index, seq in enumerate(requests)]
+        return [self._output(index, seq) for index, seq in enumerate(requests)]
 
-    def stream(self, prompts: Sequence[Sequence[int]],
+    def stream(self, prompts: Prompt | Sequence[Prompt],
                params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[TokenEvent]:
-        """The same work as :meth:`generate`, handing out each token as soon as a step samples it."""
+        """The same work as :meth:`generate`, handing out each token as soon as a step samples it.
+
+        With a tokenizer each event carries the text its token completes: a character split over two tokens
+        arrives whole with the second (``IncrementalDetokenizer``); special tokens such as ``<|im_end|>`` add
+        no text.
+        """
         requests = self._add_requests(prompts, params)
         request_of = {seq.seq_id: index for index, seq in enumerate(requests)}
+        detokenizers = {seq.seq_id: self.tokenizer.detokenizer() for seq in requests} if self.tokenizer else {}
+        emitted = dict.fromkeys(request_of, 0)  # tokens handed out so far, per request
         while self.scheduler.has_unfinished():
             sampled = self.step()
             last = {seq.seq_id: index for index, (seq, _) in enumerate(sampled)}  # a run samples several each
             for index, (seq, token) in enumerate(sampled):
-                yield TokenEvent(request_of[seq.seq_id], token, seq.is_finished and last[seq.seq_id] == index)
+                finished = seq.is_finished and last[seq.seq_id] == index
+                detokenizer = detokenizers.get(seq.seq_id)
+                text = detokenizer.push(token) + (detokenizer.flush() if finished else "") if detokenizer else ""
+                logprobs = seq.logprobs[emitted[seq.seq_id]] if seq.sampling_params.logprobs is not None else None
+                emitted[seq.seq_id] += 1
+                yield TokenEvent(request_of[seq.seq_id], token, finished, text, logprobs)
+
+    def chat(self, conversations: Messages | Sequence[Messages],
+             params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Answer one conversation or several: each is laid out by the model's chat template, then generated."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([self.chat_prompt(messages) for messages in conversations], params)
+
+    def chat_prompt(self, messages: Messages) -> list[int]:
+        """A conversation as the token ids the model was fine-tuned on, ending where the assistant's reply begins.
+
+        The template writes any special tokens itself, so the tokenizer adds none.
+        """
+        text = self._require_tokenizer("chat").apply_chat_template(list(messages), add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def step(self) -> list[tuple[sequences.Sequence, int]]:
         """One engine step, or a run of decode steps; returns the (sequence, token) pairs sampled, in order."""
-        if self.decode_steps > 1 and all(seq.sampling_params.is_greedy for seq in self.scheduler.running):
+        if self.decode_steps > 1 and all(_only_arg_max(seq.sampling_params) for seq in self.scheduler.running):
             run = self.scheduler.schedule_decode_run(self.decode_steps)
             if run is not None:
                 return self._decode_run(run)
@@ -128,15 +210,22 @@ class LLM:
                                "waiting requests even after preempting every running one")
         self.kv_cache.copy_blocks(plan.block_copies)
         token_ids = np.concatenate([step.token_ids for step in plan.scheduled]).astype(np.int32)
-        if self.graphs and all(step.num_new_tokens == 1 for step in plan.scheduled):  # decode only: replay
+        one_token_each = all(step.num_new_tokens == 1 for step in plan.scheduled)
+        if self.graphs and one_token_each:  # decode only: replay
             logits = self.graphs.run(token_ids, [step.context_len for step in plan.scheduled],
                                      [step.block_table for step in plan.scheduled])
         else:
             attention = AttentionMetadata.build(
                 ((step.num_new_tokens, step.context_len, step.block_table) for step in plan.scheduled),
                 self.block_pool.block_size)
+            every_row = not one_token_each and any(_scores_prompt(step) for step in plan.scheduled)
             logits = self.model.forward(backend.xp.asarray(token_ids), attention.positions, self.kv_cache,
-                                        attention)
+                                        attention, every_row)
+            if every_row:
+                _record_prompt_logprobs(plan, logits)
+                logits = logits[attention.last_token_rows]
+        if one_token_each:
+            _record_prompt_logprobs(plan, logits)
         rows = [row for row, step in enumerate(plan.scheduled) if step.samples]
         sampling = plan.sampling_sequences
         params = [seq.sampling_params for seq in sampling]
@@ -146,6 +235,7 @@ class LLM:
             tokens = greedy_tokens(logits if len(rows) == len(plan.scheduled) else logits[rows])
         else:
             tokens = sample(backend.to_numpy(logits[rows]), params, [seq.generator for seq in sampling])
+        _record_logprobs(sampling, logits, rows, tokens)
         self.scheduler.update(plan, tokens)
         return [(seq, int(token)) for seq, token in zip(sampling, tokens, strict=True)]
 
@@ -175,16 +265,74 @@ class LLM:
         return [(seq, token) for step in range(run.num_steps) for (seq, before) in kept
                 for token in seq.output_token_ids[before + step:before + step + 1]]
 
-    def _add_requests(self, prompts: Sequence[Sequence[int]],
+    def _add_requests(self, prompts: Prompt | Sequence[Prompt],
                       params: SamplingParams | Sequence[SamplingParams] | None) -> list[sequences.Sequence]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        token_lists = [self._require_tokenizer("text prompts").encode(prompt) if isinstance(prompt, str) else prompt
+                       for prompt in prompts]
         if isinstance(params, SamplingParams) or params is None:
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"give one SamplingParams or one per prompt: {len(prompts)} prompts, "
+            params = [params or SamplingParams()] * len(token_lists)
+        if len(params) != len(token_lists):
+            raise ValueError(f"give one SamplingParams or one per prompt: {len(token_lists)} prompts, "
                              f"{len(params)} SamplingParams")
-        return [self.scheduler.add_request(prompt, param) for prompt, param in zip(prompts, params, strict=True)]
+        return [self.scheduler.add_request(prompt, param) for prompt, param in zip(token_lists, params, strict=True)]
+
+    def _require_tokenizer(self, what: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} need a tokenizer, and this model has none (random weights, or a checkpoint "
+                             f"without tokenizer.json): give token ids, or load a real model with "
+                             f"LLM.from_pretrained")
+        return self.tokenizer
+
+    def _output(self, request_id: int, seq: sequences.Sequence) -> RequestOutput:
+        params = seq.sampling_params
+        return RequestOutput(
+            request_id, tuple(seq.prompt_token_ids), tuple(seq.output_token_ids), seq.finish_reason or "",
+            seq.num_preemptions,
+            text=self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True) if self.tokenizer else None,
+            logprobs=tuple(seq.logprobs) if params.logprobs is not None else None,
+            prompt_logprobs=tuple(seq.prompt_logprobs) if params.prompt_logprobs is not None else None)
 
 
-def _output(request_id: int, seq: sequences.Sequence) -> RequestOutput:
-    return RequestOutput(request_id, tuple(seq.prompt_token_ids), tuple(seq.output_token_ids),
-                         seq.finish_reason or "", seq.num_preemptions)
+def _only_arg_max(params: SamplingParams) -> bool:
+    """A request that needs nothing of its logits but their arg-max (so the GPU may feed it to the next step)."""
+    return params.is_greedy and params.logprobs is None
+
+
+def _scores_prompt(step: SequenceStep) -> bool:
+    """Does this step compute logits that score a prompt token its sequence still wants log-probabilities of?"""
+    sequence = step.sequence
+    return (sequence.sampling_params.prompt_logprobs is not None
+            and step.first_position < len(sequence.prompt_token_ids) - 1
+            and len(sequence.prompt_logprobs) < len(sequence.prompt_token_ids))
+
+
+def _record_prompt_logprobs(plan: SchedulerOutput, logits: Any) -> None:
+    """Append the prompt log-probabilities the step's logits give, row ``t`` scoring the token after ``t``.
+
+    ``logits`` has a row per token of the step. A sequence recomputing its prompt after a preemption already
+    has them: only positions not yet scored are appended, so each prompt token is scored once.
+    """
+    offset = 0
+    for step in plan.scheduled:
+        sequence, prompt = step.sequence, step.sequence.prompt_token_ids
+        if _scores_prompt(step):
+            if not sequence.prompt_logprobs:
+                sequence.prompt_logprobs.append(None)  # nothing predicts the first token
+            positions = [p for p in step.positions if p + 1 < len(prompt) and p + 1 >= len(sequence.prompt_logprobs)]
+            if positions:
+                rows = [offset + p - step.first_position for p in positions]
+                chosen = np.array([prompt[p + 1] for p in positions])
+                sequence.prompt_logprobs.extend(top_logprobs(backend.to_numpy(logits[rows]), chosen,
+                                                             sequence.sampling_params.prompt_logprobs))
+        offset += step.num_new_tokens
+
+
+def _record_logprobs(sampling: Sequence[sequences.Sequence], logits: Any, rows: list[int],
+                     tokens: np.ndarray) -> None:
+    """Append each sampled token's log-probabilities to the sequences that asked for them."""
+    for sequence, row, token in zip(sampling, rows, tokens, strict=True):
+        if sequence.sampling_params.logprobs is not None:
+            sequence.logprobs.extend(top_logprobs(backend.to_numpy(logits[row:row + 1]), np.array([token]),
+                                                  sequence.sampling_params.logprobs))

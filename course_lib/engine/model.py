@@ -196,12 +196,18 @@ class LlamaModel:
         self.lm_head = self.weights.get("lm_head.weight", self.weights["model.embed_tokens.weight"])
         self.frequencies = backend.xp.asarray(config.inverse_frequencies().astype(np.float32))
 
-    def forward(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
-        """Logits ``[num_sequences, vocab]`` (fp32) for the last new token of each sequence of the step."""
-        self._check_step(token_ids, positions, kv_cache, attention)
-        return self.forward_unchecked(token_ids, positions, kv_cache, attention)
+    def forward(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata,
+                every_row: bool = False) -> Any:
+        """Logits ``[num_sequences, vocab]`` (fp32) for the last new token of each sequence of the step.
 
-    def forward_unchecked(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
+        ``every_row``: logits ``[num_tokens, vocab]`` for every token of the flat batch instead (prompt
+        log-probabilities need them: row ``t`` scores the token after token ``t``).
+        """
+        self._check_step(token_ids, positions, kv_cache, attention)
+        return self.forward_unchecked(token_ids, positions, kv_cache, attention, every_row)
+
+    def forward_unchecked(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata,
+                          every_row: bool = False) -> Any:
         """:meth:`forward` without its check of the step's arrays, which reads the token ids back to the host.
 
         For a caller that checked them on the host already, and for CUDA graph capture, where no such read
@@ -209,7 +215,8 @@ class LlamaModel:
         """
         if attention.num_tokens == 1 and self.one_token_matvec:
             return self._one_token_logits(token_ids, positions, kv_cache, attention)
-        return self.compute_logits(self._hidden_states(token_ids, positions, kv_cache, attention), attention)
+        return self.compute_logits(self._hidden_states(token_ids, positions, kv_cache, attention), attention,
+                                   every_row)
 
     def _hidden_states(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
         """The final-normed hidden state of every token of the flat batch: ``[T, hidden_size]``.
@@ -251,9 +258,10 @@ class LlamaModel:
             add_matvec(residual, gate_up, w[layer + "mlp.down_proj.weight"], activation="silu_mul", dtype=kind)
         return normed_matvec(residual, w["model.norm.weight"], self.lm_head, eps, dtype=kind, float32_out=True)
 
-    def compute_logits(self, hidden: Any, attention: AttentionMetadata) -> Any:
-        """Project only the rows a token is sampled from: each sequence's last new token (every row, in decode)."""
-        every_row = attention.num_tokens == len(attention.sequences)
+    def compute_logits(self, hidden: Any, attention: AttentionMetadata, every_row: bool = False) -> Any:
+        """Project only the rows a token is sampled from: each sequence's last new token (every row, in decode),
+        or every row if asked."""
+        every_row = every_row or attention.num_tokens == len(attention.sequences)
         last = hidden if every_row else hidden[attention.last_token_rows]
         return linear(last, self.lm_head, self.dtype, float32_out=True)
 

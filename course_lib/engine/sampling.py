@@ -27,6 +27,9 @@ class SamplingParams:
     ``top_k=0`` and ``top_p=1.0`` switch those filters off. ``seed=None`` draws from fresh entropy.
     ``stop_token_ids`` end the request when sampled; the model's end-of-sequence token does too,
     unless ``ignore_eos`` is set (benchmarks use it to generate exactly ``max_tokens`` tokens).
+    ``logprobs=k`` returns, for every generated token, the log-probabilities of the k likeliest tokens and of
+    the one sampled; ``prompt_logprobs=k`` the same for every prompt token after the first (as vLLM does;
+    ``None`` returns none). They describe the model's distribution, before temperature, top-k or top-p.
     """
 
     temperature: float = 1.0
@@ -36,6 +39,8 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -48,6 +53,10 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1: a request generates at least one token, got {self.max_tokens}")
         if self.seed is not None and operator.index(self.seed) < 0:
             raise ValueError(f"seed must be None or an integer >= 0, got {self.seed}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or operator.index(value) < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0 (how many likeliest tokens), got {value!r}")
         object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
 
     @property

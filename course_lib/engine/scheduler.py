@@ -135,7 +135,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         max_model_len: int,
-        eos_token_id: int | None = None,
+        eos_token_ids: Iterable[int] = (),
     ) -> None:
         for name, value in [
             ("max_num_batched_tokens", max_num_batched_tokens),
@@ -148,7 +148,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = tuple(eos_token_ids)  # the model's end-of-sequence tokens: each one stops a request
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # in admission order: the last one is preempted first
         self._num_slotted_tokens: dict[int, int] = {}  # per running sequence: its tokens that have a KV slot
@@ -173,7 +173,7 @@ class Scheduler:
             seq_id=self._next_seq_id,
             prompt_token_ids=tuple(prompt_token_ids),
             sampling_params=sampling_params or SamplingParams(),
-            eos_token_id=self.eos_token_id,
+            eos_token_ids=self.eos_token_ids,
         )
         self._next_seq_id += 1
         reason = self._why_it_can_never_run(sequence)
@@ -328,9 +328,11 @@ class Scheduler:
 
     def _admit(self, sequence: Sequence) -> bool:
         """Give the head of the queue blocks for all its tokens, if the pool has them; False if not."""
+        # A request that wants its prompt scored must compute every prompt token's logits: no prefix hits for it.
+        written = (lambda block: False) if sequence.sampling_params.prompt_logprobs is not None else \
+            self._blocks_with_kv.__contains__
         try:
-            num_cached = self.block_pool.allocate(sequence.seq_id, sequence.all_token_ids,
-                                                  written=self._blocks_with_kv.__contains__)
+            num_cached = self.block_pool.allocate(sequence.seq_id, sequence.all_token_ids, written=written)
         except OutOfBlocks:
             return False
         self._waiting.popleft()

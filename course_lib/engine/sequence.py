@@ -32,13 +32,15 @@ class Sequence:
     seq_id: int
     prompt_token_ids: tuple[int, ...]
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
-    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # the model's end-of-sequence tokens (a chat model may have several)
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # of those, found in the prefix cache when last admitted
     num_preemptions: int = 0
     finish_reason: str | None = None  # FINISHED_BY_LENGTH, FINISHED_BY_STOP, or "error: ..." for a rejection
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # per output token, if its params ask
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)  # per prompt token, if asked
     generator: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -75,7 +77,7 @@ class Sequence:
         token_id = int(token_id)
         self.output_token_ids.append(token_id)
         params = self.sampling_params
-        if token_id in params.stop_token_ids or (token_id == self.eos_token_id and not params.ignore_eos):
+        if token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos):
             self.finish(FINISHED_BY_STOP)
         elif len(self.output_token_ids) >= params.max_tokens:
             self.finish(FINISHED_BY_LENGTH)
