@@ -316,12 +316,16 @@ def test_weights_move_to_the_model_dtype(weights):
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,
                     reason="Hugging Face transformers and torch are installed on the GPU node, not in CI")
-def test_logits_match_transformers_llama_for_a_gqa_checkpoint():
+@pytest.mark.parametrize("variant", ["gqa", "theta-500000", "llama3", "tied", "odd-sizes"])
+def test_logits_and_greedy_tokens_match_transformers_on_checkpoints_it_saved(variant):
+    """tests/programs/compare_with_transformers.py: transformers saves a checkpoint, the course loads it."""
     program = Path(__file__).parent / "programs" / "compare_with_transformers.py"
-    done = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run([sys.executable, str(program), variant], capture_output=True, text=True, timeout=600,
+                          check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
-    assert errors["dense_vs_transformers"] < 1e-4 and errors["paged_vs_transformers"] < 1e-4, errors
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["dense_vs_transformers"] < 1e-4 and result["paged_vs_transformers"] < 1e-4, result
+    assert result["engine_greedy"] == result["transformers_greedy"], result
 
 
 def test_bfloat16_bits_round_to_nearest_even_and_widen_exactly():
