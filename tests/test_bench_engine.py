@@ -43,3 +43,19 @@ def test_cpu_smoke_run_times_the_tiny_model_and_claims_no_gpu_figures():
     result = run_suite("engine", quick=True, progress=False)
     assert [m["parameters"]["role"] for m in result["measurements"]] == ["eager", "engine"]
     assert result["headline"] == {}
+
+
+def test_headline_reports_smollm2_decode_and_chat_throughput():
+    records = [record("SmolLM2 decode batch 1, graph", 1e-3, role="graph smollm2", tokens_per_s=1000.0),
+               record("SmolLM2 64 chat requests", 2.0, role="smollm2 chat", requests=64, tokens_per_s=5000.0)]
+    assert suite.headline(records) == {"smollm2_decode_b1_tokens_per_s": 1000.0,
+                                       "smollm2_chat_b64_tokens_per_s": 5000.0}
+
+
+def test_tied_embeddings_are_read_whole_by_a_decode_step():
+    from course_lib.engine.config import ModelConfig
+
+    tied = ModelConfig(**{**vars(TINY), "tie_word_embeddings": True})
+    weights = suite.random_weights(tied, seed=0)
+    assert suite.decode_bytes(weights, tied, 0) == sum(w.nbytes for w in weights.values()) + \
+        tied.hidden_size * weights["model.embed_tokens.weight"].itemsize

@@ -16,6 +16,12 @@ CUDA graphs against eager launches, and serving throughput against Hugging Face 
   of wall time, both in the same run: the median of SERVING_RUNS runs after a warm-up run (which compiles
   and fills caches). The engine gets fresh random prompts each run, so its prefix cache has nothing to reuse.
 
+* **SmolLM2-135M-Instruct**, the course's real model (its GGUF, dequantized to bf16): the batch-1 decode step
+  replayed from a CUDA graph, and end to end, 64 chat requests through ``LLM.chat`` (chat template,
+  tokenizer, continuous batching, stopping at the model's end-of-sequence token, detokenized text), output
+  tokens per second of wall time; the median of SERVING_RUNS runs after a warm-up, each run asking other
+  questions so that only the shared system prompt can come from the prefix cache.
+
 The model runs in bfloat16 (the transformers baseline too). In CPU mode the suite times the tiny model's
 steps: a smoke test, never shown as GPU figures.
 """
@@ -36,6 +42,7 @@ from course_lib.bench.runner import Step, measurement
 from course_lib.bench.timing import Timing
 from course_lib.engine.block_pool import blocks_for
 from course_lib.engine.config import LLAMA_1B_SHAPED, TINY, ModelConfig
+from course_lib.engine.gguf_checkpoint import load_gguf
 from course_lib.engine.graphs import DecodeGraphs
 from course_lib.engine.llm import LLM
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
@@ -58,7 +65,14 @@ KERNEL_GROUPS = (("projections", ("nvjet", "gemm", "cublas", "matvec")), ("atten
 SERVING_DECODE_STEPS = 16  # the engine's decode steps per round trip to the host while every request decodes
 SERVING_TOKEN_BUDGET = 16384  # max_num_batched_tokens: 32 prompts of 512 tokens prefilled per step
 SERVING_RUNS = 3  # timed runs of each server after its warm-up: the figure is their median (the host is noisy)
-PARAMETERS = {"model": "LLAMA_1B_SHAPED (random weights)", "dtype": DTYPE, "block_size": BLOCK_SIZE,
+CHAT_REQUESTS, CHAT_MAX_TOKENS = 64, 256  # SmolLM2 serving: chat requests, and the most tokens an answer may take
+CHAT_TOPICS = ("the moon", "volcanoes", "honey bees", "the printing press", "photosynthesis", "the Roman empire",
+               "black holes", "coffee", "the internet", "glaciers", "chess", "vaccines", "the violin", "tides",
+               "penguins", "electricity")
+CHAT_ASKS = ("Tell me three facts about {}.", "Explain {} to a ten-year-old.", "Write a short poem about {}.",
+             "What is the most surprising thing about {}?")
+PARAMETERS = {"model": "LLAMA_1B_SHAPED (random weights); SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+              "dtype": DTYPE, "block_size": BLOCK_SIZE,
               "decode_context": DECODE_CONTEXT, "requests": REQUESTS, "prompt": PROMPT, "output": OUTPUT,
               "timing": "wall clock, device synchronised at the end"}
 
@@ -82,7 +96,11 @@ def steps(quick: bool) -> list[Step]:
             Step(f"engine serving {requests} requests", functools.partial(measure_engine, LLAMA_1B_SHAPED, requests,
                                                                            PROMPT, output)),
             Step(f"transformers generate, {requests} requests", functools.partial(measure_transformers, requests,
-                                                                                   output))]
+                                                                                   output)),
+            Step("SmolLM2 decode batch 1, CUDA graph", functools.partial(measure_decode, "smollm2", "graph",
+                                                                         DECODE_REPEATS)),
+            Step(f"SmolLM2 serving {CHAT_REQUESTS} chat requests", functools.partial(
+                measure_chat, 8 if quick else CHAT_REQUESTS, 32 if quick else CHAT_MAX_TOKENS))]
 
 
 @functools.cache
@@ -90,13 +108,31 @@ def host_weights(config: ModelConfig) -> dict[str, np.ndarray]:
     return random_weights(config, seed=0, dtype=DTYPE)
 
 
+@functools.cache
+def smollm2() -> tuple[ModelConfig, dict[str, np.ndarray], str]:
+    """SmolLM2's config, weights (dequantized to DTYPE) and GGUF path, fetched once into the model cache."""
+    from course_lib import models
+
+    path = models.fetch("smollm2", progress=False)
+    checkpoint = load_gguf(path, dtype=DTYPE)
+    return checkpoint.config, checkpoint.weights, str(path)
+
+
+def model_weights(model: ModelConfig | str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """A config's random weights, or ``"smollm2"``'s real ones."""
+    if model == "smollm2":
+        config, weights, _ = smollm2()
+        return config, weights
+    return model, host_weights(model)
+
+
 def decode_bytes(weights: dict[str, Any], config: ModelConfig, context: int) -> int:
-    """Bytes one batch-1 decode step must read: every weight (only one row of the embedding table) and the
-    keys and values of its context in every layer."""
+    """Bytes one batch-1 decode step must read: every weight and the keys and values of its context in every
+    layer. Of an untied embedding table it reads one row; a tied one is read whole, as the output projection."""
     item = weights["model.embed_tokens.weight"].itemsize
-    embedding = weights["model.embed_tokens.weight"]
+    embedding = 0 if config.tie_word_embeddings else int(weights["model.embed_tokens.weight"].nbytes)
     kv = 2 * context * config.num_layers * config.num_kv_heads * config.head_dim * item
-    return sum(int(w.nbytes) for w in weights.values()) - int(embedding.nbytes) + config.hidden_size * item + kv
+    return sum(int(w.nbytes) for w in weights.values()) - embedding + config.hidden_size * item + kv
 
 
 def measure_copy(nbytes: int = COPY_BYTES) -> dict[str, Any]:
@@ -145,13 +181,14 @@ def _wall(run: Callable[[], Any], repeats: int, rounds: int = ROUNDS) -> Timing:
     return Timing.from_samples(np.array(seconds), "perf_counter")
 
 
-def measure_decode(config: ModelConfig, how: str, repeats: int, one_token_matvec: bool = True) -> dict[str, Any]:
+def measure_decode(source: ModelConfig | str, how: str, repeats: int, one_token_matvec: bool = True) -> dict[str, Any]:
     """One decode step at batch 1 over a context of DECODE_CONTEXT tokens, eager or replayed from a graph.
 
-    ``one_token_matvec=False`` runs the step as a batch of any size would (cuBLAS products, separate norm and
-    activation kernels) instead of the fused matrix-vector products: what the fusion saves.
+    ``source``: a config (random weights) or ``"smollm2"``. ``one_token_matvec=False`` runs the step as a batch of
+    any size would (cuBLAS products, separate norm and activation kernels) instead of the fused matrix-vector
+    products: what the fusion saves.
     """
-    weights = host_weights(config)
+    config, weights = model_weights(source)
     model = LlamaModel(config, weights, DTYPE if backend.has_gpu() else "float32", one_token_matvec=one_token_matvec)
     blocks = blocks_for(DECODE_CONTEXT + 1, BLOCK_SIZE)
     cache = KVCache.allocate(config, blocks, BLOCK_SIZE, model.dtype)
@@ -173,7 +210,7 @@ def measure_decode(config: ModelConfig, how: str, repeats: int, one_token_matvec
             return model.forward(backend.xp.asarray(np.array([1], np.int32)), attention.positions, cache, attention)
         timing = _wall(eager, repeats)
         nodes = {}
-    role = how if model.one_token_matvec else f"{how} unfused"
+    role = (how if model.one_token_matvec else f"{how} unfused") + (" smollm2" if source == "smollm2" else "")
     params = {"role": role, "batch": 1, "context": context, "dtype": model.dtype, "steps_timed": repeats,
               "rounds": timing.repeats, "one_token_matvec": model.one_token_matvec,
               "bytes_read": decode_bytes(weights, config, context), **nodes}
@@ -228,6 +265,36 @@ def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int)
     return measurement(f"engine {requests} requests", timing, params, tokens_per_s=generated / timing.median_s)
 
 
+def measure_chat(requests: int, max_tokens: int) -> dict[str, Any]:
+    """SmolLM2 answering ``requests`` chat questions at once, end to end: text in, text out, greedy, stopping at
+    its end-of-sequence token (or ``max_tokens``); output tokens per second of wall time."""
+    _, _, path = smollm2()
+    llm = LLM.from_gguf(path, dtype=DTYPE, num_blocks=requests * blocks_for(128 + max_tokens, BLOCK_SIZE) + 64,
+                        block_size=BLOCK_SIZE, max_num_seqs=requests, max_num_batched_tokens=SERVING_TOKEN_BUDGET,
+                        cuda_graphs=backend.has_gpu(), decode_steps=SERVING_DECODE_STEPS)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    seconds, generated, stopped = [], [], []
+    try:
+        for run in range(SERVING_RUNS + 1):  # run 0 is the warm-up
+            conversations = [[{"role": "user", "content": CHAT_ASKS[(i + run) % len(CHAT_ASKS)].format(
+                CHAT_TOPICS[(i * 7 + run) % len(CHAT_TOPICS)])}] for i in range(requests)]
+            start = time.perf_counter()
+            outputs = llm.chat(conversations, params)
+            seconds.append(time.perf_counter() - start)
+            generated.append(sum(len(out.output_token_ids) for out in outputs))
+            stopped.append(sum(out.finish_reason == "stop" for out in outputs))
+    finally:
+        llm.close()
+    timing = Timing.from_samples(np.array(seconds[1:]), "perf_counter")
+    tokens = float(np.median(generated[1:]))
+    params = {"role": "smollm2 chat", "requests": requests, "max_tokens": max_tokens, "dtype": DTYPE,
+              "cuda_graphs": backend.has_gpu(), "decode_steps": SERVING_DECODE_STEPS,
+              "generated_tokens_per_run": generated[1:],
+              "answers_ended_by_eos_per_run": stopped[1:], "sample_question": conversations[0][0]["content"],
+              "sample_answer": outputs[0].text}
+    return measurement(f"SmolLM2 {requests} chat requests", timing, params, tokens_per_s=tokens / timing.median_s)
+
+
 def _prompts(config: ModelConfig, requests: int, prompt: int, seed: int = 1) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [list(rng.integers(0, config.vocab_size, prompt)) for _ in range(requests)]
@@ -279,4 +346,8 @@ def headline(measurements: list[dict[str, Any]]) -> dict[str, float]:
     if engine and baseline:
         figures[f"throughput_vs_transformers_b{engine['parameters']['requests']}"] = (
             engine["derived"]["tokens_per_s"] / baseline["derived"]["tokens_per_s"])
+    if small := found.get("graph smollm2"):
+        figures["smollm2_decode_b1_tokens_per_s"] = small["derived"]["tokens_per_s"]
+    if chat := found.get("smollm2 chat"):
+        figures[f"smollm2_chat_b{chat['parameters']['requests']}_tokens_per_s"] = chat["derived"]["tokens_per_s"]
     return figures
