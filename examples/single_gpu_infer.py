@@ -25,6 +25,7 @@ from course_lib.engine.config import LLAMA_1B_SHAPED, TINY
 from course_lib.engine.llm import LLM
 from course_lib.engine.options import add_engine_options, engine_options
 from course_lib.engine.sampling import SamplingParams
+from course_lib.models import FetchError
 
 RANDOM_MODELS = {"tiny": TINY, "llama-1b-shaped": LLAMA_1B_SHAPED}
 REAL_MODELS = ("smollm2",)
@@ -79,8 +80,8 @@ def prompt_of(args: argparse.Namespace, llm: LLM) -> list[int]:
         return llm.chat_prompt([{"role": "user", "content": args.prompt}])
     if args.prompt is not None:
         if llm.tokenizer is None:
-            raise SystemExit("error: --prompt needs a model with a tokenizer (--model smollm2, --gguf, or a "
-                             "--checkpoint with tokenizer.json); this one takes --prompt-tokens")
+            raise ValueError("--prompt needs a model with a tokenizer (--model smollm2, --gguf, or a --checkpoint "
+                             "with tokenizer.json); this one takes --prompt-tokens")
         return llm.tokenizer.encode(args.prompt)
     if args.prompt_tokens:
         return [int(token) for token in args.prompt_tokens.split()]
@@ -92,9 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(backend.mode_line())
     start = time.perf_counter()
-    llm = build_engine(args)
+    try:
+        llm = build_engine(args)
+        prompt = prompt_of(args, llm)
+    except (ValueError, OSError, FetchError) as error:  # a file, config or prompt the engine cannot take
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     loaded = time.perf_counter()
-    prompt = prompt_of(args, llm)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed, logprobs=args.logprobs)
     if not args.json:

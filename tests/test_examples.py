@@ -61,3 +61,58 @@ def test_the_cuda_graphs_flag_runs_on_a_gpu_and_explains_itself_on_a_cpu(script,
         assert done.returncode == 0, done.stderr
     else:
         assert done.returncode == 2 and "--cuda-graphs needs an NVIDIA GPU" in done.stderr
+
+
+# ---- the real model, and inputs the engine cannot take ------------------------------------------------------
+
+
+def test_smollm2_continues_a_sentence_and_answers_a_chat_question(smollm2_gguf):
+    done = run("single_gpu_infer.py", "--gguf", str(smollm2_gguf), "--prompt", "The capital of France is",
+               "--max-tokens", "8")
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout and "tokens/s" in done.stdout and "Mode:" in done.stdout
+    chat = run("single_gpu_infer.py", "--gguf", str(smollm2_gguf), "--chat", "--prompt",
+               "What is the capital of France?", "--max-tokens", "32", "--json", "--logprobs", "3")
+    assert chat.returncode == 0, chat.stderr
+    report = json.loads(chat.stdout)
+    assert "Paris" in report["text"] and report["ttft_s"] > 0 and report["tokens_per_s"] > 0
+    assert len(report["logprobs"]) == len(report["output_token_ids"])
+    assert all(str(token) in entry for token, entry in zip(report["output_token_ids"], report["logprobs"],
+                                                           strict=True))
+
+
+def bad_inputs(folder: Path) -> dict[str, tuple[list[str], str]]:
+    """Files and prompts the engine must refuse, each with the words its message must contain."""
+    import gguf
+
+    from course_lib.engine.config import TINY
+    from course_lib.engine.weights import random_weights, save_checkpoint
+
+    truncated = folder / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + bytes(100))
+    not_llama = folder / "other.gguf"
+    writer = gguf.GGUFWriter(str(not_llama), "gpt2")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    rope = save_checkpoint(folder / "rope", TINY, random_weights(TINY))
+    config = json.loads((rope / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (rope / "config.json").write_text(json.dumps(config))
+    shards = save_checkpoint(folder / "shards", TINY, random_weights(TINY), num_shards=2)
+    (shards / "model-00002-of-00002.safetensors").unlink()
+    return {"truncated GGUF": (["--gguf", str(truncated)], "truncated or corrupt"),
+            "another architecture": (["--gguf", str(not_llama)], "gpt2"),
+            "unsupported RoPE": (["--checkpoint", str(rope)], "rope_type 'yarn' is not supported"),
+            "missing shard": (["--checkpoint", str(shards)], "model-00002-of-00002.safetensors"),
+            "text without a tokenizer": (["--model", "tiny", "--prompt", "hello"], "needs a model with a tokenizer")}
+
+
+def test_bad_files_and_prompts_get_one_line_that_names_the_problem(tmp_path):
+    for case, (arguments, words) in bad_inputs(tmp_path).items():
+        done = run("single_gpu_infer.py", *arguments, "--max-tokens", "2")
+        assert done.returncode == 1, (case, done.stdout, done.stderr)
+        assert done.stderr.startswith("error: ") and words in done.stderr, (case, done.stderr)
+        assert "Traceback" not in done.stderr, case
