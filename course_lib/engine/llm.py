@@ -38,6 +38,7 @@ from course_lib.engine.logprobs import top_logprobs
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
 from course_lib.engine.sampling import SamplingParams, greedy_tokens, sample
 from course_lib.engine.scheduler import DecodeRun, Scheduler, SchedulerOutput, SequenceStep
+from course_lib.engine.stats import EngineStats
 from course_lib.engine.tokenizer import TOKENIZER_FILE, Tokenizer
 from course_lib.engine.weights import load_checkpoint, random_weights
 
@@ -108,6 +109,7 @@ class LLM:
         self.model = LlamaModel(config, weights, dtype)
         self.kv_cache = KVCache.allocate(config, num_blocks, block_size, dtype)
         self.block_pool = BlockPool(num_blocks, block_size)
+        self.stats = EngineStats(block_size=block_size)
         self.scheduler = Scheduler(self.block_pool, max_num_batched_tokens, max_num_seqs,
                                    max_model_len or config.max_position_embeddings, eos_token_ids)
         self.graphs = DecodeGraphs(self.model, self.kv_cache, graph_batch_sizes(max_num_seqs),
@@ -236,8 +238,12 @@ class LLM:
         else:
             tokens = sample(backend.to_numpy(logits[rows]), params, [seq.generator for seq in sampling])
         _record_logprobs(sampling, logits, rows, tokens)
+        self.stats.record_plan(plan, len(tokens), self._blocks_in_use())
         self.scheduler.update(plan, tokens)
         return [(seq, int(token)) for seq, token in zip(sampling, tokens, strict=True)]
+
+    def _blocks_in_use(self) -> int:
+        return self.block_pool.num_blocks - self.block_pool.num_free_blocks
 
     def _decode_run(self, run: DecodeRun) -> list[tuple[sequences.Sequence, int]]:
         """Launch the run's steps back to back, each fed the previous step's arg-max on the GPU; read the
@@ -261,7 +267,11 @@ class LLM:
             raise ValueError("logits must be finite or -inf (a masked token), with at least one finite value per row")
         tokens = backend.to_numpy(xp.stack(sampled))  # [steps, sequences]: the run's one wait for the GPU
         kept = [(seq, len(seq.output_token_ids)) for seq in run.sequences]
+        used_blocks = self._blocks_in_use()  # before finished sequences give theirs back
         self.scheduler.finish_decode_run(run, tokens)
+        for step in range(run.num_steps):  # a sequence that stopped inside the run keeps no later tokens
+            kept_tokens = sum(len(seq.output_token_ids) - before > step for seq, before in kept)
+            self.stats.record_step(0, len(run.sequences), kept_tokens, used_blocks)
         return [(seq, token) for step in range(run.num_steps) for (seq, before) in kept
                 for token in seq.output_token_ids[before + step:before + step + 1]]
 
@@ -276,7 +286,12 @@ class LLM:
         if len(params) != len(token_lists):
             raise ValueError(f"give one SamplingParams or one per prompt: {len(token_lists)} prompts, "
                              f"{len(params)} SamplingParams")
-        return [self.scheduler.add_request(prompt, param) for prompt, param in zip(token_lists, params, strict=True)]
+        requests = [self.scheduler.add_request(prompt, param)
+                    for prompt, param in zip(token_lists, params, strict=True)]
+        for sequence in requests:
+            if sequence.sampling_params.prompt_logprobs is not None and not sequence.is_finished:
+                sequence.prompt_logprobs.append(None)  # nothing predicts the first prompt token (a lone one too)
+        return requests
 
     def _require_tokenizer(self, what: str) -> Tokenizer:
         if self.tokenizer is None:
@@ -318,8 +333,6 @@ def _record_prompt_logprobs(plan: SchedulerOutput, logits: Any) -> None:
     for step in plan.scheduled:
         sequence, prompt = step.sequence, step.sequence.prompt_token_ids
         if _scores_prompt(step):
-            if not sequence.prompt_logprobs:
-                sequence.prompt_logprobs.append(None)  # nothing predicts the first token
             positions = [p for p in step.positions if p + 1 < len(prompt) and p + 1 >= len(sequence.prompt_logprobs)]
             if positions:
                 rows = [offset + p - step.first_position for p in positions]

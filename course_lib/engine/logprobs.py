@@ -35,6 +35,10 @@ def top_logprobs(logits: np.ndarray, chosen: np.ndarray, k: int) -> list[dict[in
                          f"{chosen.shape}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
+    outside = np.flatnonzero((chosen < 0) | (chosen >= logprobs.shape[1]))
+    if outside.size:
+        raise ValueError(f"chosen[{outside[0]}] = {chosen[outside[0]]} is outside the vocabulary [0, "
+                         f"{logprobs.shape[1]})")
     k = min(k, logprobs.shape[1])
     top = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]  # stable: ties keep the lower id first
     rows = []
