@@ -109,14 +109,18 @@ def paged_logits(config: ModelConfig, weights: dict, tokens: np.ndarray, chunk: 
 
 @pytest.mark.parametrize("scaling", [None, Llama3Scaling(8.0, 1.0, 4.0, 1024)], ids=["theta-500000", "llama3"])
 def test_paged_model_matches_float64_reference_past_position_4096(tmp_path, scaling):
-    """A checkpoint written and read back through config.json, run to position 4100 in float32.
+    """A checkpoint written and read back through config.json (theta in transformers 5's spelling, llama3 in
+    transformers 4's), run to position 4100 in float32.
 
     Each float32 angle there carries a rounding error near 4100 * 2**-24 radians, yet the logits land within
     about 1e-6 of float64's (seen on CPU): the errors do not add up. A config read without its theta or its
     scaling moves them by 1e-1, which the last assertion checks, so this test can fail.
     """
     config = ModelConfig(**{**vars(SMALL), "rope_scaling": scaling})
-    save_checkpoint(tmp_path, config, random_weights(config, seed=3))
+    save_checkpoint(tmp_path, config, random_weights(config, seed=3))  # transformers 5's spelling
+    if scaling is not None:  # this one as transformers 4 spells it
+        hf = hf_fields(config) | {"rope_theta": config.rope_theta, "rope_scaling": scaling.to_hf()}
+        (tmp_path / "config.json").write_text(json.dumps(hf))
     loaded_config, weights = load_checkpoint(tmp_path)
     assert loaded_config == config
     tokens = np.random.default_rng().integers(0, config.vocab_size, 4100)
