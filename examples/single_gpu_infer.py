@@ -25,10 +25,9 @@ from course_lib.engine.config import LLAMA_1B_SHAPED, TINY
 from course_lib.engine.llm import LLM
 from course_lib.engine.options import add_engine_options, engine_options
 from course_lib.engine.sampling import SamplingParams
-from course_lib.models import FetchError
+from course_lib.models import MODELS, FetchError
 
 RANDOM_MODELS = {"tiny": TINY, "llama-1b-shaped": LLAMA_1B_SHAPED}
-REAL_MODELS = ("smollm2",)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +35,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", choices=sorted(RANDOM_MODELS) + list(REAL_MODELS), default="tiny",
+    source.add_argument("--model", choices=sorted(RANDOM_MODELS) + sorted(MODELS), default="tiny",
                         help="smollm2: the course's real model; tiny, llama-1b-shaped: random weights (default tiny)")
     source.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face folder: config.json and *.safetensors")
     source.add_argument("--gguf", metavar="FILE", help="a Llama GGUF file (weights, config and tokenizer in one)")
@@ -59,19 +58,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     args.engine = engine_options(parser, args)  # LLM's keyword arguments, checked
     if args.chat and not args.prompt:
         parser.error("--chat needs --prompt TEXT (the user's message)")
-    if args.logprobs is not None and args.logprobs < 0:
-        parser.error(f"--logprobs must be >= 0, got {args.logprobs}")
+    if args.logprobs is not None and (args.logprobs < 0 or not args.json):
+        parser.error(f"--logprobs K goes with --json (the JSON object carries them) and K >= 0, got {args.logprobs}")
     return args
 
 
 def build_engine(args: argparse.Namespace) -> LLM:
-    if args.checkpoint:
-        return LLM.from_checkpoint(args.checkpoint, **args.engine)
-    if args.gguf:
-        return LLM.from_gguf(args.gguf, **args.engine)
-    if args.model in REAL_MODELS:
-        return LLM.from_pretrained(args.model, **args.engine)
-    return LLM(RANDOM_MODELS[args.model], seed=args.seed, **args.engine)
+    if args.model in RANDOM_MODELS and not (args.checkpoint or args.gguf):
+        return LLM(RANDOM_MODELS[args.model], seed=args.seed, **args.engine)
+    return LLM.from_pretrained(args.checkpoint or args.gguf or args.model, **args.engine)
 
 
 def prompt_of(args: argparse.Namespace, llm: LLM) -> list[int]:
@@ -79,10 +74,7 @@ def prompt_of(args: argparse.Namespace, llm: LLM) -> list[int]:
     if args.chat:
         return llm.chat_prompt([{"role": "user", "content": args.prompt}])
     if args.prompt is not None:
-        if llm.tokenizer is None:
-            raise ValueError("--prompt needs a model with a tokenizer (--model smollm2, --gguf, or a --checkpoint "
-                             "with tokenizer.json); this one takes --prompt-tokens")
-        return llm.tokenizer.encode(args.prompt)
+        return llm.require_tokenizer("prompts given as text (--prompt)").encode(args.prompt)
     if args.prompt_tokens:
         return [int(token) for token in args.prompt_tokens.split()]
     return list(np.random.default_rng(args.seed).integers(0, llm.config.vocab_size, size=args.prompt_length))

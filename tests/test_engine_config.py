@@ -47,6 +47,25 @@ def test_transformers_4_and_5_spellings_read_the_same():
     assert ModelConfig.from_hf(plain) == ModelConfig.from_hf({**hf_fields(SMALL), "rope_theta": 500000.0}) == SMALL
 
 
+# The fields of SmolLM2-135M-Instruct's config.json on the Hugging Face Hub (written by transformers 4.42).
+SMOLLM2_CONFIG_JSON = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+    "eos_token_id": 2, "head_dim": 64, "hidden_act": "silu", "hidden_size": 576,
+    "initializer_range": 0.041666666666666664, "intermediate_size": 1536, "is_llama_config": True,
+    "max_position_embeddings": 8192, "mlp_bias": False, "model_type": "llama", "num_attention_heads": 9,
+    "num_hidden_layers": 30, "num_key_value_heads": 3, "pad_token_id": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_interleaved": False, "rope_scaling": None, "rope_theta": 100000, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.42.3", "use_cache": True, "vocab_size": 49152,
+}
+
+
+def test_a_real_models_config_json_loads():
+    config = ModelConfig.from_hf(SMOLLM2_CONFIG_JSON)
+    assert (config.num_layers, config.num_kv_heads, config.rope_theta, config.tie_word_embeddings) == (30, 3, 1e5, True)
+    with pytest.raises(ValueError, match="rope_interleaved=True is not supported"):
+        ModelConfig.from_hf({**SMOLLM2_CONFIG_JSON, "rope_interleaved": True})
+
+
 def test_a_missing_theta_is_the_llama_default():
     assert ModelConfig.from_hf(hf_fields(SMALL)).rope_theta == 10000.0
 

@@ -107,7 +107,7 @@ def bad_inputs(folder: Path) -> dict[str, tuple[list[str], str]]:
             "another architecture": (["--gguf", str(not_llama)], "gpt2"),
             "unsupported RoPE": (["--checkpoint", str(rope)], "rope_type 'yarn' is not supported"),
             "missing shard": (["--checkpoint", str(shards)], "model-00002-of-00002.safetensors"),
-            "text without a tokenizer": (["--model", "tiny", "--prompt", "hello"], "needs a model with a tokenizer")}
+            "text without a tokenizer": (["--model", "tiny", "--prompt", "hello"], "need a tokenizer")}
 
 
 def test_bad_files_and_prompts_get_one_line_that_names_the_problem(tmp_path):

@@ -27,10 +27,11 @@ HF_NAMES = {
 HF_BOOKKEEPING = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
     "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "output_attentions", "output_hidden_states",
-    "return_dict", "is_decoder", "tokenizer_class", "name_or_path",
+    "return_dict", "is_decoder", "tokenizer_class", "name_or_path", "is_llama_config", "transformers.js_config",
 }
 # Fields the engine reads only to check they ask for what it implements: their one supported value.
-HF_FIXED = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "pretraining_tp": 1}
+HF_FIXED = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "pretraining_tp": 1,
+            "rope_interleaved": False}  # interleaved: GGML's pairing of features (2i, 2i+1), not rotate-half
 HF_ROPE = {"rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor"}
 
 
@@ -79,11 +80,9 @@ class ModelConfig:
                 f"each kv head serves the same number of query heads"
             )
         for name in ("rope_theta", "rms_norm_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3Scaling):
-            raise ValueError(f"rope_scaling must be None or a Llama3Scaling, got {self.rope_scaling!r}")
+            _require_positive_number(name, getattr(self, name))
+        if self.rope_scaling is not None:
+            _check_llama3_scaling(self.rope_scaling)
         if not isinstance(self.tie_word_embeddings, bool):
             raise ValueError(f"tie_word_embeddings must be True or False, got {self.tie_word_embeddings!r}")
 
@@ -141,6 +140,23 @@ class ModelConfig:
 def _require_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _require_positive_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_llama3_scaling(scaling: Any) -> None:
+    if not isinstance(scaling, Llama3Scaling):
+        raise ValueError(f"rope_scaling must be None or a Llama3Scaling, got {scaling!r}")
+    for name in ("factor", "low_freq_factor", "high_freq_factor"):
+        _require_positive_number(f"llama3 rope scaling's {name}", getattr(scaling, name))
+    _require_positive_int("llama3 rope scaling's original_max_position_embeddings",
+                          scaling.original_max_position_embeddings)
+    if scaling.high_freq_factor <= scaling.low_freq_factor:
+        raise ValueError(f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
+                         f"{scaling.high_freq_factor} and {scaling.low_freq_factor}")
 
 
 # A model small enough that a forward pass on a laptop CPU takes milliseconds: for tests and chapters.

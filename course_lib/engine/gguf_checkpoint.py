@@ -42,6 +42,7 @@ import gguf
 import numpy as np
 
 from course_lib import dtypes
+from course_lib.engine import rope
 from course_lib.engine.config import ModelConfig
 from course_lib.engine.weights import check_shapes, expected_shapes
 
@@ -228,8 +229,9 @@ def _config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], source
             )
     if "rope_freqs.weight" in shapes:
         raise ValueError(
-            f"{source} has a rope_freqs.weight tensor (Llama 3.1-style RoPE frequency factors); "
-            f"this engine's RoPE has no frequency factors"
+            f"{source} has a rope_freqs.weight tensor (Llama 3.1's RoPE scaling, stored as frequency factors): "
+            f"the engine implements that scaling from its parameters, as a Hugging Face config.json gives them, "
+            f"and does not read it in this tensor form; load the model's safetensors checkpoint instead"
         )
 
     def field(name: str, default: Any = None) -> Any:
@@ -250,7 +252,7 @@ def _config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], source
         "num_heads": num_heads,
         "num_kv_heads": field("attention.head_count_kv", num_heads),
         "max_position_embeddings": field("context_length"),
-        "rope_theta": field("rope.freq_base", 10000.0),
+        "rope_theta": field("rope.freq_base", rope.DEFAULT_THETA),
         "rms_norm_eps": field("attention.layer_norm_rms_epsilon"),
         "tie_word_embeddings": "output.weight" not in shapes,
     }

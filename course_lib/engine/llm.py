@@ -37,7 +37,7 @@ from course_lib.engine.graphs import DecodeGraphs, graph_batch_sizes
 from course_lib.engine.logprobs import top_logprobs
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
 from course_lib.engine.sampling import SamplingParams, greedy_tokens, sample
-from course_lib.engine.scheduler import DecodeRun, Scheduler, SchedulerOutput, SequenceStep
+from course_lib.engine.scheduler import DecodeRun, Scheduler, SchedulerOutput
 from course_lib.engine.stats import EngineStats
 from course_lib.engine.tokenizer import TOKENIZER_FILE, Tokenizer
 from course_lib.engine.weights import load_checkpoint, random_weights
@@ -120,15 +120,16 @@ class LLM:
         """An engine on the weights of a ``config.json`` + ``*.safetensors`` directory (and its tokenizer, if it
         has a ``tokenizer.json``)."""
         config, weights = load_checkpoint(directory)
-        if (Path(directory) / TOKENIZER_FILE).is_file():
-            options.setdefault("tokenizer", Tokenizer.from_pretrained_dir(directory))
+        if "tokenizer" not in options and (Path(directory) / TOKENIZER_FILE).is_file():
+            options["tokenizer"] = Tokenizer.from_pretrained_dir(directory)
         return cls(config, weights, **options)
 
     @classmethod
     def from_gguf(cls, path: str | Path, **options: object) -> LLM:
         """An engine on a GGUF file: config, dequantized weights and tokenizer all come from the one file."""
         checkpoint = load_gguf(path)
-        options.setdefault("tokenizer", Tokenizer.from_gguf_metadata(checkpoint.metadata, source=str(path)))
+        if "tokenizer" not in options:
+            options["tokenizer"] = Tokenizer.from_gguf_metadata(checkpoint.metadata, source=str(path))
         return cls(checkpoint.config, checkpoint.weights, **options)
 
     @classmethod
@@ -153,16 +154,16 @@ class LLM:
             self.graphs.close()
             self.graphs = None
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
+    def generate(self, prompts: str | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run every prompt (text or token ids; one prompt or a list) to completion, batched continuously;
-        outputs in the order of ``prompts``."""
+        """Run every prompt (one text, or a list of prompts, each text or token ids) to completion, batched
+        continuously; outputs in the order of ``prompts``."""
         requests = self._add_requests(prompts, params)
         while self.scheduler.has_unfinished():
             self.step()
         return [self._output(index, seq) for index, seq in enumerate(requests)]
 
-    def stream(self, prompts: Prompt | Sequence[Prompt],
+    def stream(self, prompts: str | Sequence[Prompt],
                params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[TokenEvent]:
         """The same work as :meth:`generate`, handing out each token as soon as a step samples it.
 
@@ -197,7 +198,7 @@ class LLM:
 
         The template writes any special tokens itself, so the tokenizer adds none.
         """
-        text = self._require_tokenizer("chat").apply_chat_template(list(messages), add_generation_prompt=True)
+        text = self.require_tokenizer("chat prompts").apply_chat_template(list(messages), add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def step(self) -> list[tuple[sequences.Sequence, int]]:
@@ -212,22 +213,22 @@ class LLM:
                                "waiting requests even after preempting every running one")
         self.kv_cache.copy_blocks(plan.block_copies)
         token_ids = np.concatenate([step.token_ids for step in plan.scheduled]).astype(np.int32)
-        one_token_each = all(step.num_new_tokens == 1 for step in plan.scheduled)
-        if self.graphs and one_token_each:  # decode only: replay
+        last_rows = list(np.cumsum([step.num_new_tokens for step in plan.scheduled]) - 1)
+        scored = _prompt_rows(plan)  # prompt tokens to score: their rows' logits are needed too
+        rows = sorted(set(last_rows) | set(scored)) if scored else None
+        if self.graphs and len(last_rows) == len(token_ids):  # decode only (a row per token): replay
             logits = self.graphs.run(token_ids, [step.context_len for step in plan.scheduled],
                                      [step.block_table for step in plan.scheduled])
         else:
             attention = AttentionMetadata.build(
                 ((step.num_new_tokens, step.context_len, step.block_table) for step in plan.scheduled),
                 self.block_pool.block_size)
-            every_row = not one_token_each and any(_scores_prompt(step) for step in plan.scheduled)
             logits = self.model.forward(backend.xp.asarray(token_ids), attention.positions, self.kv_cache,
-                                        attention, every_row)
-            if every_row:
-                _record_prompt_logprobs(plan, logits)
-                logits = logits[attention.last_token_rows]
-        if one_token_each:
-            _record_prompt_logprobs(plan, logits)
+                                        attention, rows)
+        if scored:
+            at = {row: index for index, row in enumerate(rows)}
+            _record_prompt_logprobs(scored, backend.to_numpy(logits[[at[row] for row in scored]]))
+            logits = logits[[at[row] for row in last_rows]]
         rows = [row for row, step in enumerate(plan.scheduled) if step.samples]
         sampling = plan.sampling_sequences
         params = [seq.sampling_params for seq in sampling]
@@ -269,31 +270,29 @@ class LLM:
         kept = [(seq, len(seq.output_token_ids)) for seq in run.sequences]
         used_blocks = self._blocks_in_use()  # before finished sequences give theirs back
         self.scheduler.finish_decode_run(run, tokens)
-        for step in range(run.num_steps):  # a sequence that stopped inside the run keeps no later tokens
-            kept_tokens = sum(len(seq.output_token_ids) - before > step for seq, before in kept)
-            self.stats.record_step(0, len(run.sequences), kept_tokens, used_blocks)
+        self.stats.record_run(run.num_steps, len(run.sequences),
+                              sum(len(seq.output_token_ids) - before for seq, before in kept), used_blocks)
         return [(seq, token) for step in range(run.num_steps) for (seq, before) in kept
                 for token in seq.output_token_ids[before + step:before + step + 1]]
 
-    def _add_requests(self, prompts: Prompt | Sequence[Prompt],
+    def _add_requests(self, prompts: str | Sequence[Prompt],
                       params: SamplingParams | Sequence[SamplingParams] | None) -> list[sequences.Sequence]:
         if isinstance(prompts, str):
             prompts = [prompts]
-        token_lists = [self._require_tokenizer("text prompts").encode(prompt) if isinstance(prompt, str) else prompt
+        if prompts and not isinstance(prompts[0], str) and not isinstance(prompts[0], Sequence):
+            raise TypeError(f"give a list of prompts, each text or a list of token ids: to generate from the token "
+                            f"ids {list(prompts)[:4]}..., pass [[...]]")
+        token_lists = [self.require_tokenizer("text prompts").encode(prompt) if isinstance(prompt, str) else prompt
                        for prompt in prompts]
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(token_lists)
         if len(params) != len(token_lists):
             raise ValueError(f"give one SamplingParams or one per prompt: {len(token_lists)} prompts, "
                              f"{len(params)} SamplingParams")
-        requests = [self.scheduler.add_request(prompt, param)
-                    for prompt, param in zip(token_lists, params, strict=True)]
-        for sequence in requests:
-            if sequence.sampling_params.prompt_logprobs is not None and not sequence.is_finished:
-                sequence.prompt_logprobs.append(None)  # nothing predicts the first prompt token (a lone one too)
-        return requests
+        return [self.scheduler.add_request(prompt, param) for prompt, param in zip(token_lists, params, strict=True)]
 
-    def _require_tokenizer(self, what: str) -> Tokenizer:
+    def require_tokenizer(self, what: str) -> Tokenizer:
+        """The model's tokenizer; a ``ValueError`` saying why ``what`` needs one if the model has none."""
         if self.tokenizer is None:
             raise ValueError(f"{what} need a tokenizer, and this model has none (random weights, or a checkpoint "
                              f"without tokenizer.json): give token ids, or load a real model with "
@@ -315,37 +314,39 @@ def _only_arg_max(params: SamplingParams) -> bool:
     return params.is_greedy and params.logprobs is None
 
 
-def _scores_prompt(step: SequenceStep) -> bool:
-    """Does this step compute logits that score a prompt token its sequence still wants log-probabilities of?"""
-    sequence = step.sequence
-    return (sequence.sampling_params.prompt_logprobs is not None
-            and step.first_position < len(sequence.prompt_token_ids) - 1
-            and len(sequence.prompt_logprobs) < len(sequence.prompt_token_ids))
+def _prompt_rows(plan: SchedulerOutput) -> dict[int, tuple[sequences.Sequence, int]]:
+    """The rows of the step's flat batch whose logits score a prompt token: ``{row: (sequence, position)}``.
 
-
-def _record_prompt_logprobs(plan: SchedulerOutput, logits: Any) -> None:
-    """Append the prompt log-probabilities the step's logits give, row ``t`` scoring the token after ``t``.
-
-    ``logits`` has a row per token of the step. A sequence recomputing its prompt after a preemption already
-    has them: only positions not yet scored are appended, so each prompt token is scored once.
+    Row ``t`` holds the logits after token ``t``, which score the prompt token at ``t + 1``. Only positions not
+    scored yet count: a sequence recomputing its prompt after a preemption already has them.
     """
-    offset = 0
+    scored, offset = {}, 0
     for step in plan.scheduled:
-        sequence, prompt = step.sequence, step.sequence.prompt_token_ids
-        if _scores_prompt(step):
-            positions = [p for p in step.positions if p + 1 < len(prompt) and p + 1 >= len(sequence.prompt_logprobs)]
-            if positions:
-                rows = [offset + p - step.first_position for p in positions]
-                chosen = np.array([prompt[p + 1] for p in positions])
-                sequence.prompt_logprobs.extend(top_logprobs(backend.to_numpy(logits[rows]), chosen,
-                                                             sequence.sampling_params.prompt_logprobs))
+        sequence = step.sequence
+        if sequence.sampling_params.prompt_logprobs is not None:
+            last = len(sequence.prompt_token_ids) - 1  # the last prompt token scores an output, not the prompt
+            for position in range(max(step.first_position, len(sequence.prompt_logprobs) - 1),
+                                  min(step.context_len, last)):
+                scored[offset + position - step.first_position] = (sequence, position)
         offset += step.num_new_tokens
+    return scored
+
+
+def _record_prompt_logprobs(scored: dict[int, tuple[sequences.Sequence, int]], logits: np.ndarray) -> None:
+    """Append each scored prompt token's log-probabilities; ``logits`` has a row per entry of ``scored``."""
+    for (sequence, position), row in zip(scored.values(), logits, strict=True):
+        chosen = np.array([sequence.prompt_token_ids[position + 1]])
+        sequence.prompt_logprobs.extend(top_logprobs(row[None], chosen, sequence.sampling_params.prompt_logprobs))
 
 
 def _record_logprobs(sampling: Sequence[sequences.Sequence], logits: Any, rows: list[int],
                      tokens: np.ndarray) -> None:
-    """Append each sampled token's log-probabilities to the sequences that asked for them."""
-    for sequence, row, token in zip(sampling, rows, tokens, strict=True):
-        if sequence.sampling_params.logprobs is not None:
-            sequence.logprobs.extend(top_logprobs(backend.to_numpy(logits[row:row + 1]), np.array([token]),
-                                                  sequence.sampling_params.logprobs))
+    """Append each sampled token's log-probabilities to the sequences that asked for them (their logits rows
+    cross to the host in one copy)."""
+    wanted = [index for index, sequence in enumerate(sampling) if sequence.sampling_params.logprobs is not None]
+    if not wanted:
+        return
+    host = backend.to_numpy(logits[[rows[index] for index in wanted]])
+    for index, row in zip(wanted, host, strict=True):
+        sequence = sampling[index]
+        sequence.logprobs.extend(top_logprobs(row[None], tokens[index:index + 1], sequence.sampling_params.logprobs))

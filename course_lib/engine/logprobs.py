@@ -40,10 +40,22 @@ def top_logprobs(logits: np.ndarray, chosen: np.ndarray, k: int) -> list[dict[in
         raise ValueError(f"chosen[{outside[0]}] = {chosen[outside[0]]} is outside the vocabulary [0, "
                          f"{logprobs.shape[1]})")
     k = min(k, logprobs.shape[1])
-    top = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]  # stable: ties keep the lower id first
     rows = []
-    for row, token in enumerate(chosen):
-        entry = {int(t): float(logprobs[row, t]) for t in top[row]}
-        entry.setdefault(int(token), float(logprobs[row, token]))
+    for values, token in zip(logprobs, chosen, strict=True):
+        entry = {int(t): float(values[t]) for t in _likeliest(values, k)}
+        entry.setdefault(int(token), float(values[token]))
         rows.append(entry)
     return rows
+
+
+def _likeliest(values: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the ``k`` largest ``values``, largest first, ties to the lower id, without sorting all of them.
+
+    ``argpartition`` finds the k-th largest value in linear time; every id at least that large is a candidate
+    (more than k where values tie at the boundary), and only the candidates are sorted.
+    """
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    threshold = values[np.argpartition(-values, k - 1)[k - 1]]
+    candidates = np.flatnonzero(values >= threshold)
+    return candidates[np.lexsort((candidates, -values[candidates]))][:k]

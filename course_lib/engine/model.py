@@ -197,17 +197,17 @@ class LlamaModel:
         self.frequencies = backend.xp.asarray(config.inverse_frequencies().astype(np.float32))
 
     def forward(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata,
-                every_row: bool = False) -> Any:
+                rows: Sequence[int] | None = None) -> Any:
         """Logits ``[num_sequences, vocab]`` (fp32) for the last new token of each sequence of the step.
 
-        ``every_row``: logits ``[num_tokens, vocab]`` for every token of the flat batch instead (prompt
-        log-probabilities need them: row ``t`` scores the token after token ``t``).
+        ``rows``: the logits of these rows of the flat batch instead, in this order (prompt log-probabilities
+        need more than the last rows: row ``t`` scores the token after token ``t``).
         """
         self._check_step(token_ids, positions, kv_cache, attention)
-        return self.forward_unchecked(token_ids, positions, kv_cache, attention, every_row)
+        return self.forward_unchecked(token_ids, positions, kv_cache, attention, rows)
 
     def forward_unchecked(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata,
-                          every_row: bool = False) -> Any:
+                          rows: Sequence[int] | None = None) -> Any:
         """:meth:`forward` without its check of the step's arrays, which reads the token ids back to the host.
 
         For a caller that checked them on the host already, and for CUDA graph capture, where no such read
@@ -215,8 +215,7 @@ class LlamaModel:
         """
         if attention.num_tokens == 1 and self.one_token_matvec:
             return self._one_token_logits(token_ids, positions, kv_cache, attention)
-        return self.compute_logits(self._hidden_states(token_ids, positions, kv_cache, attention), attention,
-                                   every_row)
+        return self.compute_logits(self._hidden_states(token_ids, positions, kv_cache, attention), attention, rows)
 
     def _hidden_states(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
         """The final-normed hidden state of every token of the flat batch: ``[T, hidden_size]``.
@@ -258,11 +257,13 @@ class LlamaModel:
             add_matvec(residual, gate_up, w[layer + "mlp.down_proj.weight"], activation="silu_mul", dtype=kind)
         return normed_matvec(residual, w["model.norm.weight"], self.lm_head, eps, dtype=kind, float32_out=True)
 
-    def compute_logits(self, hidden: Any, attention: AttentionMetadata, every_row: bool = False) -> Any:
+    def compute_logits(self, hidden: Any, attention: AttentionMetadata, rows: Sequence[int] | None = None) -> Any:
         """Project only the rows a token is sampled from: each sequence's last new token (every row, in decode),
-        or every row if asked."""
-        every_row = every_row or attention.num_tokens == len(attention.sequences)
-        last = hidden if every_row else hidden[attention.last_token_rows]
+        or the ``rows`` asked for."""
+        if rows is not None:
+            last = hidden[backend.xp.asarray(np.asarray(rows, dtype=np.int64))]
+        else:
+            last = hidden if attention.num_tokens == len(attention.sequences) else hidden[attention.last_token_rows]
         return linear(last, self.lm_head, self.dtype, float32_out=True)
 
     def attend(self, i: int, qkv: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:

@@ -13,6 +13,7 @@ import numpy as np
 
 from course_lib import dtypes
 from course_lib.engine.config import ModelConfig
+from course_lib.kernels.fused import rope_reference
 
 
 def dense_forward(config: ModelConfig, weights: dict[str, Any], token_ids: Any) -> np.ndarray:
@@ -36,25 +37,14 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, config: ModelConfig) -> np.ndar
     return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + config.rms_norm_eps) * weight
 
 
-def _rope(x: np.ndarray, positions: np.ndarray, frequencies: np.ndarray) -> np.ndarray:
-    """Rotate feature pairs ``(i, i + d/2)`` of ``x`` [length, heads, d] by ``position * frequencies[i]``."""
-    half = x.shape[-1] // 2
-    angles = positions[:, None, None] * frequencies  # [length, 1, d/2]
-    first, second = x[..., :half], x[..., half:]
-    return np.concatenate(
-        [first * np.cos(angles) - second * np.sin(angles), second * np.cos(angles) + first * np.sin(angles)], axis=-1
-    )
-
-
 def _attention(
     config: ModelConfig, w: dict[str, np.ndarray], layer: str, x: np.ndarray, positions: np.ndarray
 ) -> np.ndarray:
     """Causal grouped-query self-attention over the whole sequence, kv heads repeated to match the query heads."""
     length, d, frequencies = x.shape[0], config.head_dim, config.inverse_frequencies()
-    query = _rope((x @ w[layer + "self_attn.q_proj.weight"].T).reshape(length, config.num_heads, d), positions,
-                  frequencies)
-    key = _rope((x @ w[layer + "self_attn.k_proj.weight"].T).reshape(length, config.num_kv_heads, d), positions,
-                frequencies)
+    query = (x @ w[layer + "self_attn.q_proj.weight"].T).reshape(length, config.num_heads, d)
+    key = (x @ w[layer + "self_attn.k_proj.weight"].T).reshape(length, config.num_kv_heads, d)
+    query, key = rope_reference(query, positions, frequencies), rope_reference(key, positions, frequencies)
     value = (x @ w[layer + "self_attn.v_proj.weight"].T).reshape(length, config.num_kv_heads, d)
     key, value = np.repeat(key, config.queries_per_kv, axis=1), np.repeat(value, config.queries_per_kv, axis=1)
     scores = np.einsum("qhd,khd->hqk", query, key) / np.sqrt(d)

@@ -25,7 +25,6 @@ name, because a silently ignored RoPE field gives a model that runs and is wrong
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,23 +36,15 @@ LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_
 
 @dataclass(frozen=True)
 class Llama3Scaling:
-    """Llama 3.1's RoPE scaling: slow the low frequencies ``factor`` times, keep the high ones, blend between."""
+    """Llama 3.1's RoPE scaling: slow the low frequencies ``factor`` times, keep the high ones, blend between.
+
+    ``ModelConfig`` checks the values when a config holds them.
+    """
 
     factor: float
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
-
-    def __post_init__(self) -> None:
-        for name in ("factor", "low_freq_factor", "high_freq_factor"):
-            _require_positive_number(f"llama3 rope scaling's {name}", getattr(self, name))
-        original = self.original_max_position_embeddings
-        if isinstance(original, bool) or not isinstance(original, numbers.Integral) or original < 1:
-            raise ValueError(f"llama3 rope scaling's original_max_position_embeddings must be a positive integer, "
-                             f"got {original!r}")
-        if self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError(f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
-                             f"{self.high_freq_factor} and {self.low_freq_factor}")
 
     def to_hf(self) -> dict[str, Any]:
         return {"rope_type": "llama3", **{name: getattr(self, name) for name in LLAMA3_FIELDS}}
@@ -126,8 +117,3 @@ def _scaling(fields: dict[str, Any] | None, where: str, ignore: tuple[str, ...] 
     if unknown:
         raise ValueError(f"{where}: llama3 rope scaling field(s) {unknown} are not supported by this engine")
     return Llama3Scaling(**{name: fields[name] for name in LLAMA3_FIELDS})
-
-
-def _require_positive_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

@@ -46,6 +46,8 @@ class Sequence:
     def __post_init__(self) -> None:
         self.prompt_token_ids = tuple(self.prompt_token_ids)
         self.generator = np.random.default_rng(self.sampling_params.seed)
+        if self.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # nothing predicts the first prompt token
 
     @property
     def all_token_ids(self) -> list[int]:

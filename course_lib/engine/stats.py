@@ -15,7 +15,7 @@ from course_lib.engine.scheduler import SchedulerOutput
 
 @dataclass
 class EngineStats:
-    """Counters an ``LLM`` keeps up to date; replace with ``EngineStats()`` to count from zero again."""
+    """Counters an ``LLM`` keeps up to date; ``reset()`` counts from zero again."""
 
     steps: int = 0  # model forward passes: a decode run of n steps counts n
     prefill_steps: int = 0  # steps that computed at least one prompt token
@@ -47,6 +47,18 @@ class EngineStats:
                 self._prefill_progress[step.seq_id] = max(done, step.context_len)
         self.record_step(prompt_tokens, decode_tokens, generated, blocks_used,
                          recomputed=plan.num_batched_tokens - prompt_tokens - decode_tokens)
+
+    def record_run(self, num_steps: int, num_sequences: int, generated: int, blocks_used: int) -> None:
+        """A decode run: ``num_steps`` steps of one token per sequence (a sequence that stops inside the run still
+        has its row computed to the end of the run), ``generated`` tokens kept."""
+        self.steps += num_steps
+        self.decode_tokens += num_steps * num_sequences
+        self.generated_tokens += generated
+        self.peak_blocks_used = max(self.peak_blocks_used, blocks_used)
+
+    def reset(self) -> None:
+        """Count from zero again (the block size stays)."""
+        vars(self).update(vars(EngineStats(block_size=self.block_size)))
 
     def record_step(self, prompt_tokens: int, decode_tokens: int, generated: int, blocks_used: int,
                     recomputed: int = 0) -> None:

@@ -623,5 +623,5 @@ def prefill_step(
 
 
 def _float32(array: Any, dtype: str | None) -> np.ndarray:
-    """The NumPy path's float32 view of an array: a float32 cache is read in place, not copied every layer."""
-    return array if str(array.dtype) == "float32" else dtypes.to_float32(array, dtype)
+    """The NumPy path's float32 values of an array: a float32 cache is read in place, not copied every layer."""
+    return dtypes.widen(array, dtype)

@@ -19,8 +19,8 @@ CUDA graphs against eager launches, and serving throughput against Hugging Face 
 * **SmolLM2-135M-Instruct**, the course's real model (its GGUF, dequantized to bf16): the batch-1 decode step
   replayed from a CUDA graph, and end to end, 64 chat requests through ``LLM.chat`` (chat template,
   tokenizer, continuous batching, stopping at the model's end-of-sequence token, detokenized text), output
-  tokens per second of wall time; the median of SERVING_RUNS runs after a warm-up, each run asking other
-  questions so that only the shared system prompt can come from the prefix cache.
+  tokens per second of wall time; the median of SERVING_RUNS runs after a warm-up, every question numbered
+  (``chat_question``) so that only the shared system prompt can come from the prefix cache.
 
 The model runs in bfloat16 (the transformers baseline too). In CPU mode the suite times the tiny model's
 steps: a smoke test, never shown as GPU figures.
@@ -42,11 +42,12 @@ from course_lib.bench.runner import Step, measurement
 from course_lib.bench.timing import Timing
 from course_lib.engine.block_pool import blocks_for
 from course_lib.engine.config import LLAMA_1B_SHAPED, TINY, ModelConfig
-from course_lib.engine.gguf_checkpoint import load_gguf
+from course_lib.engine.gguf_checkpoint import GGUFCheckpoint, load_gguf
 from course_lib.engine.graphs import DecodeGraphs
 from course_lib.engine.llm import LLM
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
 from course_lib.engine.sampling import SamplingParams
+from course_lib.engine.tokenizer import Tokenizer
 from course_lib.engine.weights import random_weights, save_checkpoint
 
 DESCRIPTION = "engine: batch-1 decode vs the HBM roofline, CUDA graph speedup, throughput vs transformers"
@@ -109,20 +110,17 @@ def host_weights(config: ModelConfig) -> dict[str, np.ndarray]:
 
 
 @functools.cache
-def smollm2() -> tuple[ModelConfig, dict[str, np.ndarray], str]:
-    """SmolLM2's config, weights (dequantized to DTYPE) and GGUF path, fetched once into the model cache."""
+def smollm2() -> GGUFCheckpoint:
+    """SmolLM2's GGUF (fetched once into the model cache), read and dequantized to DTYPE once a run."""
     from course_lib import models
 
-    path = models.fetch("smollm2", progress=False)
-    checkpoint = load_gguf(path, dtype=DTYPE)
-    return checkpoint.config, checkpoint.weights, str(path)
+    return load_gguf(models.fetch("smollm2", progress=False), dtype=DTYPE)
 
 
 def model_weights(model: ModelConfig | str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """A config's random weights, or ``"smollm2"``'s real ones."""
     if model == "smollm2":
-        config, weights, _ = smollm2()
-        return config, weights
+        return smollm2().config, smollm2().weights
     return model, host_weights(model)
 
 
@@ -268,16 +266,16 @@ def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int)
 def measure_chat(requests: int, max_tokens: int) -> dict[str, Any]:
     """SmolLM2 answering ``requests`` chat questions at once, end to end: text in, text out, greedy, stopping at
     its end-of-sequence token (or ``max_tokens``); output tokens per second of wall time."""
-    _, _, path = smollm2()
-    llm = LLM.from_gguf(path, dtype=DTYPE, num_blocks=requests * blocks_for(128 + max_tokens, BLOCK_SIZE) + 64,
-                        block_size=BLOCK_SIZE, max_num_seqs=requests, max_num_batched_tokens=SERVING_TOKEN_BUDGET,
-                        cuda_graphs=backend.has_gpu(), decode_steps=SERVING_DECODE_STEPS)
+    checkpoint = smollm2()
+    llm = LLM(checkpoint.config, checkpoint.weights, tokenizer=Tokenizer.from_gguf_metadata(checkpoint.metadata),
+              dtype=DTYPE, num_blocks=requests * blocks_for(128 + max_tokens, BLOCK_SIZE) + 64, block_size=BLOCK_SIZE,
+              max_num_seqs=requests, max_num_batched_tokens=SERVING_TOKEN_BUDGET, cuda_graphs=backend.has_gpu(),
+              decode_steps=SERVING_DECODE_STEPS)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     seconds, generated, stopped = [], [], []
     try:
         for run in range(SERVING_RUNS + 1):  # run 0 is the warm-up
-            conversations = [[{"role": "user", "content": CHAT_ASKS[(i + run) % len(CHAT_ASKS)].format(
-                CHAT_TOPICS[(i * 7 + run) % len(CHAT_TOPICS)])}] for i in range(requests)]
+            conversations = [[{"role": "user", "content": chat_question(run, i)}] for i in range(requests)]
             start = time.perf_counter()
             outputs = llm.chat(conversations, params)
             seconds.append(time.perf_counter() - start)
@@ -293,6 +291,13 @@ def measure_chat(requests: int, max_tokens: int) -> dict[str, Any]:
               "answers_ended_by_eos_per_run": stopped[1:], "sample_question": conversations[0][0]["content"],
               "sample_answer": outputs[0].text}
     return measurement(f"SmolLM2 {requests} chat requests", timing, params, tokens_per_s=tokens / timing.median_s)
+
+
+def chat_question(run: int, request: int) -> str:
+    """Request ``request``'s question in run ``run``: numbered, so that no two requests of the suite share more of
+    their prompt than the chat template's system message (the prefix cache can reuse only that)."""
+    ask = CHAT_ASKS[request % len(CHAT_ASKS)].format(CHAT_TOPICS[request // len(CHAT_ASKS) % len(CHAT_TOPICS)])
+    return f"Question {run * 1000 + request}. {ask}"
 
 
 def _prompts(config: ModelConfig, requests: int, prompt: int, seed: int = 1) -> list[list[int]]:
