@@ -1,0 +1,71 @@
+"""What GPUs pay to talk: the alpha-beta model of a collective.
+
+A message of ``S`` bytes over a link of bandwidth ``B`` takes ``alpha + S / B``: ``alpha`` is the fixed cost
+(launching the collective, the handshakes, the hops), ``S / B`` the time on the wire. A collective is a
+pattern of such messages, and its bandwidth term follows from how many bytes each GPU must send:
+
+* **ring all-reduce** over ``p`` GPUs: each GPU holds ``S`` bytes and ends with the sum of all ``p`` copies.
+  The ring does it in a reduce-scatter then an all-gather, ``p - 1`` steps each, sending ``S / p`` bytes a
+  step: ``2 (p - 1) / p * S`` bytes leave every GPU, all GPUs sending at once, so
+
+      time = alpha + 2 (p - 1) / p * S / B
+
+  (NCCL's "bus bandwidth" is exactly ``2 (p - 1) / p * S / time``: the ``B`` this formula sees.)
+* **all-to-all** (expert parallelism's dispatch and combine): each GPU sends a ``1 / p`` share of its ``S``
+  bytes to each other GPU, ``(p - 1) / p * S`` in all: time = alpha + (p - 1) / p * S / B.
+* **send** (pipeline parallelism, one stage to the next): time = alpha + S / B.
+
+``B`` is one direction of one GPU's link: half of NVLink's datasheet figure (which sums both directions),
+or the NIC's line rate when the group spans more than one NVLink domain.
+
+``alpha`` is a parameter. Its defaults are small-message all-reduce times reported in public NCCL threads
+(below, with their sources); pass your own measured figure where you have one.
+"""
+
+from __future__ import annotations
+
+from course_lib.scaling.hardware import Source
+
+# Defaults for alpha: the time of an all-reduce too small for bandwidth to matter.
+NVLINK_ALPHA_S = 6e-6
+NVLINK_ALPHA_SOURCE = Source(
+    "NVIDIA/nccl issue #1259: all_reduce_perf (NCCL 2.20.5, CUDA graphs, NVLSTree) on an HGX 8x H100 node, "
+    "2 GPUs: 'the latency is approximately 6us'", "https://github.com/NVIDIA/nccl/issues/1259", "2026-12-07",
+    "the issue reports it growing with the number of GPUs")
+NETWORK_ALPHA_S = 46.30e-6
+NETWORK_ALPHA_SOURCE = Source(
+    "NVIDIA/nccl issue #1244: all_reduce_perf (NCCL 2.21.5, NVLSTree) on 2 nodes of 8 H20 GPUs with ConnectX-7 "
+    "InfiniBand NDR, 64-byte all-reduce: 46.30 us", "https://github.com/NVIDIA/nccl/issues/1244", "2026-12-07")
+
+
+def _check(nbytes: float, gpus: int, bytes_per_s: float, alpha_s: float) -> None:
+    if nbytes < 0:
+        raise ValueError(f"a message has >= 0 bytes, got {nbytes}")
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ValueError(f"a collective needs a positive whole number of GPUs, got {gpus!r}")
+    if not bytes_per_s > 0:
+        raise ValueError(f"link bandwidth must be > 0 bytes/s, got {bytes_per_s!r}")
+    if alpha_s < 0:
+        raise ValueError(f"alpha must be >= 0 s, got {alpha_s}")
+
+
+def ring_all_reduce_s(nbytes: float, gpus: int, bytes_per_s: float, alpha_s: float) -> float:
+    """Seconds to all-reduce ``nbytes`` held by each of ``gpus`` GPUs: alpha + 2(p-1)/p * S / B (0 for one GPU)."""
+    _check(nbytes, gpus, bytes_per_s, alpha_s)
+    if gpus == 1:
+        return 0.0
+    return alpha_s + 2 * (gpus - 1) / gpus * nbytes / bytes_per_s
+
+
+def all_to_all_s(nbytes: float, gpus: int, bytes_per_s: float, alpha_s: float) -> float:
+    """Seconds for each of ``gpus`` GPUs to scatter ``nbytes`` evenly to all: alpha + (p-1)/p * S / B."""
+    _check(nbytes, gpus, bytes_per_s, alpha_s)
+    if gpus == 1:
+        return 0.0
+    return alpha_s + (gpus - 1) / gpus * nbytes / bytes_per_s
+
+
+def send_s(nbytes: float, bytes_per_s: float, alpha_s: float) -> float:
+    """Seconds to send ``nbytes`` to one other GPU: alpha + S / B."""
+    _check(nbytes, 2, bytes_per_s, alpha_s)
+    return alpha_s + nbytes / bytes_per_s
