@@ -10,9 +10,10 @@ over together with the checkout, and set up from it:
     python3 scripts/course.py wheelhouse DIR [--python 3.12 --platform manylinux_2_28_x86_64]
     python3 scripts/course.py setup --offline DIR
 
-Only the standard library is used here, so this runs with any Python 3.10+ on Linux, macOS and
-Windows before anything is installed. The environment lives in ``.venv`` at the repository root
-and is reinstalled only when requirements.txt or pyproject.toml change.
+Only the standard library is used here, so this runs on Linux, macOS and Windows before anything is
+installed. setup, book and test need Python 3.11+ (the pinned NumPy 2.4 does); wheelhouse also runs
+with Python 3.10, for a target named with --python 3.11 or newer. The environment lives in ``.venv``
+at the repository root and is reinstalled only when requirements.txt or pyproject.toml change.
 """
 
 from __future__ import annotations
@@ -33,10 +34,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "requirements.txt"
 VENV = ROOT / ".venv"
-BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 PIP = "pip==26.0.1"
 MANIFEST = "wheelhouse.json"
+MIN_PYTHON = (3, 11)  # the pinned NumPy 2.4 needs it
+
+
+def venv_python(venv_dir: Path) -> Path:
+    """The Python of the virtual environment in ``venv_dir``."""
+    return venv_dir / "Scripts" / "python.exe" if os.name == "nt" else venv_dir / "bin" / "python"
+
+
+PYTHON = venv_python(VENV)
+BIN = PYTHON.parent  # the environment's programs: jupyter-book, mpiexec
 
 
 class CourseError(Exception):
@@ -47,10 +56,6 @@ def run(*command: str | Path, **kwargs) -> None:
     """Run a command from the repository root, echoing it; stop everything if it fails."""
     print(f"\n$ {' '.join(str(c) for c in command)}", flush=True)
     subprocess.run([str(c) for c in command], cwd=ROOT, check=True, **kwargs)
-
-
-def venv_python(venv_dir: Path) -> Path:
-    return venv_dir / ("Scripts" if os.name == "nt" else "bin") / ("python.exe" if os.name == "nt" else "python")
 
 
 def install_fingerprint(requirements: Path = REQUIREMENTS) -> str:
@@ -68,20 +73,30 @@ def setup(offline: Path | None = None, venv_dir: Path = VENV, requirements: Path
     if offline is not None:
         offline = offline.resolve()
         refuse_foreign_wheelhouse(offline, python if python.exists() else Path(sys.executable), requirements)
+    stamp = venv_dir / ".course-installed"
+    if python.exists() and stamp.exists() and stamp.read_text() == install_fingerprint(requirements):
+        print(f"Environment {venv_dir} is up to date.")
+        return
+    prepare_pip(venv_dir, offline)
+    run(*pip_install(python, offline), "-r", requirements)
+    run(*pip_install(python, offline), "--no-deps", "-e", ".")
+    stamp.write_text(install_fingerprint(requirements))
+
+
+def pip_install(python: Path, wheelhouse: Path | None = None) -> list[str | Path]:
+    """``pip install``, quietly; with ``wheelhouse``, from that folder only (``--no-index``)."""
+    source = [] if wheelhouse is None else ["--no-index", "--find-links", wheelhouse]
+    return [python, "-m", "pip", "install", "--quiet", *source]
+
+
+def prepare_pip(venv_dir: Path = VENV, wheelhouse: Path | None = None) -> Path:
+    """The course's pip, in its virtual environment (created if needed, nothing else installed)."""
+    python = venv_python(venv_dir)
     if not python.exists():
         print(f"Creating the course's virtual environment in {venv_dir}", flush=True)
         venv.create(venv_dir, with_pip=True)
-    stamp = venv_dir / ".course-installed"
-    if stamp.exists() and stamp.read_text() == install_fingerprint(requirements):
-        print(f"Environment {venv_dir} is up to date.")
-        return
-    pip_install = [python, "-m", "pip", "install", "--quiet"]
-    if offline is not None:
-        pip_install += ["--no-index", "--find-links", offline]
-    run(*pip_install, "--upgrade", PIP)
-    run(*pip_install, "-r", requirements)
-    run(*pip_install, "--no-deps", "-e", ".")
-    stamp.write_text(install_fingerprint(requirements))
+    run(*pip_install(python, wheelhouse), "--upgrade", PIP)
+    return python
 
 
 # --- a wheelhouse: every wheel the course needs, for a machine with no network ----------------
@@ -212,14 +227,9 @@ def build_requirements() -> list[str]:
     return re.findall(r"""["']([^"']+)["']""", requires[1])
 
 
-def prepare_pip(venv_dir: Path = VENV) -> Path:
-    """The course's pip, in its virtual environment (created if needed, nothing else installed)."""
-    python = venv_python(venv_dir)
-    if not python.exists():
-        print(f"Creating the course's virtual environment in {venv_dir}", flush=True)
-        venv.create(venv_dir, with_pip=True)
-    run(python, "-m", "pip", "install", "--quiet", "--upgrade", PIP)
-    return python
+def tools() -> list[str]:
+    """The pins of what setup installs before the requirements: pip, and the build backend of course_lib."""
+    return [PIP, *build_requirements()]
 
 
 def build_wheelhouse(directory: Path, requirements: Path = REQUIREMENTS, python_version: str | None = None,
@@ -236,9 +246,11 @@ def build_wheelhouse(directory: Path, requirements: Path = REQUIREMENTS, python_
     python = python or prepare_pip()
     here = describe(python)
     target = {**{key: here[key] for key in ("python_version", "sys_platform", "platform_machine")}, **named}
+    if not platforms:  # pip takes the wheels this machine runs: they may need its glibc or macOS
+        target.update({floor: here[floor] for floor in ("glibc", "macos") if here[floor]})
     directory.mkdir(parents=True, exist_ok=True)
     options = ["--only-binary=:all:", "--dest", directory]
-    wanted = ["-r", requirements, PIP, *build_requirements()]
+    wanted = ["-r", requirements, *tools()]
     if named:
         options += ["--implementation", "cp"] + (["--python-version", python_version] if python_version else [])
         options += [option for tag in pip_platforms(platforms) for option in ("--platform", tag)]
@@ -254,8 +266,8 @@ def build_wheelhouse(directory: Path, requirements: Path = REQUIREMENTS, python_
         "built_on": here,
         "requirements": requirements.name,
         "requirements_sha256": requirements_sha256(requirements),
-        "pip": PIP.split("==")[1],
-        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tools": tools(),
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),  # noqa: UP017 (3.10)
         "wheels": len(wheels),
         "bytes": sum(wheel.stat().st_size for wheel in wheels),
     }
@@ -274,7 +286,8 @@ def refuse_foreign_wheelhouse(directory: Path, python: Path, requirements: Path 
     if not (directory / MANIFEST).is_file():
         raise CourseError(f"{directory} has no {MANIFEST}, so it is not a wheelhouse this script made; {make_one}")
     built = json.loads((directory / MANIFEST).read_text())
-    missing = {"python_version", "sys_platform", "platform_machine", "requirements_sha256", "created"} - built.keys()
+    missing = {"python_version", "sys_platform", "platform_machine", "requirements_sha256", "tools",
+               "created"} - built.keys()
     if missing:
         raise CourseError(f"{directory / MANIFEST} lacks {', '.join(sorted(missing))}; {make_one}")
     here = describe(python)
@@ -292,6 +305,11 @@ def refuse_foreign_wheelhouse(directory: Path, python: Path, requirements: Path 
                                 f"{name + ' ' + here[floor] if here[floor] else 'none'}")
     if built["requirements_sha256"] != requirements_sha256(requirements):
         problems.append(f"{requirements.name} has changed since it was made ({built['created']})")
+    stale = [pin for pin in built["tools"] if pin not in tools()]
+    needed = [pin for pin in tools() if pin not in built["tools"]]
+    if stale or needed:  # pip and the build backend, pinned here and in pyproject.toml, not in requirements.txt
+        problems.append(f"it was made for {', '.join(stale) or 'no other pins'}; this checkout pins "
+                        f"{', '.join(needed) or 'none of them'}")
     if problems:
         tag = platform_tag(here)
         command = f"python3 scripts/course.py wheelhouse DIR --python {here['python_version']}"
@@ -377,7 +395,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the target's wheel platform tag, e.g. manylinux_2_28_x86_64, macosx_11_0_arm64, "
                              "win_amd64; repeat it to accept several")
     args = parser.parse_args(argv)
+    needs = f"the course needs Python {'.'.join(map(str, MIN_PYTHON))} or newer (the pinned NumPy 2.4 does)"
+    this_python = f"{sys.executable} is Python {'.'.join(map(str, sys.version_info[:3]))}"
     if args.command == "wheelhouse":
+        if args.python is None and sys.version_info[:2] < MIN_PYTHON:
+            raise CourseError(f"{needs}; {this_python}: name the target's with --python 3.Y, e.g. 3.12")
+        if args.python is not None and version_tuple(args.python)[:2] < MIN_PYTHON:
+            raise CourseError(f"--python {args.python}: {needs}")
         if args.directory is None:
             parser.error("wheelhouse needs the folder to fill: wheelhouse DIR")
         if args.offline or args.no_setup:
@@ -392,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--python and --platform name the target of wheelhouse")
     if args.no_setup and args.offline:
         parser.error("--no-setup skips the setup that --offline is for: give one of them")
+    if sys.version_info[:2] < MIN_PYTHON:
+        raise CourseError(f"{needs}; {this_python}: run this script with a newer one, e.g. "
+                          f"python3.12 scripts/course.py {args.command}")
     if not args.no_setup:
         setup(offline=args.offline)
     elif not PYTHON.exists():

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from types import ModuleType
 
@@ -59,7 +60,8 @@ def manifest_for_here(folder: Path, requirements: Path, **changes: str) -> Path:
     here = course.describe(HERE)
     manifest = {"python_version": here["python_version"], "sys_platform": here["sys_platform"],
                 "platform_machine": here["platform_machine"], "implementation": "cp", "platforms": [],
-                "requirements_sha256": course.requirements_sha256(requirements), "created": "2026-01-01T00:00:00Z"}
+                "requirements_sha256": course.requirements_sha256(requirements), "tools": course.tools(),
+                "created": "2026-01-01T00:00:00Z"}
     folder.mkdir(exist_ok=True)
     (folder / course.MANIFEST).write_text(json.dumps({**manifest, **changes}))
     return folder
@@ -71,11 +73,21 @@ def test_a_wheelhouse_sets_up_a_fresh_environment_with_no_network(tmp_path, monk
     manifest = course.build_wheelhouse(wheelhouse, requirements, python=HERE)
 
     always = [course.PIP, *course.build_requirements()]  # pip and setuptools, pinned
+    assert manifest["tools"] == always
     assert {"tqdm-4.67.1", *(pin.replace("==", "-") for pin in always)} <= wheel_names(wheelhouse)
     here = course.describe(HERE)
     assert json.loads((wheelhouse / "wheelhouse.json").read_text()) == manifest
     assert (manifest["python_version"], manifest["sys_platform"], manifest["platforms"]) == \
         (here["python_version"], here["sys_platform"], [])
+    # pip took the wheels this machine runs: an older glibc (or macOS) than this one is refused
+    floors = {floor: here[floor] for floor in ("glibc", "macos") if here[floor]}
+    assert {floor: manifest.get(floor) for floor in floors} == floors
+    for floor, name in (("glibc", "glibc"), ("macos", "macOS")):
+        if floor in floors:
+            with monkeypatch.context() as older, \
+                    pytest.raises(course.CourseError, match=rf"need {name} {here[floor]} or newer; .* has {name} 1\.0"):
+                older.setattr(course, "describe", lambda python, floor=floor: {**here, floor: "1.0"})
+                course.refuse_foreign_wheelhouse(wheelhouse, HERE, requirements)
     assert manifest["wheels"] == len(list(wheelhouse.glob("*.whl"))) and manifest["bytes"] > 0
     assert f"{manifest['wheels']} wheels" in capsys.readouterr().out
 
@@ -124,6 +136,19 @@ def test_a_wheelhouse_for_another_python_or_other_requirements_is_refused(tmp_pa
     with pytest.raises(course.CourseError, match=r"its wheels need (glibc|macOS) 999\.0 or newer"):
         course.refuse_foreign_wheelhouse(manifest_for_here(tmp_path / "old", requirements,
                                                            glibc="999.0", macos="999.0"), HERE, requirements)
+
+    with pytest.raises(course.CourseError, match=r"it was made for pip==25\.0; this checkout pins pip==26\.0\.1"):
+        course.refuse_foreign_wheelhouse(manifest_for_here(tmp_path / "pip", requirements,
+                                                           tools=["pip==25.0", *course.build_requirements()]),
+                                         HERE, requirements)
+    with pytest.raises(course.CourseError, match=r"made for no other pins; this checkout pins setuptools=="):
+        course.refuse_foreign_wheelhouse(manifest_for_here(tmp_path / "backend", requirements, tools=[course.PIP]),
+                                         HERE, requirements)
+    (tmp_path / "pip" / course.MANIFEST).write_text(json.dumps(
+        {key: value for key, value in json.loads((tmp_path / "ok" / course.MANIFEST).read_text()).items()
+         if key != "tools"}))
+    with pytest.raises(course.CourseError, match=r"wheelhouse\.json lacks tools; make one"):
+        course.refuse_foreign_wheelhouse(tmp_path / "pip", HERE, requirements)
 
     made = manifest_for_here(tmp_path / "req", requirements)
     requirements.write_text(requirements.read_text() + "# only a comment more\n")
@@ -187,10 +212,18 @@ def test_the_command_line_keeps_wheelhouse_options_to_wheelhouse(capsys):
         assert message in capsys.readouterr().err
 
 
+def test_an_older_python_is_refused_up_front_but_may_make_a_wheelhouse_for_a_newer_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(course, "MIN_PYTHON", (99, 0))  # as if this Python were too old
+    for command in ("setup", "book", "test"):
+        with pytest.raises(course.CourseError, match=r"needs Python 99\.0 or newer .*: run this script with a newer"):
+            course.main([command, "--no-setup"])
+    with pytest.raises(course.CourseError, match=r"name the target's with --python 3\.Y"):
+        course.main(["wheelhouse", str(tmp_path)])
+    with pytest.raises(course.CourseError, match=r"--python 3\.12: the course needs Python 99\.0 or newer"):
+        course.main(["wheelhouse", str(tmp_path), "--python", "3.12"])
+    assert not list(tmp_path.iterdir()), "a refused request must leave nothing behind"
+
+
 def test_the_build_backend_is_read_from_pyproject():
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10: pip carries the same parser
-        from pip._vendor import tomli as tomllib
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert course.build_requirements() == pyproject["build-system"]["requires"]

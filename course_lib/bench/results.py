@@ -33,7 +33,7 @@ def new_result(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
         "name": name,
         "card": facts["name"],
         "mode": facts["mode"],
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": facts,
         "parameters": parameters,
         "measurements": [],
