@@ -15,7 +15,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from course_lib.scaling import hardware, shapes
+from course_lib.scaling import collectives, hardware, shapes
 from course_lib.scaling.calibration import calibration_report
 from course_lib.scaling.cost import Assumptions
 from course_lib.scaling.plan import Workload, plan, plot
@@ -74,14 +74,18 @@ def _list(as_json: bool) -> int:
     models = [shapes.shape(name) for name in shapes.MODELS]
     if as_json:
         print(json.dumps({"hardware": [entry.as_dict() for entry in entries],
+                          "collective_alphas": collectives.alpha_sources(),
                           "models": [{"name": m.name, "parameters": m.parameters(),
                                       "active_parameters": m.active_parameters(),
                                       "kv_bytes_per_token_bf16": m.kv_bytes_per_token(), "source": m.source}
                                      for m in models]}, indent=2))
         return 0
-    print("Tensor-core rates are dense (not 2:4 sparse); NVLink sums both directions, the NIC is per direction.\n")
+    print("Tensor-core rates are dense (not 2:4 sparse); NVLink sums both directions, the NIC is per direction;\n"
+          "memory capacity is in GiB (2**30 bytes), bandwidths in GB/s (1e9 bytes a second).\n")
     for entry in entries:
         print("\n".join(entry.describe()), end="\n\n")
+    print("collective alphas (defaults of the cost model):")
+    print("\n".join(f"  {line}" for line in collectives.alpha_lines()), end="\n\n")
     print("models:")
     for m in models:
         print(f"  {m.name:<16} {m.parameters() / 1e9:8.2f} B parameters ({m.active_parameters() / 1e9:.2f} B active), "

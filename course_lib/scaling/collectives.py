@@ -18,11 +18,19 @@ pattern of such messages, and its bandwidth term follows from how many bytes eac
 ``B`` is one direction of one GPU's link: half of NVLink's datasheet figure (which sums both directions),
 or the NIC's line rate when the group spans more than one NVLink domain.
 
-``alpha`` is a parameter. Its defaults are small-message all-reduce times reported in public NCCL threads
-(below, with their sources); pass your own measured figure where you have one.
+``alpha`` is a parameter, and it is the fixed cost of the *whole collective*, not of each of its messages: a
+ring all-reduce over ``p`` GPUs sends ``2 (p - 1)`` messages a GPU, but what NCCL reports for a message too
+small for bandwidth to matter is the time of the entire call, every step and launch included, and that
+measured time is what ``alpha`` holds. Its defaults are such small-message all-reduce times from public NCCL
+threads (below, with their sources). Mind where they were measured: the NVLink one on **2 GPUs** of an HGX
+H100 node (the thread reports it growing with the number of GPUs, so for a TP8 all-reduce it is optimistic),
+the network one on 2 nodes of 8 GPUs. Pass your own measured figure where you have one;
+``alpha_sources`` says, for whatever alphas a prediction used, where each came from.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from course_lib.scaling.hardware import Source
 
@@ -35,7 +43,28 @@ NVLINK_ALPHA_SOURCE = Source(
 NETWORK_ALPHA_S = 46.30e-6
 NETWORK_ALPHA_SOURCE = Source(
     "NVIDIA/nccl issue #1244: all_reduce_perf (NCCL 2.21.5, NVLSTree) on 2 nodes of 8 H20 GPUs with ConnectX-7 "
-    "InfiniBand NDR, 64-byte all-reduce: 46.30 us", "https://github.com/NVIDIA/nccl/issues/1244", "2026-12-07")
+    "InfiniBand NDR, 64-byte all-reduce: 46.30 us", "https://github.com/NVIDIA/nccl/issues/1244", "2026-12-07",
+    "16 GPUs, 2 nodes")
+DEFAULT_ALPHAS = {"nvlink_alpha_s": (NVLINK_ALPHA_S, NVLINK_ALPHA_SOURCE),
+                  "network_alpha_s": (NETWORK_ALPHA_S, NETWORK_ALPHA_SOURCE)}
+
+
+def alpha_sources(nvlink_alpha_s: float = NVLINK_ALPHA_S,
+                  network_alpha_s: float = NETWORK_ALPHA_S) -> dict[str, dict[str, Any]]:
+    """Both alphas, JSON-ready: seconds, and the public source of a default or 'given by the caller'."""
+    out = {}
+    for name, value in (("nvlink_alpha_s", nvlink_alpha_s), ("network_alpha_s", network_alpha_s)):
+        default, source = DEFAULT_ALPHAS[name]
+        out[name] = {"value": value, "unit": "s",
+                     "source": vars(source) if value == default else "given by the caller"}
+    return out
+
+
+def alpha_lines(nvlink_alpha_s: float = NVLINK_ALPHA_S, network_alpha_s: float = NETWORK_ALPHA_S) -> list[str]:
+    """One line per alpha for a listing: microseconds and where the figure comes from."""
+    return [f"{name} {entry['value'] * 1e6:.2f} us (a whole small all-reduce): "
+            + (Source(**entry["source"]).line() if isinstance(entry["source"], dict) else entry["source"])
+            for name, entry in alpha_sources(nvlink_alpha_s, network_alpha_s).items()]
 
 
 def _check(nbytes: float, gpus: int, bytes_per_s: float, alpha_s: float) -> None:

@@ -23,20 +23,31 @@ overlap one layer's weights with the next layer's arithmetic, because each waits
   Key/value heads split too; past ``num_kv_heads`` GPUs they are replicated.
 * *pipeline parallelism* (PP) gives each of ``pp`` GPUs a slice of the layers. A token passes every stage in
   turn, so a token still takes all the layers' time; the batch is cut into micro-batches that fill the
-  stages, and when there are fewer sequences than stages the rest of the stages wait (the *bubble*).
+  stages, and when there are fewer sequences than stages the rest of the stages wait (the *bubble*). The
+  activations go from stage to stage by a send, over NVLink while one replica's ``tp * pp`` GPUs share an
+  NVLink domain (data-parallel replicas do not talk to each other, so they do not count).
 * *data parallelism* (DP) runs ``dp`` copies, each serving its own sequences.
 * *expert parallelism* (EP, for mixture-of-experts models) gives each of ``ep = tp * dp`` GPUs a share of
   the experts, whole, instead of a slice of every expert (vLLM's expert parallelism); each token's hidden
   vector travels to its experts' GPUs and back: two all-to-alls a layer.
 
+**Weight types.** fp8 or fp4 weights (``Assumptions.weights``) cover the projections and the experts of every
+layer. The embedding table and the output projection (``lm_head``) stay bf16, as do the norms and routers:
+quantisation recipes for vLLM target the layers' linear projections and leave ``lm_head`` out (LLM
+Compressor's FP8 example, <https://docs.vllm.ai/projects/llm-compressor/en/stable/examples/quantization_w8a8_fp8/>:
+``QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])``, read 2026-12-07; the
+embedding is no Linear at all).
+
 **Memory.** Each GPU holds its share of the weights; what is left of ``memory_utilization`` of its memory
 holds keys and values. ``tokens that fit = free bytes / KV bytes per token``, so the largest batch at a
 context of ``C`` tokens is ``tokens that fit // C``: longer contexts, smaller batches.
 
-**Serving.** ``predict`` turns the steps into what a user and an operator see: time to first token (TTFT:
-the prefill of one prompt), time per output token (TPOT: one decode step of the batch, every stage of the
-pipeline), output tokens per second per GPU (prefill and decode of a whole batch of requests, over the
-time they take) and per user (1 / TPOT), and the cost of a million output tokens at a price per GPU-hour.
+**Serving.** ``predict`` serves one batch the simplest way: all its requests arrive together, are prefilled
+together, then decoded together. It reports what a user and an operator see of that one schedule: time to
+first token (TTFT: the prefill of the whole batch, since the last request's first token waits for all of it),
+time per output token (TPOT: one decode step of the batch, every stage of the pipeline), output tokens per
+second per GPU (prefill and decode of the batch, over the time they take) and per user (1 / TPOT), and the
+cost of a million output tokens at a price per GPU-hour.
 
 The plain roofline leaves out what is not bytes or flops: each kernel's launch and ramp, the host. The
 ``Assumptions`` carry such terms explicitly (zero by default); ``course_lib.scaling.calibration`` sets them
@@ -46,8 +57,9 @@ from named measurements and shows how far each version lands from what the cours
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from course_lib.bench.roofline import roofline_time
 from course_lib.scaling import collectives
 from course_lib.scaling.hardware import Hardware
 from course_lib.scaling.shapes import ModelShape, dtype_bytes
@@ -116,7 +128,8 @@ class Layout:
 class Assumptions:
     """What a prediction assumes beyond the shapes and the hardware. The defaults are the plain roofline.
 
-    * element types of the weights (which also picks the tensor-core rate) and of the KV cache;
+    * element types of the layers' weights (which also picks their tensor-core rate; the embedding and
+      lm_head stay bf16, the module docstring says why) and of the KV cache;
     * ``attention_kernel``: 'flash' reads each sequence's keys and values once a step on tensor cores;
       'paged_decode' is the course engine's kernel, one row per new token: each prompt token re-reads its
       whole prefix, on CUDA cores (``course_lib.engine.model``'s docstring says why);
@@ -213,12 +226,12 @@ class StepCost:
                 for c in self.costs]
 
 
-def _roofline(name: str, layers: float, hw: Hardware, rate: float, *, weights: float = 0.0, kv: float = 0.0,
-              activations: float = 0.0, flops: float = 0.0) -> Cost:
-    """``layers`` x max(bytes / bandwidth, flops / rate) for an operation moving these bytes per layer."""
-    memory_s = (weights + kv + activations) / hw.require("hbm_bytes_per_s")
-    compute_s = flops / rate
-    return Cost(name, layers * max(memory_s, compute_s), "memory" if memory_s >= compute_s else "compute",
+def _operation(name: str, layers: float, hw: Hardware, rate: float, *, weights: float = 0.0, kv: float = 0.0,
+               activations: float = 0.0, flops: float = 0.0) -> Cost:
+    """``layers`` x the roofline time of an operation moving these bytes and doing these flops per layer."""
+    moved, bandwidth = weights + kv + activations, hw.require("hbm_bytes_per_s")
+    seconds = roofline_time(flops, moved, rate, bandwidth)
+    return Cost(name, layers * seconds, "memory" if seconds == moved / bandwidth else "compute",
                 layers * weights, layers * kv, layers * activations, layers * flops)
 
 
@@ -254,37 +267,37 @@ def step_cost(model: ModelShape, hw: Hardware, layout: Layout, batch: Batch,
     """The cost of one step of ``batch`` (one DP replica's share) on the slowest stage of ``layout``."""
     layout.check(model, hw)
     a, per = assumptions, _PerGpu.of(model, layout)
-    wb, kvb, ab = dtype_bytes(a.weights), dtype_bytes(a.kv_cache), dtype_bytes(ACTIVATION)
+    wb, ab = dtype_bytes(a.weights), dtype_bytes(ACTIVATION)
     h, d, t, tp = model.hidden_size, model.head_dim, batch.tokens, layout.tp
-    gemm_rate = hw.flops_per_s(a.weights)
+    gemm_rate, table_rate = hw.flops_per_s(a.weights), hw.flops_per_s(ACTIVATION)  # tables stay bf16
     layers = per.layers
     costs = []
 
     qkv_params = h * (per.heads + 2 * per.kv_heads) * d
-    costs.append(_roofline("qkv", layers, hw, gemm_rate, weights=qkv_params * wb + h * ab, flops=2 * t * qkv_params,
+    costs.append(_operation("qkv", layers, hw, gemm_rate, weights=qkv_params * wb + h * ab, flops=2 * t * qkv_params,
                            activations=t * (h + (per.heads + 2 * per.kv_heads) * d) * ab))
 
-    kv_per_token = 2 * per.kv_heads * d * kvb  # one layer's keys and values of one token, on this GPU
+    kv_per_token = model.kv_bytes_per_layer(a.kv_cache, per.kv_heads)  # one token, one layer, this GPU
     per_token_reads = a.attention_kernel == "paged_decode" and batch.new_tokens > 1
     kv_read = (batch.attended if per_token_reads else batch.sequences * batch.context) * kv_per_token
     attention_rate = hw.flops_per_s("float32" if a.attention_kernel == "paged_decode" else "bfloat16")
-    costs.append(_roofline("attention", layers, hw, attention_rate, kv=kv_read + t * kv_per_token,
+    costs.append(_operation("attention", layers, hw, attention_rate, kv=kv_read + t * kv_per_token,
                            activations=2 * t * per.heads * d * ab, flops=4 * per.heads * d * batch.attended))
 
     o_params = per.heads * d * h
-    costs.append(_roofline("o_proj", layers, hw, gemm_rate, weights=o_params * wb, flops=2 * t * o_params,
+    costs.append(_operation("o_proj", layers, hw, gemm_rate, weights=o_params * wb, flops=2 * t * o_params,
                            activations=t * (per.heads * d + h) * ab))
     costs.append(_mlp(model, hw, layout, t, layers, gemm_rate, wb, ab))
     costs.extend(_layer_collectives(model, hw, layout, t, layers, a))
 
     head_params = model.vocab_size * h / tp  # the output projection, split over the vocabulary
-    costs.append(_roofline("lm_head", 1, hw, gemm_rate, weights=head_params * wb + h * ab,
+    costs.append(_operation("lm_head", 1, hw, table_rate, weights=head_params * ab + h * ab,
                            flops=2 * batch.sequences * head_params,
                            activations=batch.sequences * (h * ab + model.vocab_size / tp * 4)))
     if layout.pp == 1:
-        costs.append(_roofline("embedding", 1, hw, gemm_rate, weights=t * h * wb, activations=t * h * ab))
-    else:
-        link, alpha = _link(hw, layout.gpus, a)
+        costs.append(_operation("embedding", 1, hw, table_rate, weights=t * h * ab, activations=t * h * ab))
+    else:  # the stages of one replica talk; DP replicas do not, so only its tp * pp GPUs decide the link
+        link, alpha = _link(hw, layout.tp * layout.pp, a)
         costs.append(Cost("pipeline send", collectives.send_s(t * h * ab, link, alpha), "network",
                           activation_bytes=t * h * ab))
     kernels = layers * a.kernels_per_layer + a.kernels_per_step
@@ -300,7 +313,7 @@ def _mlp(model: ModelShape, hw: Hardware, layout: Layout, t: int, layers: int, r
     activations = t * (2 * h + 3 * width * model.experts_per_token / tp) * ab
     if not model.is_moe:
         params = model.expert_parameters / tp
-        return _roofline("mlp", layers, hw, rate, weights=params * wb + h * ab, flops=2 * t * params,
+        return _operation("mlp", layers, hw, rate, weights=params * wb + h * ab, flops=2 * t * params,
                          activations=activations)
     router = model.router_parameters
     if layout.ep == 1:  # every expert split over TP like a dense MLP: read the experts this replica's tokens reach
@@ -311,7 +324,7 @@ def _mlp(model: ModelShape, hw: Hardware, layout: Layout, t: int, layers: int, r
         touched = _experts_touched(model.num_experts, model.experts_per_token, t * layout.dp) / layout.ep
         expert_bytes = touched * model.expert_parameters
         flops = 2 * (t * model.experts_per_token / tp) * model.expert_parameters
-    return _roofline("mlp (experts)", layers, hw, rate, weights=expert_bytes * wb + (router + h) * ab,
+    return _operation("mlp (experts)", layers, hw, rate, weights=expert_bytes * wb + (router + h) * ab,
                      flops=flops + 2 * t * router, activations=activations)
 
 
@@ -369,18 +382,19 @@ def memory(model: ModelShape, hw: Hardware, layout: Layout, assumptions: Assumpt
     else:
         experts = model.num_experts * model.expert_parameters / tp * wb
     layer = attention + experts + (model.router_parameters + model.norm_parameters) * ab
-    table = model.embedding_parameters / tp * wb  # embedding, and output projection when untied, split over TP
+    table = model.embedding_parameters / tp * ab  # embedding, and lm_head when untied: bf16, split over TP
     tables = table if (layout.pp > 1 or model.tie_word_embeddings) else 2 * table
     weights = per.layers * layer + tables + h * ab
-    kv_per_token = per.layers * 2 * per.kv_heads * d * dtype_bytes(assumptions.kv_cache)
+    kv_per_token = per.layers * model.kv_bytes_per_layer(assumptions.kv_cache, per.kv_heads)
     free = hw.require("hbm_bytes") * assumptions.memory_utilization - weights
     return Memory(weights, free, kv_per_token)
 
 
 def min_gpus(model: ModelShape, hw: Hardware, assumptions: Assumptions = PLAIN) -> int:
-    """The fewest GPUs whose usable memory holds the weights alone (no room yet for the KV cache)."""
+    """The fewest GPUs whose usable memory holds the weights alone (no room yet for the KV cache): all the
+    weights, as one GPU would hold them (``memory`` on one GPU), over the usable memory of one."""
     usable = hw.require("hbm_bytes") * assumptions.memory_utilization
-    return math.ceil(model.parameters() * dtype_bytes(assumptions.weights) / usable)
+    return math.ceil(memory(model, hw, Layout(), assumptions).weight_bytes / usable)
 
 
 # ---- serving ------------------------------------------------------------------------------------------------
@@ -400,16 +414,30 @@ def prefill_batches(requests: int, prompt: int, token_budget: int | None = None)
 
 
 def pipelined_s(model: ModelShape, hw: Hardware, layout: Layout, batch: Batch, assumptions: Assumptions) -> float:
-    """One step of ``batch`` through every pipeline stage: micro-batches keep min(pp, sequences) stages busy,
-    and a round takes pp stage-times (each sequence passes each stage once)."""
-    micro = min(layout.pp, batch.sequences)
-    stage = Batch(math.ceil(batch.sequences / micro), batch.new_tokens, batch.context)
-    return layout.pp * step_cost(model, hw, layout, stage, assumptions).seconds
+    """One step of ``batch`` through every pipeline stage.
+
+    With at least ``pp`` sequences, the batch is cut into ``pp`` micro-batches that keep every stage busy:
+    each stage works on one micro-batch after another, so a round takes ``pp`` times the slowest stage.
+    With fewer sequences than stages the pipeline cannot fill: micro-batches of one sequence each, and the
+    step lasts one sequence's trip through the stages in turn, the *sum* of the stages: every layer once,
+    ``lm_head`` and the embedding once, and the ``pp - 1`` sends between stages.
+    """
+    if batch.sequences >= layout.pp:
+        stage = Batch(math.ceil(batch.sequences / layout.pp), batch.new_tokens, batch.context)
+        return layout.pp * step_cost(model, hw, layout, stage, assumptions).seconds
+    one = Batch(1, batch.new_tokens, batch.context)
+    send = next(c for c in step_cost(model, hw, layout, one, assumptions).costs if c.name == "pipeline send")
+    return step_cost(model, hw, replace(layout, pp=1), one, assumptions).seconds + (layout.pp - 1) * send.seconds
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """What serving ``batch`` requests per DP replica of ``prompt`` + ``output`` tokens looks like."""
+    """What serving ``batch`` requests per DP replica of ``prompt`` + ``output`` tokens looks like.
+
+    The requests arrive together and are served as one batch (``predict``): ``ttft_s`` is the prefill of the
+    whole batch, when its last request gets its first token (a prompt alone on an idle server would see less),
+    and ``tpot_s`` one decode step of the whole batch; the throughput is that same schedule's.
+    """
 
     model: str
     hardware: str
@@ -417,7 +445,7 @@ class Prediction:
     batch: int  # sequences per DP replica
     prompt: int
     output: int
-    ttft_s: float
+    ttft_s: float  # the whole batch's prefill
     tpot_s: float
     serve_s: float  # prefill and decode of the whole batch
     tokens_per_s_per_gpu: float
@@ -428,7 +456,7 @@ class Prediction:
     def as_dict(self) -> dict[str, object]:
         return {"layout": self.layout.label, "tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
                 "ep": self.layout.ep, "gpus": self.layout.gpus, "batch_per_replica": self.batch,
-                "ttft_ms": self.ttft_s * 1e3, "tpot_ms": self.tpot_s * 1e3,
+                "ttft_ms": self.ttft_s * 1e3, "ttft_is": "the whole batch's prefill", "tpot_ms": self.tpot_s * 1e3,
                 "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu, "tokens_per_s_per_user": self.tokens_per_s_per_user,
                 "pipeline_bubble": self.bubble, "cost_per_million_tokens": self.cost_per_million_tokens}
 
@@ -460,16 +488,15 @@ def mean_decode_context(prompt: int, output: int) -> int:
 def predict(model: ModelShape, hw: Hardware, layout: Layout, batch: int, prompt: int, output: int,
             assumptions: Assumptions = PLAIN, price_per_gpu_hour: float | None = None,
             token_budget: int | None = None) -> Prediction:
-    """TTFT, TPOT, tokens/s per GPU and per user, and cost, for ``batch`` requests per replica of ``layout``."""
+    """TTFT, TPOT, tokens/s per GPU and per user, and cost, for ``batch`` requests per replica of ``layout``,
+    all arriving together (``Prediction`` says what each figure covers)."""
     if price_per_gpu_hour is not None and price_per_gpu_hour <= 0:
         raise ValueError(f"price per GPU-hour must be > 0, got {price_per_gpu_hour}")
-    ttft = sum(pipelined_s(model, hw, layout, step, assumptions)
-               for step in prefill_batches(1, prompt, token_budget))
     tpot = pipelined_s(model, hw, layout, Batch(batch, 1, mean_decode_context(prompt, output)), assumptions)
     prefill, decode = serve_s(model, hw, layout, batch, prompt, output, assumptions, token_budget)
     per_gpu = batch * output / (prefill + decode) / (layout.tp * layout.pp)
     cost = None if price_per_gpu_hour is None else price_per_gpu_hour / 3600 / per_gpu * 1e6
     return Prediction(model.name, hw.key if hw.origin == "datasheet" else f"{hw.key} (measured)", layout, batch,
-                      prompt, output, ttft, tpot, prefill + decode, per_gpu, 1 / tpot,
+                      prompt, output, prefill, tpot, prefill + decode, per_gpu, 1 / tpot,
                       1 - min(layout.pp, batch) / layout.pp, cost)
 

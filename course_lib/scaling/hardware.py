@@ -15,8 +15,11 @@ Two kinds of entry:
   driver reports. Figures the course has not measured (fp8, fp4, NVLink, the network) stay the datasheet's,
   with the datasheet's source, so every figure still says where it came from.
 
-Units are SI throughout: bytes, bytes per second, floating-point operations per second (a multiply-add is
-two). ``GB`` is 1e9 bytes, as datasheets use it. NVLink is quoted as datasheets quote it, both directions
+Values are stored in bytes, bytes per second and floating-point operations per second (a multiply-add is
+two). Rates are SI, as datasheets print them: ``GB/s`` is 1e9 bytes a second. Memory capacities are not: a
+datasheet's "80GB" of HBM is 80 GiB (80 * 2**30 bytes), as the course's own H100 shows, whose driver reports
+85.0e9 bytes (engine.json's ``memory_bytes``), so the catalogue stores capacities as ``GIB`` multiples and
+lists them in GiB. NVLink is quoted as datasheets quote it, both directions
 summed; ``nvlink_bytes_per_s_each_way`` is half of it, what one direction of a ring carries. A network card
 (NIC) is quoted per direction, as its line rate is (400 Gb/s = 50 GB/s each way).
 """
@@ -31,12 +34,13 @@ from typing import Any
 from course_lib.bench.results import RESULTS_DIR, load_result
 
 GB, TB, TFLOPS, PFLOPS = 1e9, 1e12, 1e12, 1e15
+GIB = 2**30  # a datasheet's "GB" of memory capacity
 GBIT = 1e9 / 8  # bytes per second in one gigabit per second
 READ = "2026-12-07"  # the day the public figures below were read
 
 # The figures a Hardware carries, with their units (for listings).
 FIGURES = {
-    "hbm_bytes": "GB",
+    "hbm_bytes": "GiB",
     "hbm_bytes_per_s": "GB/s",
     "bf16_flops_per_s": "TFLOP/s",
     "fp8_flops_per_s": "TFLOP/s",
@@ -46,8 +50,11 @@ FIGURES = {
     "nvlink_domain": "GPUs",
     "nic_bytes_per_s": "GB/s",
 }
-SCALE = {"GB": GB, "GB/s": GB, "TFLOP/s": TFLOPS, "GPUs": 1}
-SI_UNIT = {"GB": "bytes", "GB/s": "bytes/s", "TFLOP/s": "FLOP/s", "GPUs": "GPUs"}
+SCALE = {"GiB": GIB, "GB/s": GB, "TFLOP/s": TFLOPS, "GPUs": 1}
+SI_UNIT = {"GiB": "bytes", "GB/s": "bytes/s", "TFLOP/s": "FLOP/s", "GPUs": "GPUs"}
+# What each figure the course measures is, for listings: the copy counts the bytes read and written.
+MEASURED_LABELS = {"hbm_bytes_per_s": "copy, read+write", "bf16_flops_per_s": "cuBLAS 8192^3",
+                   "fp32_flops_per_s": "SGEMM 8192^3", "hbm_bytes": "driver"}
 # The element types a cost model may ask a rate for, and the figure that holds it.
 RATE_FIELDS = {"bfloat16": "bf16_flops_per_s", "float8": "fp8_flops_per_s", "float4": "fp4_flops_per_s",
                "float32": "fp32_flops_per_s"}
@@ -150,7 +157,8 @@ class Hardware:
                 lines.append(f"  {name:<20} {'-':>10}          missing: {self.missing[name]}")
             else:
                 number = numbers.setdefault(self.sources[name], len(numbers) + 1)
-                lines.append(f"  {name:<20} {value / SCALE[unit]:>10,.6g} {unit:<8} [{number}]")
+                label = f" ({MEASURED_LABELS[name]})" if self.origin == "measured" and name in MEASURED_LABELS else ""
+                lines.append(f"  {name:<20} {value / SCALE[unit]:>10,.6g} {unit:<8} [{number}]{label}")
         lines.extend(f"  [{number}] {source.line()}" for source, number in numbers.items())
         return lines
 
@@ -225,6 +233,11 @@ def _halved(source: Source) -> Source:
     return replace(source, note="dense rate: the table's sparse figure halved")
 
 
+def _gib(source: Source) -> Source:
+    """``source`` for a memory capacity: its "GB" read as GiB (2**30 bytes), as GPU memory is sized."""
+    return replace(source, note="memory 'GB' read as GiB: the 80GB H100 reports 85.0e9 bytes to its driver")
+
+
 def _entry(key: str, name: str, figures: dict[str, tuple[float | None, Source | str]]) -> Hardware:
     """A datasheet Hardware from ``{figure: (value, source)}``, or ``(None, reason it is missing)``."""
     values = {figure: value for figure, (value, _) in figures.items()}
@@ -235,7 +248,7 @@ def _entry(key: str, name: str, figures: dict[str, tuple[float | None, Source | 
 
 CATALOGUE: dict[str, Hardware] = {entry.key: entry for entry in (
     _entry("h100-sxm", "NVIDIA H100 SXM 80GB", {
-        "hbm_bytes": (80 * GB, H100_TABLE),
+        "hbm_bytes": (80 * GIB, _gib(H100_TABLE)),
         "hbm_bytes_per_s": (3350 * GB, H100_TABLE),
         "bf16_flops_per_s": (1979 / 2 * TFLOPS, _halved(H100_TABLE)),
         "fp8_flops_per_s": (3958 / 2 * TFLOPS, _halved(H100_TABLE)),
@@ -246,7 +259,7 @@ CATALOGUE: dict[str, Hardware] = {entry.key: entry for entry in (
         "nic_bytes_per_s": (400 * GBIT, HGX_RA),
     }),
     _entry("h200", "NVIDIA H200 SXM 141GB", {
-        "hbm_bytes": (141 * GB, H200_PAGE),
+        "hbm_bytes": (141 * GIB, _gib(H200_PAGE)),
         "hbm_bytes_per_s": (4800 * GB, H200_PAGE),
         "bf16_flops_per_s": (1979 / 2 * TFLOPS, _halved(H200_PAGE)),
         "fp8_flops_per_s": (3958 / 2 * TFLOPS, _halved(H200_PAGE)),
@@ -258,7 +271,7 @@ CATALOGUE: dict[str, Hardware] = {entry.key: entry for entry in (
         "nic_bytes_per_s": (400 * GBIT, HGX_RA),
     }),
     _entry("b200", "NVIDIA B200 (HGX B200, 1,000 W)", {
-        "hbm_bytes": (180 * GB, B200_MLPERF),
+        "hbm_bytes": (180 * GIB, _gib(B200_MLPERF)),
         "hbm_bytes_per_s": (8 * TB, B200_NOTES),
         "bf16_flops_per_s": (2250 * TFLOPS, B200_NOTES),
         "fp8_flops_per_s": (4500 * TFLOPS, B200_NOTES),
@@ -269,7 +282,7 @@ CATALOGUE: dict[str, Hardware] = {entry.key: entry for entry in (
         "nic_bytes_per_s": (400 * GBIT, HGX_RA),
     }),
     _entry("gb200-nvl72", "NVIDIA GB200 NVL72 (one of its 72 B200 GPUs, 1,200 W)", {
-        "hbm_bytes": (186 * GB, GB200_MLPERF),
+        "hbm_bytes": (186 * GIB, _gib(GB200_MLPERF)),
         "hbm_bytes_per_s": (8 * TB, B200_NOTES),
         "bf16_flops_per_s": (2500 * TFLOPS, B200_NOTES),
         "fp8_flops_per_s": (5000 * TFLOPS, B200_NOTES),
@@ -281,7 +294,7 @@ CATALOGUE: dict[str, Hardware] = {entry.key: entry for entry in (
                                   "description read (MLCommons v6.1, Crusoe) names ConnectX-7 NICs but no speed"),
     }),
     _entry("gb300-nvl72", "NVIDIA GB300 NVL72 (one of its 72 Blackwell Ultra GPUs)", {
-        "hbm_bytes": (288 * GB, B300_NOTES),
+        "hbm_bytes": (288 * GIB, _gib(B300_NOTES)),
         "hbm_bytes_per_s": (8 * TB, GB300_BLOG),
         "bf16_flops_per_s": (2.5 * PFLOPS, GB300_BLOG),
         "fp8_flops_per_s": (5 * PFLOPS, GB300_BLOG),

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from course_lib.scaling import collectives
 from course_lib.scaling.cost import PLAIN, Assumptions, Layout, Prediction, memory, min_gpus, predict
-from course_lib.scaling.hardware import Hardware
+from course_lib.scaling.hardware import GIB, Hardware
 from course_lib.scaling.shapes import ModelShape
 
 
@@ -55,6 +56,7 @@ class Plan:
     gpus: int
     workload: Workload
     min_gpus: int  # the fewest GPUs that hold the weights alone
+    assumptions: Assumptions = PLAIN
     feasible: list[Prediction] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (layout, reason)
 
@@ -67,6 +69,9 @@ class Plan:
                 "hardware_origin": self.hardware.origin, "gpus": self.gpus, "prompt": self.workload.prompt,
                 "output": self.workload.output, "tpot_target_ms": self.workload.tpot_ms,
                 "price_per_gpu_hour": self.workload.price_per_gpu_hour, "min_gpus_for_weights": self.min_gpus,
+                "weights": self.assumptions.weights, "ttft_is": "the whole batch's prefill",
+                "collective_alphas": collectives.alpha_sources(self.assumptions.nvlink_alpha_s,
+                                                               self.assumptions.network_alpha_s),
                 "pareto_front": [p.as_dict() for p in self.front], "feasible": len(self.feasible),
                 "rejected": [{"layout": layout, "reason": reason} for layout, reason in self.rejected],
                 "note": "predictions of course_lib.scaling.cost (roofline + alpha-beta), not measurements"}
@@ -76,6 +81,8 @@ class Plan:
         w = self.workload
         lines = [f"{self.model.name} on {self.gpus} x {self.hardware.name}: prompt {w.prompt}, output {w.output}, "
                  f"TPOT <= {w.tpot_ms:g} ms (the weights alone need {self.min_gpus} GPUs)",
+                 *collectives.alpha_lines(self.assumptions.nvlink_alpha_s, self.assumptions.network_alpha_s),
+                 "TTFT is the prefill of the whole batch (its requests arrive together); TPOT one decode step of it",
                  f"{'layout':<20} {'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s/user':>11} {'tok/s/GPU':>10}"
                  + ("   $/M tok" if w.price_per_gpu_hour else "")]
         for p in self.front:
@@ -124,14 +131,14 @@ def batch_sizes(largest: int) -> list[int]:
 def plan(model: ModelShape, hw: Hardware, gpus: int, workload: Workload, assumptions: Assumptions = PLAIN,
          tp: int | None = None, pp: int | None = None) -> Plan:
     """Try every layout of ``gpus`` GPUs and batch; keep those that fit and meet ``workload``'s TPOT target."""
-    result = Plan(model, hw, gpus, workload, min_gpus(model, hw, assumptions))
+    result = Plan(model, hw, gpus, workload, min_gpus(model, hw, assumptions), assumptions)
     context = workload.prompt + workload.output
     for layout in layouts(model, gpus, tp, pp):
         try:
             room = memory(model, hw, layout, assumptions)
             if not room.fits:
-                raise ValueError(f"weights take {room.weight_bytes / 1e9:.1f} GB a GPU, more than "
-                                 f"{assumptions.memory_utilization:.0%} of {hw.require('hbm_bytes') / 1e9:.0f} GB")
+                raise ValueError(f"weights take {room.weight_bytes / GIB:.1f} GiB a GPU, more than "
+                                 f"{assumptions.memory_utilization:.0%} of {hw.require('hbm_bytes') / GIB:.0f} GiB")
             largest = room.max_batch(context)
             if largest < 1:
                 raise ValueError(f"no room left for one sequence of {context} tokens of keys and values")
@@ -160,13 +167,6 @@ def pareto_front(points: list[Prediction]) -> list[Prediction]:
             front.append(p)
             best = p.tokens_per_s_per_gpu
     return front
-
-
-def dominates(a: Prediction, b: Prediction) -> bool:
-    """``a`` is at least as good as ``b`` on both counts and better on one."""
-    at_least = (a.tokens_per_s_per_user >= b.tokens_per_s_per_user and a.tokens_per_s_per_gpu >= b.tokens_per_s_per_gpu)
-    better = a.tokens_per_s_per_user > b.tokens_per_s_per_user or a.tokens_per_s_per_gpu > b.tokens_per_s_per_gpu
-    return at_least and better
 
 
 def plot(result: Plan, path: str | Path) -> Path:

@@ -25,10 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from course_lib.dtypes import ITEM_BYTES
 from course_lib.engine.config import LLAMA_1B_SHAPED, ModelConfig
 
-# Element types a cost model stores weights, caches or activations in, and their bytes per value.
-DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "float8": 1.0, "float4": 0.5}
+# Element types a cost model stores weights, caches or activations in, and their bytes per value: the course's
+# own types, and the 8- and 4-bit ones a server quantises weights and caches to (fp4 packs two in a byte).
+DTYPE_BYTES = {**ITEM_BYTES, "float8": 1, "float4": 0.5}
 
 
 def dtype_bytes(dtype: str) -> float:
@@ -124,13 +126,15 @@ class ModelShape:
         """The parameters a model card calls active: all but the experts the router does not pick for a token."""
         return self.parameters(self.experts_per_token)
 
+    def kv_bytes_per_layer(self, dtype: str = "bfloat16", kv_heads: int | None = None) -> float:
+        """Bytes of keys and values one token leaves in one layer's cache, for ``kv_heads`` of its kv heads
+        (default: all; a tensor-parallel GPU holds only its share)."""
+        kv_heads = self.num_kv_heads if kv_heads is None else kv_heads
+        return 2 * kv_heads * self.head_dim * dtype_bytes(dtype)
+
     def kv_bytes_per_token(self, dtype: str = "bfloat16") -> float:
         """Bytes of keys and values one token leaves in the cache, over all layers."""
-        return 2 * self.num_layers * self.kv_width * dtype_bytes(dtype)
-
-    def weight_bytes(self, dtype: str = "bfloat16") -> float:
-        """Bytes of all weights stored in ``dtype``."""
-        return self.parameters() * dtype_bytes(dtype)
+        return self.num_layers * self.kv_bytes_per_layer(dtype)
 
     # ---- construction ------------------------------------------------------------------------------------
 
