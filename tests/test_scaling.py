@@ -378,3 +378,15 @@ def test_calibration_against_the_engine_measurements():
               for suffix in ("_plain", "_kernel_floor", "")]
     assert all(math.isfinite(report[key]) for key in errors)  # all six, each present
     assert PLAIN.kernel_s == 0  # the plain version really is plain
+
+
+def test_the_committed_scaling_json_is_what_the_model_computes_now():
+    """scaling.json must not go stale: its headline is recomputed here from the committed results files."""
+    from course_lib.bench.results import load_result, provenance
+    from course_lib.scaling.calibration import calibration_result
+
+    committed, fresh = load_result("scaling", "nvidia-h100-80gb-hbm3"), calibration_result()
+    assert committed["headline"] == pytest.approx(fresh["headline"]), "python -m course_lib.scaling calibrate --write"
+    assert abs(committed["headline"]["decode_b1_prediction_error"]) < 0.2
+    assert abs(committed["headline"]["serving_b64_prediction_error"]) < 0.2
+    assert "predicted" in provenance(committed) and committed["mode"] == "derived"

@@ -90,6 +90,8 @@ def provenance(result: dict[str, Any]) -> str:
     """One line saying where a number came from: card, date, driver/CUDA and library versions."""
     device, libs = result["device"], result["device"].get("libraries", {})
     parts = [result["card"], f"measured {result['date'][:10]}"]
+    if result.get("derived_from"):  # a prediction computed from measurements, not one itself
+        parts = [result["card"], f"predicted {result['date'][:10]} from {result['derived_from']}"]
     if device.get("driver_cuda_version"):
         parts.append(f"driver CUDA {backend.cuda_version(device['driver_cuda_version'])}")
     for lib in ("cupy-cuda13x", "cupy-cuda12x", "numba-cuda", "torch"):

@@ -15,8 +15,9 @@ import json
 import sys
 from collections.abc import Sequence
 
+from course_lib.bench.results import save_result
 from course_lib.scaling import collectives, hardware, shapes
-from course_lib.scaling.calibration import calibration_report
+from course_lib.scaling.calibration import calibration_report, calibration_result
 from course_lib.scaling.cost import Assumptions
 from course_lib.scaling.plan import Workload, plan, plot
 
@@ -57,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     "run from the measured H100 figures: plain roofline, + kernel floor, + host time "
                                     "per step; print the prediction errors and every input's source.")
     calibrate.add_argument("--json", action="store_true", help="print JSON instead of text")
+    calibrate.add_argument("--write", action="store_true",
+                           help="also write the errors as course_lib/results/<card>/scaling.json")
 
     args = parser.parse_args(argv)
     try:
@@ -64,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list(args.json)
         if args.command == "plan":
             return _plan(args)
-        return _calibrate(args.json)
+        return _calibrate(args.json, args.write)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
 
@@ -109,7 +112,9 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrate(as_json: bool) -> int:
+def _calibrate(as_json: bool, write: bool = False) -> int:
+    if write:
+        print(f"wrote {save_result(calibration_result())}", file=sys.stderr)
     report = calibration_report()
     if as_json:
         print(json.dumps(report, indent=2))

@@ -39,15 +39,18 @@ step, whose 576-wide rows make kernels that cannot fill the GPU, so they cost mo
 kernel floor is a first-order fix, and this is where it shows.
 
 The issue's names are ``decode_b1_prediction_error`` and ``serving_b64_prediction_error`` (version 3), with
-``_plain`` and ``_kernel_floor`` beside them.
+``_plain`` and ``_kernel_floor`` beside them. ``calibration_result`` wraps the report as a results file,
+``scaling.json`` in the card's folder (``python -m course_lib.scaling calibrate --write``): a prediction, not a
+measurement, so it is stamped with the card and versions of the engine.json it predicts and says so.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import statistics
 from typing import Any
 
-from course_lib.bench.results import load_result
+from course_lib.bench.results import SCHEMA_VERSION, load_result
 from course_lib.scaling.cost import Assumptions, Batch, Layout, serve_s, step_cost
 from course_lib.scaling.hardware import Hardware, Source
 from course_lib.scaling.shapes import shape
@@ -155,3 +158,19 @@ def calibration_report(card: str = CARD) -> dict[str, Any]:
         report[f"decode_b1_prediction_error{suffix}"] = step[name].seconds / measured_step - 1
         report[f"serving_b64_prediction_error{suffix}"] = run_s[name] / measured_run - 1
     return report
+
+
+def calibration_result(card: str = CARD) -> dict[str, Any]:
+    """The report as a results file: the card and device of the engine.json it predicts, today's date, the error
+    figures as its headline, and ``derived_from`` naming what it was computed from (no GPU ran for it)."""
+    report, engine = calibration_report(card), load_result("engine", card)
+    names = [key for key in report if key.endswith(("_prediction_error", "_error_plain", "_error_kernel_floor"))]
+    return {"schema": SCHEMA_VERSION, "name": "scaling", "card": engine["card"], "mode": "derived",
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "device": engine["device"],
+            "derived_from": f"the cost model (course_lib.scaling) against engine.json of {engine['date']}",
+            "parameters": {"model": report["model"], "dtype": report["dtype"], "inputs": report["inputs"]},
+            "measurements": [{"label": "decode batch 1", **report["decode_b1"]},
+                             {"label": "serving 64 requests", **report["serving_b64"]},
+                             {"label": "cross check: SmolLM2 decode batch 1",
+                              **report["cross_checks"]["smollm2_decode_b1"]}],
+            "headline": {name: report[name] for name in names}}
