@@ -95,8 +95,8 @@ class Hardware:
     nvlink_bytes_per_s: float | None  # per GPU, both directions summed
     nvlink_domain: int | None
     nic_bytes_per_s: float | None  # per GPU, each direction
-    sources: Mapping[str, Source] = field(default_factory=dict)
-    missing: Mapping[str, str] = field(default_factory=dict)
+    sources: Mapping[str, Source] = field(default_factory=dict, hash=False)  # dicts: compared, never hashed
+    missing: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.origin not in ("datasheet", "measured"):
