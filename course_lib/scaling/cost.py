@@ -256,7 +256,7 @@ class _PerGpu:
                    math.ceil(model.num_layers / layout.pp))
 
 
-def _experts_touched(experts: int, per_token: int, tokens: int) -> float:
+def experts_touched(experts: int, per_token: int, tokens: int) -> float:
     """Expected distinct experts (of ``experts``) that ``tokens`` tokens, each routed to ``per_token`` of them
     uniformly, reach: each expert is missed by all with probability (1 - per_token / experts) ** tokens."""
     return experts * (1 - (1 - per_token / experts) ** tokens)
@@ -317,11 +317,11 @@ def _mlp(model: ModelShape, hw: Hardware, layout: Layout, t: int, layers: int, r
                          activations=activations)
     router = model.router_parameters
     if layout.ep == 1:  # every expert split over TP like a dense MLP: read the experts this replica's tokens reach
-        touched = _experts_touched(model.num_experts, model.experts_per_token, t)
+        touched = experts_touched(model.num_experts, model.experts_per_token, t)
         expert_bytes, routed = touched * model.expert_parameters / tp, t * model.experts_per_token / tp
         flops = 2 * routed * model.expert_parameters
     else:  # whole experts, num_experts / ep per GPU; all dp replicas' tokens are routed over the ep GPUs
-        touched = _experts_touched(model.num_experts, model.experts_per_token, t * layout.dp) / layout.ep
+        touched = experts_touched(model.num_experts, model.experts_per_token, t * layout.dp) / layout.ep
         expert_bytes = touched * model.expert_parameters
         flops = 2 * (t * model.experts_per_token / tp) * model.expert_parameters
     return _operation("mlp (experts)", layers, hw, rate, weights=expert_bytes * wb + (router + h) * ab,

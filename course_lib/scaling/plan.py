@@ -169,26 +169,33 @@ def pareto_front(points: list[Prediction]) -> list[Prediction]:
     return front
 
 
+def draw(result: Plan, ax: Any) -> Any:
+    """Every candidate (grey) and the Pareto front (line) on ``ax``, speed per user against throughput per GPU;
+    each layout is named where the front reaches it. Returns ``ax``, for a notebook to add its own marks."""
+    ax.scatter([p.tokens_per_s_per_user for p in result.feasible], [p.tokens_per_s_per_gpu for p in result.feasible],
+               s=12, color="0.7", label=f"layouts x batches with TPOT <= {result.workload.tpot_ms:g} ms")
+    front = result.front
+    ax.plot([p.tokens_per_s_per_user for p in front], [p.tokens_per_s_per_gpu for p in front], "o-", ms=4,
+            color="tab:green", label="Pareto front")
+    starts = [p for before, p in zip([None, *front], front, strict=False)
+              if before is None or before.layout != p.layout]
+    for i, p in enumerate(starts):  # labels alternately above and below, so neighbours do not overlap
+        ax.annotate(p.layout.label, (p.tokens_per_s_per_user, p.tokens_per_s_per_gpu), textcoords="offset points",
+                    xytext=(5, 5 if i % 2 else -11), fontsize=7)
+    ax.set_xlabel("output tokens/s per user (1 / TPOT)")
+    ax.set_ylabel("output tokens/s per GPU")
+    return ax
+
+
 def plot(result: Plan, path: str | Path) -> Path:
-    """Every candidate (grey) and the Pareto front (line), speed per user against throughput per GPU."""
+    """``draw`` in a figure of its own, captioned, saved to ``path``."""
     import matplotlib.pyplot as plt
 
     from course_lib.bench import plots
 
     w = result.workload
     fig, ax = plots.figure(f"{result.model.name} on {result.gpus} x {result.hardware.key}: TPOT <= {w.tpot_ms:g} ms")
-    ax.scatter([p.tokens_per_s_per_user for p in result.feasible], [p.tokens_per_s_per_gpu for p in result.feasible],
-               s=12, color="0.7", label="layouts x batches that meet the target")
-    front = result.front
-    ax.plot([p.tokens_per_s_per_user for p in front], [p.tokens_per_s_per_gpu for p in front], "o-",
-            color="tab:green", label="Pareto front")
-    for before, p in zip([None, *front], front, strict=False):  # name each layout where the front reaches it
-        if before is None or before.layout != p.layout:
-            ax.annotate(f"{p.layout.label}, batch {p.batch}+", (p.tokens_per_s_per_user, p.tokens_per_s_per_gpu),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("output tokens/s per user (1 / TPOT)")
-    ax.set_ylabel("output tokens/s per GPU")
-    ax.legend(fontsize=8)
+    draw(result, ax).legend(fontsize=8)
     plots.caption(fig, f"Predicted by course_lib.scaling (roofline + alpha-beta), not measured. {result.hardware.name} "
                        f"({result.hardware.origin} figures); prompt {w.prompt}, output {w.output} tokens.")
     path = Path(path)
