@@ -10,6 +10,8 @@
   ``reference``: the same model, dense and in float64, for the tests.
 * ``sampling``, ``logprobs``, ``sequence``, ``scheduler``: what to sample, log-probabilities as vLLM returns them,
   a request's state, and continuous batching.
-* ``llm``: ``LLM(...).generate(prompts, params)`` and a token stream, wiring it all together.
+* ``runner``: runs the model on a step, eagerly or by replaying a CUDA graph (``graphs``) for decode-only steps.
+* ``llm``: ``LLM(...).generate(prompts, params)`` and a token stream, wiring it all together: the engine loop.
+* ``stats``: what the engine did, counted as it works.
 * ``pool_view``: pictures of the block pool for the lab.
 """

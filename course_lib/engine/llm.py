@@ -33,9 +33,9 @@ from course_lib.engine import sequence as sequences
 from course_lib.engine.block_pool import BlockPool
 from course_lib.engine.config import TINY, ModelConfig
 from course_lib.engine.gguf_checkpoint import load_gguf
-from course_lib.engine.graphs import DecodeGraphs, graph_batch_sizes
 from course_lib.engine.logprobs import top_logprobs
-from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
+from course_lib.engine.model import KVCache, LlamaModel
+from course_lib.engine.runner import ModelRunner
 from course_lib.engine.sampling import SamplingParams, greedy_tokens, sample
 from course_lib.engine.scheduler import DecodeRun, Scheduler, SchedulerOutput
 from course_lib.engine.stats import EngineStats
@@ -112,8 +112,8 @@ class LLM:
         self.stats = EngineStats(block_size=block_size)
         self.scheduler = Scheduler(self.block_pool, max_num_batched_tokens, max_num_seqs,
                                    max_model_len or config.max_position_embeddings, eos_token_ids)
-        self.graphs = DecodeGraphs(self.model, self.kv_cache, graph_batch_sizes(max_num_seqs),
-                                   self.scheduler.max_model_len) if cuda_graphs else None
+        self.runner = ModelRunner(self.model, self.kv_cache, cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs,
+                                  max_model_len=self.scheduler.max_model_len)
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, **options: object) -> LLM:
@@ -150,9 +150,7 @@ class LLM:
 
     def close(self) -> None:
         """Release the CUDA graphs (if any) now; the engine then runs eager steps only."""
-        if self.graphs is not None:
-            self.graphs.close()
-            self.graphs = None
+        self.runner.close()
 
     def generate(self, prompts: str | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -207,41 +205,44 @@ class LLM:
             run = self.scheduler.schedule_decode_run(self.decode_steps)
             if run is not None:
                 return self._decode_run(run)
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule()                                      # 1. schedule
         if not plan.scheduled:
             raise RuntimeError("the scheduler found nothing it could run: the KV pool is too small for the "
                                "waiting requests even after preempting every running one")
-        self.kv_cache.copy_blocks(plan.block_copies)
+        self.kv_cache.copy_blocks(plan.block_copies)                          # 2. copy-on-write
+        logits = self._run_model(plan)                                        # 3. run the model
+        sampling, rows = plan.sampling_sequences, [row for row, step in enumerate(plan.scheduled) if step.samples]
+        tokens = self._sample(sampling, logits, rows)                         # 4. sample
+        self.stats.record_plan(plan, len(tokens), self._blocks_in_use())
+        self.scheduler.update(plan, tokens)                                   # 5. update
+        return [(seq, int(token)) for seq, token in zip(sampling, tokens, strict=True)]
+
+    def _run_model(self, plan: SchedulerOutput) -> Any:
+        """The logits of each scheduled sequence's last new token; prompt tokens that asked to be scored get their
+        log-probabilities recorded on the way (their rows are projected too, then dropped)."""
         token_ids = np.concatenate([step.token_ids for step in plan.scheduled]).astype(np.int32)
+        batch = [(step.num_new_tokens, step.context_len, step.block_table) for step in plan.scheduled]
         last_rows = list(np.cumsum([step.num_new_tokens for step in plan.scheduled]) - 1)
-        scored = _prompt_rows(plan)  # prompt tokens to score: their rows' logits are needed too
-        rows = sorted(set(last_rows) | set(scored)) if scored else None
-        if self.graphs and len(last_rows) == len(token_ids):  # decode only (a row per token): replay
-            logits = self.graphs.run(token_ids, [step.context_len for step in plan.scheduled],
-                                     [step.block_table for step in plan.scheduled])
-        else:
-            attention = AttentionMetadata.build(
-                ((step.num_new_tokens, step.context_len, step.block_table) for step in plan.scheduled),
-                self.block_pool.block_size)
-            logits = self.model.forward(backend.xp.asarray(token_ids), attention.positions, self.kv_cache,
-                                        attention, rows)
-        if scored:
-            at = {row: index for index, row in enumerate(rows)}
-            _record_prompt_logprobs(scored, backend.to_numpy(logits[[at[row] for row in scored]]))
-            logits = logits[[at[row] for row in last_rows]]
-        rows = [row for row, step in enumerate(plan.scheduled) if step.samples]
-        sampling = plan.sampling_sequences
+        scored = _prompt_rows(plan)
+        if not scored:
+            return self.runner.run(token_ids, batch)
+        rows = sorted(set(last_rows) | set(scored))
+        logits = self.runner.run(token_ids, batch, rows)
+        at = {row: index for index, row in enumerate(rows)}
+        _record_prompt_logprobs(scored, backend.to_numpy(logits[[at[row] for row in scored]]))
+        return logits[[at[row] for row in last_rows]]
+
+    def _sample(self, sampling: Sequence[sequences.Sequence], logits: Any, rows: list[int]) -> np.ndarray:
+        """The next token of each sampling sequence, from its row of ``logits`` (and its log-probabilities)."""
         params = [seq.sampling_params for seq in sampling]
         if not rows:
             tokens = np.empty(0, dtype=np.int64)
         elif all(p.is_greedy for p in params):  # only the arg-maxes cross to the host
-            tokens = greedy_tokens(logits if len(rows) == len(plan.scheduled) else logits[rows])
+            tokens = greedy_tokens(logits if len(rows) == logits.shape[0] else logits[rows])
         else:
             tokens = sample(backend.to_numpy(logits[rows]), params, [seq.generator for seq in sampling])
         _record_logprobs(sampling, logits, rows, tokens)
-        self.stats.record_plan(plan, len(tokens), self._blocks_in_use())
-        self.scheduler.update(plan, tokens)
-        return [(seq, int(token)) for seq, token in zip(sampling, tokens, strict=True)]
+        return tokens
 
     def _blocks_in_use(self) -> int:
         return self.block_pool.num_blocks - self.block_pool.num_free_blocks
@@ -253,14 +254,8 @@ class LLM:
         self.kv_cache.copy_blocks(run.block_copies)
         token_ids, sampled, finite = xp.asarray(np.array(run.first_token_ids, dtype=np.int32)), [], []
         for step in range(run.num_steps):
-            context_lens = run.context_lens(step)
-            if self.graphs:
-                logits = self.graphs.run(token_ids, context_lens, run.block_tables)
-            else:
-                attention = AttentionMetadata.build(((1, length, table) for length, table in
-                                                     zip(context_lens, run.block_tables, strict=True)),
-                                                    self.block_pool.block_size)
-                logits = self.model.forward(token_ids, attention.positions, self.kv_cache, attention)
+            logits = self.runner.run(token_ids, [(1, length, table) for length, table in
+                                                 zip(run.context_lens(step), run.block_tables, strict=True)])
             token_ids = xp.argmax(logits, axis=1).astype(xp.int32)  # ties: the lower id, as greedy_tokens
             sampled.append(token_ids)
             finite.append(xp.isfinite(logits.max(axis=1)).all())
