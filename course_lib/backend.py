@@ -9,15 +9,17 @@ usable GPU is there, then checks that CuPy can use it. The answer is fixed for t
 
 ``COURSE_DEVICE=cpu`` or ``COURSE_DEVICE=gpu`` overrides the choice. Nothing here touches
 ``cuda.core.Device()`` on a machine without a working driver: after a failed driver load it can hang.
+
+Only what code needs in order to run is here: the mode, the array module, the card's compute capability
+and SM count. What a report or a results file records about the machine (versions, clocks, memory) is in
+``course_lib.device_facts``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.metadata
 import os
-import platform
 import sys
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -223,6 +225,12 @@ def compute_capability() -> tuple[int, int]:
     return int(props["major"]), int(props["minor"])
 
 
+@functools.cache
+def sm_count() -> int:
+    """Streaming multiprocessors of the current GPU, e.g. 132 on an H100 SXM; asked once (GPU mode only)."""
+    return int(xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)["multiProcessorCount"])
+
+
 def to_numpy(array: Any) -> Any:
     """A NumPy copy of ``array`` whether it lives on the GPU (CuPy) or already on the host."""
     import numpy
@@ -234,108 +242,6 @@ def synchronize() -> None:
     """Wait for queued GPU work (a no-op on CPU): do this before reading a host clock."""
     if has_gpu():
         xp.cuda.get_current_stream().synchronize()
-
-
-LIBRARIES = (
-    "numpy", "numba", "numba-cuda", "cupy-cuda13x", "cupy-cuda12x", "cuda-bindings", "cuda-python",
-    "nvidia-cuda-nvrtc", "nvidia-cuda-nvcc", "mpi4py", "mpich", "matplotlib", "torch", "nvmath-python",
-)
-
-
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries the course depends on (missing ones left out)."""
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def device_facts() -> dict[str, Any]:
-    """Everything a results file needs to say where a number came from.
-
-    In GPU mode: name, compute capability, SM count, memory, clocks, L2, driver and runtime versions.
-    In CPU mode: the processor and core count. Library versions in both.
-    """
-    facts: dict[str, Any] = {
-        "mode": DECISION.mode,
-        "mode_reason": DECISION.reason,
-        "host": {"system": platform.system(), "machine": platform.machine(), "cpu_count": os.cpu_count()},
-        "libraries": library_versions(),
-    }
-    if not has_gpu():
-        facts["name"] = cpu_name()
-        return facts
-    runtime = xp.cuda.runtime
-    ordinal = xp.cuda.Device().id
-    props = runtime.getDeviceProperties(ordinal)
-
-    def attribute(code: int) -> int | None:
-        try:
-            return int(runtime.deviceGetAttribute(code, ordinal))
-        except Exception:  # noqa: BLE001 - an attribute this driver no longer reports
-            return None
-
-    # cudaDeviceAttr codes: 13 SM clock (kHz), 36 memory clock (kHz), 37 bus width (bits), 38 L2 bytes.
-    memory_clock_khz, bus_bits = attribute(36), attribute(37)
-    facts.update(
-        name=props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
-        compute_capability=f"{props['major']}.{props['minor']}",
-        sm_count=props["multiProcessorCount"],
-        memory_bytes=props["totalGlobalMem"],
-        l2_bytes=attribute(38),
-        shared_memory_per_block_optin=props.get("sharedMemPerBlockOptin"),
-        sm_clock_mhz=None if attribute(13) is None else attribute(13) / 1000,
-        memory_clock_mhz=None if memory_clock_khz is None else memory_clock_khz / 1000,
-        memory_bus_bits=bus_bits,
-        driver_cuda_version=runtime.driverGetVersion(),
-        runtime_cuda_version=runtime.runtimeGetVersion(),
-        nccl_version=nccl_version(),
-    )
-    if memory_clock_khz and bus_bits:  # double data rate: two transfers a clock
-        facts["datasheet_memory_gbps"] = 2 * memory_clock_khz * 1e3 * bus_bits / 8 / 1e9
-    return facts
-
-
-def cuda_version(code: int) -> str:
-    """CUDA's integer version as people write it: 13020 -> '13.2'."""
-    return f"{code // 1000}.{code % 1000 // 10}"
-
-
-def nccl_version() -> str | None:
-    """NCCL's version as CuPy sees it, or None where NCCL is not available."""
-    if not has_gpu():
-        return None
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # CuPy warns at length when libnccl is missing
-            from cupy.cuda import nccl
-
-            code = nccl.get_version()
-    except Exception:  # noqa: BLE001 - no NCCL library, or a CuPy build without it
-        return None
-    return f"{code // 10000}.{code % 10000 // 100}.{code % 100}"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def card_slug(name: str | None = None) -> str:
-    """A folder name for a device: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    name = name or device_facts()["name"]
-    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
 def numba_cuda() -> ModuleType:

@@ -66,6 +66,13 @@ def _import_backend() -> tuple[ModuleType, Advice | None]:
 
 
 backend, COURSE_DEVICE_PROBLEM = _import_backend()
+from course_lib.device_facts import (  # noqa: E402 - it imports backend: only once the guarded import above is done
+    cpu_name,
+    cuda_version,
+    device_facts,
+    library_versions,
+    nccl_version,
+)
 
 
 def _safely(probe: Callable[[], Any], fallback: Callable[[str], Any]) -> Any:
@@ -84,7 +91,7 @@ def system_facts() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "machine": platform.machine(),
         "python": f"{platform.python_version()} ({sys.executable})",
-        "cpu": backend.cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "memory_gb": round(memory / 1e9, 1) if memory else None,
     }
@@ -164,7 +171,7 @@ def collect(measure: bool = False) -> Report:
     """Probe everything; never raises."""
     decision = backend.DECISION
     probe = backend.probe_driver() if decision.forced and decision.mode == "cpu" else decision.probe
-    gpu = _safely(backend.device_facts, lambda error: {"error": error}) if backend.has_gpu() else None
+    gpu = _safely(device_facts, lambda error: {"error": error}) if backend.has_gpu() else None
     if measure and gpu is not None:  # first, before the other probes load more libraries into the process
         from course_lib.bench import run_suite
 
@@ -175,11 +182,11 @@ def collect(measure: bool = False) -> Report:
         system=system_facts(),
         driver=asdict(probe),
         gpu=gpu,
-        libraries=backend.library_versions(),
+        libraries=library_versions(),
         imports=import_health(),
         compile_check=_safely(compile_check, lambda error: {"all": error}),
         mpi=mpi_facts(),
-        nccl=backend.nccl_version() or "not available (NCCL needs NVIDIA GPUs; chapter 05 runs over MPI on CPU)",
+        nccl=nccl_version() or "not available (NCCL needs NVIDIA GPUs; chapter 05 runs over MPI on CPU)",
         environment=visible_environment(),
         chapters=chapter_modes(backend.has_gpu()),
     )
@@ -229,7 +236,7 @@ def advise(report: Report, decision: backend.Decision) -> list[Advice]:
 def _gpu_problem_advice(decision: backend.Decision, driver: dict[str, Any], libs: dict[str, str]) -> list[Advice]:
     """A driver is here but the GPU is not usable: say why and what to do."""
     version = driver.get("driver_cuda_version")
-    driver_cuda = backend.cuda_version(version) if version else "unknown"
+    driver_cuda = cuda_version(version) if version else "unknown"
     cupy_wheel = next((name for name in libs if name.startswith("cupy-cuda")), None)
     advice = [Advice("problem", f"An NVIDIA driver is installed ({driver['library']}, CUDA {driver_cuda}) "
                                 f"but the GPU is not usable: {decision.reason}. Running in CPU mode.")]
@@ -258,8 +265,8 @@ def render(report: Report) -> str:
     driver = report.driver
     if report.gpu and "name" in report.gpu:
         g = report.gpu
-        driver_cuda = backend.cuda_version(g["driver_cuda_version"])
-        runtime_cuda = backend.cuda_version(g["runtime_cuda_version"])
+        driver_cuda = cuda_version(g["driver_cuda_version"])
+        runtime_cuda = cuda_version(g["runtime_cuda_version"])
         lines.append(f"GPU      {g['name']} (sm_{g['compute_capability'].replace('.', '')}), {g['sm_count']} SMs, "
                      f"{g['memory_bytes'] / 2**30:.1f} GiB, driver CUDA {driver_cuda}, runtime CUDA {runtime_cuda}")
         if "measured" in g:

@@ -31,10 +31,10 @@ from tqdm import tqdm  # noqa: E402
 
 from course_lib import backend  # noqa: E402
 from course_lib.bench.results import new_result, provenance, save_result  # noqa: E402
-from course_lib.engine.config import LLAMA_1B_SHAPED, TINY  # noqa: E402
-from course_lib.engine.latency import measure_latency  # noqa: E402
+from course_lib.checkpoint.config import LLAMA_1B_SHAPED, TINY  # noqa: E402
 from course_lib.engine.llm import LLM  # noqa: E402
-from course_lib.engine.options import add_engine_options, engine_options  # noqa: E402
+from course_lib.labs.latency import measure_latency  # noqa: E402
+from engine_options import add_engine_options, engine_options  # noqa: E402
 
 MODELS = {"tiny": TINY, "llama-1b-shaped": LLAMA_1B_SHAPED}
 

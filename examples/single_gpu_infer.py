@@ -21,11 +21,11 @@ import time
 import numpy as np
 
 from course_lib import backend
-from course_lib.engine.config import LLAMA_1B_SHAPED, TINY
+from course_lib.checkpoint.config import LLAMA_1B_SHAPED, TINY
 from course_lib.engine.llm import LLM
-from course_lib.engine.options import add_engine_options, engine_options
 from course_lib.engine.sampling import SamplingParams
 from course_lib.models import MODELS, FetchError
+from engine_options import add_engine_options, engine_options
 
 RANDOM_MODELS = {"tiny": TINY, "llama-1b-shaped": LLAMA_1B_SHAPED}
 

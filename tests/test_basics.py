@@ -165,7 +165,7 @@ def test_the_cuda_c_kernels_need_a_gpu(rng):
 
 
 def test_default_blocks_fill_the_gpu():
-    per_sm = backend.device_facts()["sm_count"] if backend.has_gpu() else 1
+    per_sm = backend.sm_count() if backend.has_gpu() else 1
     assert basics.default_blocks() == 4 * per_sm
     assert basics.default_blocks(2) == 2 * per_sm
 

@@ -7,7 +7,7 @@ from course_lib.bench import run_suite
 from course_lib.bench.runner import measurement
 from course_lib.bench.suites import engine as suite
 from course_lib.bench.timing import Timing
-from course_lib.engine.config import TINY
+from course_lib.checkpoint.config import TINY
 
 
 def record(label, seconds, **params_and_derived):
@@ -53,7 +53,7 @@ def test_headline_reports_smollm2_decode_and_chat_throughput():
 
 
 def test_tied_embeddings_are_read_whole_by_a_decode_step():
-    from course_lib.engine.config import ModelConfig
+    from course_lib.checkpoint.config import ModelConfig
 
     tied = ModelConfig(**{**vars(TINY), "tie_word_embeddings": True})
     weights = suite.random_weights(tied, seed=0)

@@ -8,19 +8,38 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from course_lib.engine.block_pool import (
-    BlockCopy,
-    BlockPool,
-    OutOfBlocks,
-    blocks_for,
-    hash_block_tokens,
-    hash_full_blocks,
-)
+from course_lib.engine.block_pool import BlockCopy, BlockPool, OutOfBlocks, hash_block_tokens, hash_full_blocks
+from course_lib.engine.sequence import Sequence
+from course_lib.kernels.kv_blocks import blocks_for
 
 
-def pool_state(pool: BlockPool) -> tuple:
+def pool_state(pool: BlockPool, *sequences: Sequence) -> tuple:
     """Everything a failed operation must leave as it was."""
-    return pool.snapshot(), pool.stats()
+    return pool.snapshot(), pool.stats(), [(list(seq.block_table), list(seq.block_hashes)) for seq in sequences]
+
+
+def admitted(pool: BlockPool, seq_id: int, prompt, **options) -> Sequence:
+    """A new sequence with blocks for its prompt, whose KV the model has not computed yet."""
+    sequence = Sequence(seq_id, prompt)
+    sequence.num_computed_tokens = pool.allocate(sequence, **options)
+    return sequence
+
+
+def compute(pool: BlockPool, sequence: Sequence, *new_tokens: int) -> list[BlockCopy]:
+    """What an engine step does for a sequence: feed it ``new_tokens``, give every token a slot (copies first),
+    write the KV, then cache the blocks now full."""
+    sequence.output_token_ids.extend(new_tokens)
+    copies = pool.grow(sequence, sequence.num_tokens)
+    sequence.num_computed_tokens = sequence.num_tokens
+    pool.cache_full_blocks(sequence)
+    return copies
+
+
+def computed(pool: BlockPool, seq_id: int, prompt) -> Sequence:
+    """A sequence admitted and its prompt computed: its full blocks are in the prefix cache."""
+    sequence = admitted(pool, seq_id, prompt)
+    compute(pool, sequence)
+    return sequence
 
 
 # --- hashing ---------------------------------------------------------------------------------------
@@ -42,52 +61,72 @@ def test_block_hash_depends_on_the_whole_prefix():
 
 def test_a_shared_prompt_prefix_reuses_full_blocks():
     pool = BlockPool(num_blocks=10, block_size=4, watermark=0.0)
-    assert pool.allocate(1, range(10)) == 0
-    assert pool.allocate(2, [*range(8), 99]) == 8  # two full blocks hit, the third is its own
-    assert pool.block_table(2)[:2] == pool.block_table(1)[:2]
-    assert pool.block_table(2)[2] != pool.block_table(1)[2]
+    first = computed(pool, 1, range(10))
+    assert first.num_computed_tokens == 10 and len(first.block_hashes) == 2
+    second = admitted(pool, 2, [*range(8), 99])
+    assert second.num_computed_tokens == 8  # two full blocks hit, the third is its own
+    assert second.block_table[:2] == first.block_table[:2] and second.block_table[2] != first.block_table[2]
+    assert second.block_hashes == first.block_hashes
     views = pool.snapshot()
-    assert [views[block].ref_count for block in pool.block_table(2)] == [2, 2, 1]
-    assert views[pool.block_table(1)[0]].owners == (1, 2)
+    assert [views[block].ref_count for block in second.block_table] == [2, 2, 1]
     stats = pool.stats()
     assert (stats.query_tokens, stats.hit_tokens, stats.used_blocks) == (19, 8, 4)
     assert stats.hit_rate == pytest.approx(8 / 19)
     assert stats.usage == pytest.approx(4 / 10)
 
 
+def test_only_blocks_whose_kv_is_written_are_shared():
+    """A twin admitted before its KV is computed (the same step, say) computes its own blocks."""
+    pool = BlockPool(num_blocks=10, block_size=4, watermark=0.0)
+    first = admitted(pool, 1, range(10))
+    assert pool.stats().cached_blocks == 0
+    twin = admitted(pool, 2, range(10))
+    assert twin.num_computed_tokens == 0 and not set(twin.block_table) & set(first.block_table)
+    compute(pool, first)
+    assert pool.stats().cached_blocks == 2
+    assert admitted(pool, 3, range(10)).num_computed_tokens == 8
+
+
 def test_the_last_prompt_token_is_never_a_hit():
     pool = BlockPool(num_blocks=10, block_size=4, watermark=0.0)
-    pool.allocate(1, range(8))
-    assert pool.allocate(2, range(8)) == 4  # the model still has to run token 7 to get the next logits
-    assert pool.snapshot()[pool.block_table(2)[1]].block_hash is None  # a twin: the cache keeps the first
+    computed(pool, 1, range(8))
+    twin = admitted(pool, 2, range(8))
+    assert twin.num_computed_tokens == 4  # the model still has to run token 7 to get the next logits
+    compute(pool, twin)
+    assert pool.snapshot()[twin.block_table[1]].block_hash is None  # a twin: the cache keeps the first
+
+
+def test_allocate_can_skip_the_prefix_cache():
+    pool = BlockPool(num_blocks=10, block_size=4, watermark=0.0)
+    computed(pool, 1, range(10))
+    assert admitted(pool, 2, range(10), use_prefix_cache=False).num_computed_tokens == 0
 
 
 def test_a_freed_block_stays_cached_until_evicted():
     pool = BlockPool(num_blocks=3, block_size=2, watermark=0.0)
-    pool.allocate(1, [1, 2, 3])
-    pool.free(1)
+    pool.free(computed(pool, 1, [1, 2, 3]))
     assert pool.stats().cached_free_blocks == 1
-    assert pool.allocate(2, [1, 2, 5]) == 2  # the hit takes its block back off the free queue
-    pool.free(2)
-    pool.allocate(3, [8, 8, 8, 8, 8, 8])  # needs every block: the cached one is evicted
-    pool.free(3)
+    second = admitted(pool, 2, [1, 2, 5])
+    assert second.num_computed_tokens == 2  # the hit takes its block back off the free queue
+    pool.free(second)
+    assert second.block_table == []
+    pool.free(computed(pool, 3, [8, 8, 8, 8, 8, 8]))  # needs every block: the cached one is evicted
     assert pool.stats().cached_blocks == 3  # three (8, 8) blocks, told apart by their chained hashes
-    assert pool.allocate(4, [1, 2, 5]) == 0
+    assert admitted(pool, 4, [1, 2, 5]).num_computed_tokens == 0
 
 
 def test_blocks_are_evicted_least_recently_freed_first_and_tail_first():
     pool = BlockPool(num_blocks=4, block_size=2, watermark=0.0)
-    pool.allocate(1, [1, 2, 3, 4])  # blocks 0, 1
-    pool.allocate(2, [5, 6])  # block 2
-    pool.free(1)  # the tail block 1 before the head block 0
-    pool.free(2)
+    first = computed(pool, 1, [1, 2, 3, 4])  # blocks 0, 1
+    second = computed(pool, 2, [5, 6])  # block 2
+    pool.free(first)  # the tail block 1 before the head block 0
+    pool.free(second)
     ranks = {view.block_id: view.eviction_rank for view in pool.snapshot()}
     assert ranks == {3: 0, 1: 1, 0: 2, 2: 3}
-    pool.allocate(3, [9, 9])
-    pool.allocate(4, [9, 8])
-    assert (pool.block_table(3), pool.block_table(4)) == ([3], [1])  # block 1 evicted: its hash is gone
-    assert pool.allocate(5, [1, 2, 0]) == 2  # block 0, the head, still hits
-    assert pool.block_table(5) == [0, 2]
+    assert admitted(pool, 3, [9, 9]).block_table == [3]
+    assert admitted(pool, 4, [9, 8]).block_table == [1]  # block 1 evicted: its hash is gone
+    fifth = admitted(pool, 5, [1, 2, 0])
+    assert (fifth.num_computed_tokens, fifth.block_table) == (2, [0, 2])  # block 0, the head, still hits
 
 
 # --- sharing and copy-on-write ---------------------------------------------------------------------
@@ -95,76 +134,76 @@ def test_blocks_are_evicted_least_recently_freed_first_and_tail_first():
 
 def test_fork_shares_every_block():
     pool = BlockPool(num_blocks=8, block_size=4, watermark=0.0)
-    pool.allocate(1, range(6))
-    pool.fork(1, 2)
-    pool.fork(1, 3)
-    assert pool.block_table(2) == pool.block_table(3) == pool.block_table(1)
-    assert [pool.snapshot()[block].ref_count for block in pool.block_table(1)] == [3, 3]
+    parent = computed(pool, 1, range(6))
+    children = [Sequence(2, tuple(range(6))), Sequence(3, tuple(range(6)))]
+    for child in children:
+        pool.fork(parent, child)
+    assert children[0].block_table == children[1].block_table == parent.block_table
+    assert children[0].num_computed_tokens == 6
+    assert [pool.snapshot()[block].ref_count for block in parent.block_table] == [3, 3]
     assert pool.stats().used_blocks == 2
 
 
-def test_appending_to_a_shared_block_copies_it_first():
+def test_writing_into_a_shared_block_copies_it_first():
     pool = BlockPool(num_blocks=8, block_size=4, watermark=0.0)
-    pool.allocate(1, range(6))
-    pool.fork(1, 2)
-    shared = pool.block_table(1)[1]
-    copy = pool.append(2, 42)
-    assert copy == BlockCopy(src=shared, dst=pool.block_table(2)[1])
-    assert copy.dst != shared and pool.block_table(2)[0] == pool.block_table(1)[0]
+    parent = computed(pool, 1, range(6))
+    child = Sequence(2, tuple(range(6)))
+    pool.fork(parent, child)
+    shared = parent.block_table[1]
+    assert pool.blocks_to_grow(child, 7) == 1
+    assert compute(pool, child, 42) == [BlockCopy(src=shared, dst=child.block_table[1])]
+    assert child.block_table[1] != shared and child.block_table[0] == parent.block_table[0]
     assert pool.snapshot()[shared].ref_count == 1
-    assert pool.append(1, 43) is None  # the parent now owns its block alone: it writes in place
-    assert pool.block_table(1)[1] == shared
+    assert compute(pool, parent, 43) == []  # the parent now owns its block alone: it writes in place
+    assert parent.block_table[1] == shared
 
 
 def test_a_full_last_block_gets_a_new_block_and_enters_the_cache():
     pool = BlockPool(num_blocks=8, block_size=2, watermark=0.0)
-    pool.allocate(1, [1])
-    assert pool.append(1, 2) is None
-    assert pool.snapshot()[pool.block_table(1)[0]].block_hash == hash_block_tokens(None, [1, 2])
-    pool.append(1, 3)
-    assert len(pool.block_table(1)) == 2
-    assert pool.allocate(2, [1, 2, 7]) == 2
+    sequence = computed(pool, 1, [1])
+    assert compute(pool, sequence, 2) == [] and len(sequence.block_table) == 1
+    assert pool.snapshot()[sequence.block_table[0]].block_hash == hash_block_tokens(None, [1, 2])
+    compute(pool, sequence, 3)
+    assert len(sequence.block_table) == 2
+    assert admitted(pool, 2, [1, 2, 7]).num_computed_tokens == 2
 
 
-def test_reserved_blocks_take_the_tokens_appended_later_and_cache_them_the_same_way():
-    """Multi-step decoding reserves slots before the tokens exist; the blocks then fill as appends would."""
-    reserved, plain = BlockPool(num_blocks=8, block_size=2, watermark=0.0), BlockPool(num_blocks=8, block_size=2,
-                                                                                       watermark=0.0)
-    for pool in (reserved, plain):
-        pool.allocate(1, [1, 2, 3])
-    assert reserved.blocks_to_grow(1, 4) == 2  # the second block has room for one, then two more blocks
-    reserved.reserve(1, 4)
-    table = reserved.block_table(1)
-    assert len(table) == 4 and reserved.num_free_blocks == 4
+def test_growing_ahead_gives_slots_to_tokens_not_sampled_yet():
+    """Multi-step decoding grows a table before the GPU samples the tokens; they are cached once computed."""
+    pool = BlockPool(num_blocks=8, block_size=2, watermark=0.0)
+    sequence = computed(pool, 1, [1, 2, 3])
+    assert pool.blocks_to_grow(sequence, 7) == 2  # the second block has room for one, then two more blocks
+    assert pool.grow(sequence, 7) == []
+    table = list(sequence.block_table)
+    assert len(table) == 4 and pool.num_free_blocks == 4
     for token in (4, 5, 6, 7):
-        assert reserved.append(1, token) is None and plain.append(1, token) is None
-    assert reserved.block_table(1) == table  # no block taken: every token went into a reserved slot
-    hashes = [[view.block_hash for view in pool.snapshot() if view.block_id in pool.block_table(1)]
-              for pool in (reserved, plain)]
-    assert sorted(hashes[0], key=str) == sorted(hashes[1], key=str) and None in hashes[0]  # last block: 1 token
-    reserved.free(1)
-    assert reserved.num_free_blocks == 8
+        assert compute(pool, sequence, token) == []
+    assert sequence.block_table == table  # no block taken: every token went into a slot grown ahead
+    assert [view.block_hash for view in pool.snapshot()][:4] == [*hash_full_blocks(range(1, 8), 2), None]
+    pool.free(sequence)
+    assert pool.num_free_blocks == 8
 
 
-def test_out_of_blocks_on_reserve_changes_nothing():
+def test_out_of_blocks_on_grow_changes_nothing():
     pool = BlockPool(num_blocks=3, block_size=2, watermark=0.0)
-    pool.allocate(1, [1, 2, 3])
-    before = pool_state(pool)
+    sequence = computed(pool, 1, [1, 2, 3])
+    before = pool_state(pool, sequence)
     with pytest.raises(OutOfBlocks, match="needs 2 free KV-cache block"):
-        pool.reserve(1, 4)
-    assert pool_state(pool) == before
+        pool.grow(sequence, 7)
+    assert pool_state(pool, sequence) == before
 
 
 def test_free_returns_every_block_nobody_else_holds():
     pool = BlockPool(num_blocks=6, block_size=2, watermark=0.0)
-    pool.allocate(1, [1, 2, 3])
-    pool.fork(1, 2)
-    pool.free(1)
+    parent = computed(pool, 1, [1, 2, 3])
+    child = Sequence(2, (1, 2, 3))
+    pool.fork(parent, child)
+    pool.free(parent)
     assert pool.stats().free_blocks == 4  # the child still holds both blocks
-    pool.free(2)
+    pool.free(child)
     stats = pool.stats()
     assert (stats.free_blocks, stats.used_blocks, stats.cached_free_blocks) == (6, 0, 1)
-    assert all(view.is_free and view.ref_count == 0 and not view.owners for view in pool.snapshot())
+    assert all(view.is_free and view.ref_count == 0 for view in pool.snapshot())
 
 
 # --- watermark and running out ---------------------------------------------------------------------
@@ -175,54 +214,51 @@ def test_the_watermark_holds_back_blocks_from_new_sequences_only():
     assert pool.watermark_blocks == 2
     assert pool.can_allocate(8) and not pool.can_allocate(9)
     with pytest.raises(OutOfBlocks, match="needs 9 free KV-cache block.*10 free.*2 of them kept back") as caught:
-        pool.allocate(1, range(9))
+        admitted(pool, 1, range(9))
     assert (caught.value.needed, caught.value.free, caught.value.reserved) == (9, 10, 2)
-    pool.allocate(1, range(8))
-    assert pool.can_append(1)
-    pool.append(1, 8)  # a running sequence may dip into the watermark
-    pool.append(1, 9)
-    assert pool.stats().free_blocks == 0 and not pool.can_append(1)
+    sequence = computed(pool, 1, range(8))
+    compute(pool, sequence, 8)  # a running sequence may dip into the watermark
+    compute(pool, sequence, 9)
+    assert pool.stats().free_blocks == 0 and pool.blocks_to_grow(sequence, 11) == 1
 
 
 def test_out_of_blocks_on_allocate_changes_nothing():
     pool = BlockPool(num_blocks=4, block_size=2, watermark=0.0)
-    pool.allocate(1, [1, 2, 3, 4])
-    pool.free(1)  # two cached free blocks a failed allocation must not evict
-    pool.allocate(2, [5, 6, 7])
-    before = pool_state(pool)
+    pool.free(computed(pool, 1, [1, 2, 3, 4]))  # two cached free blocks a failed allocation must not evict
+    second = admitted(pool, 2, [5, 6, 7])
+    third = Sequence(3, (1, 2, 3, 4, 5, 6, 7))
+    before = pool_state(pool, second, third)
     with pytest.raises(OutOfBlocks) as caught:
-        pool.allocate(3, [1, 2, 3, 4, 5, 6, 7])  # hits two blocks, still needs more than is free
+        pool.allocate(third)  # hits two blocks, still needs more than is free
     assert isinstance(caught.value, RuntimeError)
-    assert pool_state(pool) == before
-    with pytest.raises(KeyError):
-        pool.block_table(3)
+    assert pool_state(pool, second, third) == before
 
 
 def test_out_of_blocks_on_copy_on_write_changes_nothing():
     pool = BlockPool(num_blocks=1, block_size=4, watermark=0.0)
-    pool.allocate(1, [1, 2])
-    pool.fork(1, 2)
-    assert not pool.can_append(2)
-    before = pool_state(pool)
+    parent = computed(pool, 1, [1, 2])
+    child = Sequence(2, (1, 2))
+    pool.fork(parent, child)
+    child.output_token_ids.append(3)
+    before = pool_state(pool, parent, child)
     with pytest.raises(OutOfBlocks, match="needs 1 free KV-cache block"):
-        pool.append(2, 3)
-    assert pool_state(pool) == before
+        pool.grow(child, 3)
+    assert pool_state(pool, parent, child) == before
 
 
 def test_the_snapshot_is_plain_data():
     pool = BlockPool(num_blocks=2, block_size=2, watermark=0.0)
-    pool.allocate(7, [1, 2])
+    computed(pool, 7, [1, 2])
     first, second = (dataclasses.asdict(view) for view in pool.snapshot())
     assert first == {
         "block_id": 0,
         "ref_count": 1,
         "block_hash": hash_block_tokens(None, [1, 2]),
-        "owners": (7,),
         "is_free": False,
         "is_cached": True,
         "eviction_rank": None,
     }
-    assert second["is_free"] and second["eviction_rank"] == 0 and second["owners"] == ()
+    assert second["is_free"] and second["eviction_rank"] == 0
 
 
 # --- bad input -------------------------------------------------------------------------------------
@@ -244,28 +280,18 @@ def test_bad_pool_settings_are_refused(arguments, message):
 
 def test_bad_sequence_operations_are_refused_and_change_nothing():
     pool = BlockPool(num_blocks=4, block_size=2, watermark=0.0)
-    pool.allocate(1, [1, 2, 3])
-    before = pool_state(pool)
-    with pytest.raises(ValueError, match="already has blocks"):
-        pool.allocate(1, [4])
+    sequence = admitted(pool, 1, [1, 2, 3])
+    other = Sequence(2, (5,))
+    before = pool_state(pool, sequence, other)
+    with pytest.raises(ValueError, match="sequence 1 already has blocks"):
+        pool.allocate(sequence)
     with pytest.raises(ValueError, match="prompt is empty"):
-        pool.allocate(2, [])
-    with pytest.raises(ValueError, match="token ids are >= 0"):
-        pool.allocate(2, [1, -1])
-    with pytest.raises(TypeError):
-        pool.allocate(2, [1.5])
-    with pytest.raises(ValueError, match="token ids are >= 0"):
-        pool.append(1, -3)
-    with pytest.raises(ValueError, match="already exists"):
-        pool.fork(1, 1)
+        pool.allocate(Sequence(3, ()))
+    with pytest.raises(ValueError, match="cannot fork into sequence 1: it already has blocks"):
+        pool.fork(other, sequence)
     with pytest.raises(ValueError, match="num_tokens must be >= 1"):
         pool.can_allocate(0)
-    for operation in (pool.free, pool.block_table, pool.can_append, lambda seq: pool.append(seq, 0)):
-        with pytest.raises(KeyError, match="no sequence 9 in the block pool"):
-            operation(9)
-    with pytest.raises(KeyError, match="no sequence 9"):
-        pool.fork(9, 10)
-    assert pool_state(pool) == before
+    assert pool_state(pool, sequence, other) == before
 
 
 # --- the state machine -----------------------------------------------------------------------------
@@ -279,6 +305,8 @@ class PoolModel:
         self.reserved = int(watermark * num_blocks)
         self.tokens: dict[int, list[int]] = {}
         self.tables: dict[int, list[int]] = {}
+        self.computed: dict[int, int] = {}  # tokens whose KV is written
+        self.hashed: dict[int, int] = {}  # full blocks whose hash the sequence knows
         self.free = list(range(num_blocks))  # front: evicted next
         self.hash_of: dict[int, str] = {}  # registered blocks only
         self.query_tokens = self.hit_tokens = 0
@@ -294,15 +322,10 @@ class PoolModel:
         self.hash_of.pop(block, None)
         return block
 
-    def register(self, block: int, block_hash: str) -> None:
-        if self.holder(block_hash) is None:
-            self.hash_of[block] = block_hash
-
     def allocate(self, seq: int, prompt: list[int]) -> int | None:
         """The number of cached tokens, or None where the pool must raise OutOfBlocks."""
-        hashes = hash_full_blocks(prompt, self.block_size)
         hits: list[int] = []
-        for block_hash in hashes[: (len(prompt) - 1) // self.block_size]:
+        for block_hash in hash_full_blocks(prompt, self.block_size)[: (len(prompt) - 1) // self.block_size]:
             if self.holder(block_hash) is None:
                 break
             hits.append(self.holder(block_hash))
@@ -313,8 +336,8 @@ class PoolModel:
         self.free = [block for block in self.free if block not in revived]
         self.tables[seq] = hits + [self.take_front_block() for _ in range(fresh)]
         self.tokens[seq] = list(prompt)
-        for position in range(len(hits), len(hashes)):
-            self.register(self.tables[seq][position], hashes[position])
+        self.computed[seq] = len(hits) * self.block_size
+        self.hashed[seq] = len(hits)
         self.query_tokens += len(prompt)
         self.hit_tokens += len(hits) * self.block_size
         return len(hits) * self.block_size
@@ -322,26 +345,36 @@ class PoolModel:
     def fits_new_prompt(self, num_tokens: int) -> bool:
         return blocks_for(num_tokens, self.block_size) <= len(self.free) - self.reserved
 
-    def can_append(self, seq: int) -> bool:
-        needs_block = len(self.tokens[seq]) % self.block_size == 0 or self.ref_count(self.tables[seq][-1]) > 1
-        return not needs_block or bool(self.free)
+    def written_blocks(self, seq: int) -> list[int]:
+        """Indices of the table's blocks the next computation writes into (and that exist already)."""
+        first, last = self.computed[seq] // self.block_size, blocks_for(len(self.tokens[seq]), self.block_size)
+        return list(range(first, min(last, len(self.tables[seq]))))
 
-    def append(self, seq: int, token: int) -> tuple[int, int] | None:
-        """The copy the pool must report, if any; only called where ``can_append`` holds."""
-        table, copy = self.tables[seq], None
-        if len(self.tokens[seq]) % self.block_size == 0:
+    def blocks_to_compute(self, seq: int) -> int:
+        shared = sum(self.ref_count(self.tables[seq][index]) > 1 for index in self.written_blocks(seq))
+        return shared + max(0, blocks_for(len(self.tokens[seq]), self.block_size) - len(self.tables[seq]))
+
+    def compute(self, seq: int) -> list[BlockCopy]:
+        """Slots for every token (copies first, then new blocks), KV written, full blocks registered."""
+        table, copies = self.tables[seq], []
+        for index in self.written_blocks(seq):
+            if self.ref_count(table[index]) > 1:
+                copies.append(BlockCopy(table[index], self.take_front_block()))
+                table[index] = copies[-1].dst
+        while len(table) < blocks_for(len(self.tokens[seq]), self.block_size):
             table.append(self.take_front_block())
-        elif self.ref_count(table[-1]) > 1:
-            copy = (table[-1], self.take_front_block())
-            table[-1] = copy[1]
-        self.tokens[seq].append(token)
-        if len(self.tokens[seq]) % self.block_size == 0:
-            self.register(table[-1], hash_full_blocks(self.tokens[seq], self.block_size)[-1])
-        return copy
+        self.computed[seq] = len(self.tokens[seq])
+        hashes = hash_full_blocks(self.tokens[seq], self.block_size)
+        for index in range(self.hashed[seq], self.computed[seq] // self.block_size):
+            if self.holder(hashes[index]) is None:
+                self.hash_of[table[index]] = hashes[index]
+        self.hashed[seq] = max(self.hashed[seq], self.computed[seq] // self.block_size)
+        return copies
 
     def fork(self, parent: int, child: int) -> None:
-        self.tables[child] = list(self.tables[parent])
-        self.tokens[child] = list(self.tokens[parent])
+        for book in (self.tables, self.tokens):
+            book[child] = list(book[parent])
+        self.computed[child], self.hashed[child] = self.computed[parent], self.hashed[parent]
 
     def free_sequence(self, seq: int) -> None:
         table = self.tables.pop(seq)
@@ -350,7 +383,7 @@ class PoolModel:
 
 
 class BlockPoolMachine(RuleBasedStateMachine):
-    """Random allocate/append/fork/free traffic on a small pool, so blocks are evicted and shared often."""
+    """Random allocate/feed/compute/fork/free traffic on a small pool, so blocks are evicted and shared often."""
 
     @initialize(
         num_blocks=st.integers(1, 12),
@@ -360,6 +393,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
     def make_pool(self, num_blocks, block_size, watermark):
         self.pool = BlockPool(num_blocks, block_size, watermark)
         self.model = PoolModel(num_blocks, block_size, watermark)
+        self.sequences: dict[int, Sequence] = {}
         self.next_seq = 0
         self.prompts_seen: list[list[int]] = [[0, 1, 2, 0, 1, 2, 0, 1]]
         self.content: dict[int, str] = {}  # block -> hash of the full tokens last written into it
@@ -367,15 +401,15 @@ class BlockPoolMachine(RuleBasedStateMachine):
     def live_sequence(self, data) -> int:
         return data.draw(st.sampled_from(sorted(self.model.tables)), label="seq")
 
-    def new_sequence_id(self) -> int:
+    def new_sequence(self, tokens) -> Sequence:
         self.next_seq += 1
-        return self.next_seq
+        return Sequence(self.next_seq, tuple(tokens))
 
-    def expect_unchanged_on_out_of_blocks(self, operation) -> None:
-        before = pool_state(self.pool)
+    def expect_unchanged_on_out_of_blocks(self, operation, *sequences: Sequence) -> None:
+        before = pool_state(self.pool, *sequences)
         with pytest.raises(OutOfBlocks):
             operation()
-        assert pool_state(self.pool) == before
+        assert pool_state(self.pool, *sequences) == before
 
     @rule(data=st.data(), suffix=st.lists(st.integers(0, 2), max_size=8))
     def allocate(self, data, suffix):
@@ -384,40 +418,53 @@ class BlockPoolMachine(RuleBasedStateMachine):
         prompt = earlier[: data.draw(st.integers(0, len(earlier)), label="shared")] + suffix
         if not prompt:
             return
-        seq = self.new_sequence_id()
+        sequence = self.new_sequence(prompt)
         fits_by_count = self.pool.can_allocate(len(prompt))
         assert fits_by_count == self.model.fits_new_prompt(len(prompt))
-        expected = self.model.allocate(seq, prompt)
+        expected = self.model.allocate(sequence.seq_id, prompt)
         if expected is None:
             assert not fits_by_count  # can_allocate never promises what allocate then refuses
-            self.expect_unchanged_on_out_of_blocks(lambda: self.pool.allocate(seq, prompt))
+            self.expect_unchanged_on_out_of_blocks(lambda: self.pool.allocate(sequence), sequence)
         else:
-            assert self.pool.allocate(seq, prompt) == expected
+            assert self.pool.allocate(sequence) == expected
+            sequence.num_computed_tokens = expected
+            self.sequences[sequence.seq_id] = sequence
             self.prompts_seen.append(prompt)
 
     @precondition(lambda self: self.model.tables)
     @rule(data=st.data(), token=st.integers(0, 2))
-    def append(self, data, token):
+    def feed(self, data, token):
+        """A sampled token joins a sequence; it gets its slot when computed."""
         seq = self.live_sequence(data)
-        assert self.pool.can_append(seq) == self.model.can_append(seq)
-        if self.model.can_append(seq):
-            assert self.pool.append(seq, token) == self.model.append(seq, token)
-        else:
-            self.expect_unchanged_on_out_of_blocks(lambda: self.pool.append(seq, token))
+        self.sequences[seq].output_token_ids.append(token)
+        self.model.tokens[seq].append(token)
+
+    @precondition(lambda self: self.model.tables)
+    @rule(data=st.data())
+    def compute(self, data):
+        seq = self.live_sequence(data)
+        sequence, needed = self.sequences[seq], self.model.blocks_to_compute(seq)
+        assert self.pool.blocks_to_grow(sequence, sequence.num_tokens) == needed
+        if needed > len(self.model.free):
+            self.expect_unchanged_on_out_of_blocks(lambda: self.pool.grow(sequence, sequence.num_tokens), sequence)
+            return
+        assert compute(self.pool, sequence) == self.model.compute(seq)
 
     @precondition(lambda self: self.model.tables)
     @rule(data=st.data())
     def fork(self, data):
-        parent, child = self.live_sequence(data), self.new_sequence_id()
-        self.model.fork(parent, child)
+        parent = self.sequences[self.live_sequence(data)]
+        child = self.new_sequence(parent.token_ids_between(0, parent.num_tokens))
+        self.model.fork(parent.seq_id, child.seq_id)
         self.pool.fork(parent, child)
+        self.sequences[child.seq_id] = child
 
     @precondition(lambda self: self.model.tables)
     @rule(data=st.data())
     def free(self, data):
         seq = self.live_sequence(data)
         self.model.free_sequence(seq)
-        self.pool.free(seq)
+        self.pool.free(self.sequences.pop(seq))
 
     @invariant()
     def pool_matches_the_model(self):
@@ -427,11 +474,11 @@ class BlockPoolMachine(RuleBasedStateMachine):
         assert stats.free_blocks == len(model.free)
         assert (stats.query_tokens, stats.hit_tokens) == (model.query_tokens, model.hit_tokens)
         for seq, table in model.tables.items():
-            assert self.pool.block_table(seq) == table
-            assert len(table) == len(set(table)) == blocks_for(len(model.tokens[seq]), model.block_size)
+            assert self.sequences[seq].block_table == table and len(table) == len(set(table))
+            assert self.sequences[seq].num_computed_tokens == model.computed[seq]
         for view in views:
             owners = {seq for seq, table in model.tables.items() if view.block_id in table}
-            assert set(view.owners) == owners and view.ref_count == len(owners)
+            assert view.ref_count == len(owners)
             assert view.is_free == (view.ref_count == 0) == (view.block_id in model.free)  # no leak
             assert view.eviction_rank == (model.free.index(view.block_id) if view.is_free else None)
             assert view.block_hash == model.hash_of.get(view.block_id)
@@ -441,10 +488,12 @@ class BlockPoolMachine(RuleBasedStateMachine):
     def every_cached_hash_names_the_tokens_in_its_block(self):
         model, views = self.model, self.pool.snapshot()
         for seq, table in model.tables.items():
-            for position, block_hash in enumerate(hash_full_blocks(model.tokens[seq], model.block_size)):
+            written = model.tokens[seq][: model.computed[seq]]
+            for position, block_hash in enumerate(hash_full_blocks(written, model.block_size)):
                 self.content[table[position]] = block_hash
-            if len(model.tokens[seq]) % model.block_size:
-                assert views[table[-1]].block_hash is None  # a partial block is never cached
+            for index in range(model.computed[seq] // model.block_size, len(table)):
+                if model.ref_count(table[index]) == 1:
+                    assert views[table[index]].block_hash is None  # a block without all its KV is never cached
         hashes = [view.block_hash for view in views if view.is_cached]
         assert all(view.block_hash == self.content[view.block_id] for view in views if view.is_cached)
         assert len(hashes) == len(set(hashes)) == self.pool.stats().cached_blocks  # one block per hash

@@ -90,7 +90,7 @@ def test_loading_needs_a_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", [None, "sm_90a"])
 def test_vector_add_runs_on_the_gpu(arch):
-    if arch == "sm_90a" and backend.device_facts()["compute_capability"] != "9.0":
+    if arch == "sm_90a" and backend.compute_capability() != (9, 0):
         pytest.skip("sm_90a code runs only on Hopper")
     xp = backend.xp
     kernel = cuda_compile.load_file("vector_add.cu", arch=arch).get_function("vector_add")

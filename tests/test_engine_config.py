@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from course_lib import backend
-from course_lib.engine import rope
-from course_lib.engine.config import ModelConfig
+from course_lib.check.llama_reference import dense_forward
+from course_lib.checkpoint import rope
+from course_lib.checkpoint.config import ModelConfig
+from course_lib.checkpoint.rope import Llama3Scaling, inverse_frequencies
+from course_lib.checkpoint.weights import load_checkpoint, random_weights, save_checkpoint
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
-from course_lib.engine.reference import dense_forward
-from course_lib.engine.rope import Llama3Scaling, inverse_frequencies
-from course_lib.engine.weights import load_checkpoint, random_weights, save_checkpoint
 
 LLAMA31_SCALING = Llama3Scaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                 original_max_position_embeddings=8192)

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 
 from course_lib import backend
-from course_lib.engine.config import TINY
+from course_lib.checkpoint.config import TINY
+from course_lib.checkpoint.weights import random_weights
+from course_lib.engine.batch import StepBatch
 from course_lib.engine.graphs import DecodeGraphs, graph_batch_sizes
 from course_lib.engine.llm import LLM
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
 from course_lib.engine.sampling import SamplingParams
-from course_lib.engine.weights import random_weights
 
 BLOCK_SIZE, NUM_BLOCKS = 16, 64
 gpu = pytest.mark.gpu
@@ -55,30 +56,38 @@ def test_a_replay_equals_the_eager_decode_step(rng, batch):
     prefill(model, cache, [rng.integers(0, TINY.vocab_size, n) for n in lengths], tables)
     tokens = rng.integers(0, TINY.vocab_size, batch).astype(np.int32)
     contexts = [int(n) + 1 for n in lengths]
-    replayed = backend.to_numpy(graphs.run(tokens, contexts, tables))
+    step = StepBatch.build(step_rows(contexts, tables), BLOCK_SIZE, tokens)
+    step.check(NUM_BLOCKS, TINY.vocab_size)
+    replayed = backend.to_numpy(graphs.run(step))
     attention = AttentionMetadata.build([(1, c, t) for c, t in zip(contexts, tables, strict=True)], BLOCK_SIZE)
     eager = backend.to_numpy(model.forward(backend.xp.asarray(tokens), attention.positions, cache, attention))
     assert replayed.shape == (batch, TINY.vocab_size)
     np.testing.assert_allclose(replayed, eager, rtol=1e-5, atol=1e-5)
+    on_device = backend.to_numpy(graphs.run(StepBatch.build(step_rows(contexts, tables), BLOCK_SIZE),
+                                            backend.xp.asarray(tokens)))  # a decode run's tokens, fed on the GPU
+    np.testing.assert_array_equal(on_device, replayed)
+
+
+def step_rows(contexts: list[int], tables: list[list[int]]) -> list[tuple[int, int, list[int]]]:
+    return [(1, context, table) for context, table in zip(contexts, tables, strict=True)]
 
 
 @gpu
-def test_replays_check_their_inputs_on_the_host(rng):
+def test_replays_refuse_what_they_did_not_capture(rng):
+    """Indices are checked by ``StepBatch.check``; a replay checks what is its own: its sizes and its state."""
     model = LlamaModel(TINY, random_weights(TINY, seed=1))
     graphs = DecodeGraphs(model, KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE), batch_sizes=(2,),
                           max_context_len=64)
-    with pytest.raises(ValueError, match="block ids must lie in"):
-        graphs.run([1], [20], [[0, NUM_BLOCKS]])
-    with pytest.raises(ValueError, match="the graphs' capacity"):
-        graphs.run([1], [65], [[0, 1, 2, 3, 4]])
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        graphs.run([TINY.vocab_size], [3], [[0]])
-    with pytest.raises(ValueError, match="a decode batch of 1 to 2"):
-        graphs.run([1, 2, 3], [3, 3, 3], [[0], [1], [2]])
-    graphs.run([1], [3], [[0]])
+    with pytest.raises(ValueError, match="over the graphs' capacity, 64 tokens"):
+        graphs.run(StepBatch.build([(1, 65, [0, 1, 2, 3, 4])], BLOCK_SIZE, [1]))
+    with pytest.raises(ValueError, match="a decode step of 1 to 2 sequences"):
+        graphs.run(StepBatch.build(step_rows([3, 3, 3], [[0], [1], [2]]), BLOCK_SIZE, [1, 2, 3]))
+    with pytest.raises(ValueError, match="one new token each; got 2 tokens of 1 sequences"):
+        graphs.run(StepBatch.build([(2, 3, [0])], BLOCK_SIZE, [1, 2]))
+    graphs.run(StepBatch.build([(1, 3, [0])], BLOCK_SIZE, [1]))
     graphs.close()
     with pytest.raises(RuntimeError, match="were closed"):
-        graphs.run([1], [3], [[0]])
+        graphs.run(StepBatch.build([(1, 3, [0])], BLOCK_SIZE, [1]))
 
 
 @gpu

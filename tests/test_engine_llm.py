@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from course_lib.engine.config import TINY
+from course_lib.check.llama_reference import dense_forward
+from course_lib.checkpoint.config import TINY
+from course_lib.checkpoint.weights import random_weights, save_checkpoint
 from course_lib.engine.llm import LLM, TokenEvent
-from course_lib.engine.reference import dense_forward
 from course_lib.engine.sampling import SamplingParams
-from course_lib.engine.weights import random_weights, save_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from course_lib.engine.config import TINY
+from course_lib.checkpoint.config import TINY
 from course_lib.engine.llm import LLM
 from course_lib.engine.sampling import SamplingParams
 

@@ -40,11 +40,11 @@ class FakeModel:
     def run(self, output: SchedulerOutput) -> list[int]:
         for copy in output.block_copies:
             self.kv_cache[self._block_slots(copy.dst)] = self.kv_cache[self._block_slots(copy.src)]
-        for step in output.scheduled:
-            self.kv_cache[list(step.slot_mapping)] = step.token_ids
+        batch = output.batch
+        self.kv_cache[batch.slots] = batch.token_ids
         sampled = []
-        for step in output.scheduled:
-            context = self._read_context(step.block_table, step.context_len)
+        for step, table in zip(output.scheduled, batch.block_tables, strict=True):
+            context = self._read_context(table, step.context_len)
             assert context == step.sequence.all_token_ids[: step.context_len], f"sequence {step.seq_id} reads bad KV"
             if step.samples:
                 sampled.append(next_token(context[-1]))
@@ -83,15 +83,21 @@ def check_step(scheduler: Scheduler, output: SchedulerOutput) -> None:
     assert len(scheduler.running) <= scheduler.max_num_seqs
     assert len({step.seq_id for step in output.scheduled}) == len(output.scheduled)
     block_size = scheduler.block_pool.block_size
-    for step in output.scheduled:
+    batch, start = output.batch, 0
+    for step, table in zip(output.scheduled, batch.block_tables, strict=True):
         assert step.num_new_tokens >= 1
         assert step.sequence.status is SequenceStatus.RUNNING
         assert step.first_position == step.sequence.num_computed_tokens
         assert step.samples == (step.context_len == step.sequence.num_tokens)
         assert step.context_len <= scheduler.max_model_len
-        for position, slot in zip(step.positions, step.slot_mapping, strict=True):
-            assert slot // block_size == step.block_table[position // block_size]
+        assert table.tolist()[:len(step.sequence.block_table)] == step.sequence.block_table
+        new = slice(start, start + step.num_new_tokens)
+        positions, slots = batch.positions[new], batch.slots[new]
+        assert positions.tolist() == list(range(step.first_position, step.context_len))
+        for position, slot in zip(positions, slots, strict=True):
+            assert slot // block_size == table[position // block_size]
             assert slot % block_size == position % block_size
+        start += step.num_new_tokens
 
 
 def run_to_completion(scheduler: Scheduler, model: FakeModel | None = None) -> list[SchedulerOutput]:
@@ -200,7 +206,8 @@ def test_a_seeded_request_samples_the_same_tokens_alone_or_batched():
     """Through ``sample`` with each sequence's own generator, across chunking and preemption."""
 
     def sample_step(output: SchedulerOutput) -> np.ndarray:
-        rows = [np.sin(np.arange(VOCAB) * (step.token_ids[-1] + 1)) * 3 for step in output.scheduled if step.samples]
+        last = [step.sequence.all_token_ids[step.context_len - 1] for step in output.scheduled if step.samples]
+        rows = [np.sin(np.arange(VOCAB) * (token + 1)) * 3 for token in last]
         sequences = output.sampling_sequences
         return sample(
             np.array(rows).reshape(-1, VOCAB), [s.sampling_params for s in sequences], [s.generator for s in sequences]
@@ -286,7 +293,7 @@ def test_a_sequence_preempted_mid_prefill_recomputes_the_blocks_it_never_wrote()
         computed_before = prefilling.num_computed_tokens
         output = scheduler.schedule()
         scheduler.update(output, model.run(output))
-    assert computed_before == 5  # blocks 0 and 1 written, block 2 half, blocks 3 to 5 registered but empty
+    assert computed_before == 5  # blocks 0 and 1 written (and cached), block 2 half, blocks 3 to 5 empty
     run_to_completion(scheduler, model)
     assert prefilling.num_cached_tokens == 4
     assert scheduler.block_pool.stats().hit_tokens == 4  # the pool shared only the blocks whose KV was written
@@ -316,8 +323,8 @@ def test_a_prefix_hit_on_blocks_not_yet_written_is_recomputed():
     scheduler = make_scheduler()
     twins = [scheduler.add_request(list(range(13)), SamplingParams(max_tokens=3)) for _ in range(2)]
     steps = run_to_completion(scheduler)
-    assert steps[0].scheduled[1].first_position == 0  # the twin's blocks were registered, not yet written
-    first, second = (step.block_table for step in steps[0].scheduled)
+    assert steps[0].scheduled[1].first_position == 0  # the twin's blocks were being written, not yet cached
+    first, second = steps[0].batch.block_tables.tolist()
     assert not set(first) & set(second)  # so it computes them in blocks of its own: no slot written twice
     assert_expected_outputs(twins)
 

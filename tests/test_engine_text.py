@@ -13,14 +13,14 @@ from test_engine_llm import record_runs, tokens_of
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, pre_tokenizers
 
-from course_lib.engine.block_pool import blocks_for
-from course_lib.engine.config import TINY
+from course_lib.check.llama_reference import dense_forward
+from course_lib.checkpoint.config import TINY
+from course_lib.checkpoint.tokenizer import Tokenizer
+from course_lib.checkpoint.weights import random_weights
 from course_lib.engine.llm import LLM
 from course_lib.engine.logprobs import top_logprobs
-from course_lib.engine.reference import dense_forward
 from course_lib.engine.sampling import SamplingParams
-from course_lib.engine.tokenizer import Tokenizer
-from course_lib.engine.weights import random_weights
+from course_lib.kernels.kv_blocks import blocks_for
 
 TOLERANCE = 1e-4  # float32 logits from a float32 model against float64 ones
 

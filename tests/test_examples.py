@@ -85,8 +85,8 @@ def bad_inputs(folder: Path) -> dict[str, tuple[list[str], str]]:
     """Files and prompts the engine must refuse, each with the words its message must contain."""
     import gguf
 
-    from course_lib.engine.config import TINY
-    from course_lib.engine.weights import random_weights, save_checkpoint
+    from course_lib.checkpoint.config import TINY
+    from course_lib.checkpoint.weights import random_weights, save_checkpoint
 
     truncated = folder / "truncated.gguf"
     truncated.write_bytes(b"GGUF" + bytes(100))

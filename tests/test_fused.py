@@ -6,7 +6,7 @@ import pytest
 
 from course_lib import backend, dtypes
 from course_lib.check import relative_error, tolerance_for
-from course_lib.engine.rope import Llama3Scaling, inverse_frequencies
+from course_lib.checkpoint.rope import Llama3Scaling, inverse_frequencies
 from course_lib.kernels import fused
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -24,14 +24,19 @@ def rng() -> np.random.Generator:
 BLOCKS, BLOCK_SIZE = 6, 8
 
 
-def rope_step(qkv, positions, dtype=None, slots=None):
-    """rope_write_kv_step on fresh random caches (never zeros), every token at its own slot unless ``slots``."""
-    xp, tokens, rng = backend.xp, qkv.shape[0], np.random.default_rng()
-    caches = [dtypes.random_normal((BLOCKS, KV_HEADS, BLOCK_SIZE, HEAD_DIM), dtype or "float32", rng) for _ in range(2)]
-    slots = np.arange(tokens, dtype=np.int32) * 3 if slots is None else slots  # 0, 3, 6, ...: scattered slots
-    step = fused.rope_write_kv_step(qkv, positions, backend.xp.asarray(FREQUENCIES.astype(np.float32)), HEADS, *caches,
-                                    xp.asarray(slots), dtype)
-    return step, caches, slots
+def random_caches(dtype="float32"):
+    """A fresh random key and value cache (never zeros, so a missed write shows)."""
+    rng = np.random.default_rng()
+    return [dtypes.random_normal((BLOCKS, KV_HEADS, BLOCK_SIZE, HEAD_DIM), dtype, rng) for _ in range(2)]
+
+
+def rope(qkv, positions, caches=None, slots=None, dtype=None, run=fused.rope_write_kv):
+    """``run`` (rope_write_kv or its unchecked twin) into ``caches`` (default: fresh ones); every token at its own
+    slot 0, 3, 6, ... unless ``slots``. Returns q."""
+    caches = random_caches(dtype or "float32") if caches is None else caches
+    slots = np.arange(qkv.shape[0], dtype=np.int32) * 3 if slots is None else slots
+    return run(qkv, positions, backend.xp.asarray(FREQUENCIES.astype(np.float32)), HEADS, *caches,
+               backend.xp.asarray(slots), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -41,9 +46,9 @@ def test_rope_write_kv_rotates_q_and_stores_rotated_k_and_v_at_their_slots(rng, 
     positions = rng.integers(0, 64, tokens).astype(np.int32)
     slots = rng.permutation(BLOCKS * BLOCK_SIZE)[:tokens].astype(np.int32)
     slots[2] = -1  # a padding token: its k and v are not stored
-    step, caches, _ = rope_step(qkv, backend.xp.asarray(positions), dtype, slots)
+    caches = random_caches(dtype)
     before = [dtypes.to_float32(cache, dtype) for cache in caches]
-    q = step()
+    q = rope(qkv, backend.xp.asarray(positions), caches, slots, dtype)
     heads = dtypes.to_float32(qkv, dtype).astype(np.float64).reshape(tokens, -1, HEAD_DIM)
     expected = fused.rope_reference(heads, positions, FREQUENCIES)
     assert q.shape == (tokens, HEADS, HEAD_DIM)
@@ -61,26 +66,30 @@ def test_rope_write_kv_rotates_q_and_stores_rotated_k_and_v_at_their_slots(rng, 
         assert np.array_equal(cache.transpose(0, 2, 1, 3)[untouched], old.transpose(0, 2, 1, 3)[untouched])
 
 
-def test_a_prepared_step_takes_another_layers_arrays(rng):
-    """Checked once, called per layer: new qkv and caches of the same layouts, the same slots."""
-    qkv = [dtypes.random_normal((3, (HEADS + 2 * KV_HEADS) * HEAD_DIM), "float32", rng) for _ in range(2)]
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_unchecked_twin_computes_the_same_without_reading_the_slots(rng, dtype, monkeypatch):
+    """What an engine calls in every layer, its step's slots checked once on the host."""
+    qkv = dtypes.random_normal((3, (HEADS + 2 * KV_HEADS) * HEAD_DIM), dtype, rng)
     positions = backend.xp.asarray(np.array([5, 6, 7], np.int32))
-    step, _, slots = rope_step(qkv[0], positions)
-    _, other_caches, _ = rope_step(qkv[1], positions)
-    step(qkv=qkv[1], key_cache=other_caches[0], value_cache=other_caches[1])
-    value = dtypes.to_float32(other_caches[1])
-    block, row = divmod(int(slots[1]), BLOCK_SIZE)
-    new_values = dtypes.to_float32(qkv[1]).reshape(3, -1, HEAD_DIM)[:, HEADS + KV_HEADS:]
-    assert np.array_equal(value[block, :, row], new_values[1])
-    with pytest.raises(TypeError, match="cannot be swapped"):
-        step(slot_mapping=backend.xp.asarray(slots))
+    checked_caches = random_caches(dtype)
+    unchecked_caches = [cache.copy() for cache in checked_caches]
+    checked = rope(qkv, positions, checked_caches, dtype=dtype)
+
+    def never(*args, **kwargs):
+        raise AssertionError("rope_write_kv_unchecked read the slots")
+
+    monkeypatch.setattr(fused.paged_attention, "check_slots", never)
+    unchecked = rope(qkv, positions, unchecked_caches, dtype=dtype, run=fused.rope_write_kv_unchecked)
+    assert np.array_equal(dtypes.to_float32(unchecked, dtype), dtypes.to_float32(checked, dtype))
+    for after_unchecked, after_checked in zip(unchecked_caches, checked_caches, strict=True):
+        assert np.array_equal(dtypes.to_float32(after_unchecked, dtype), dtypes.to_float32(after_checked, dtype))
 
 
 def test_rope_angles_in_float32_lose_precision_with_the_position(rng):
     """Engines compute angles in fp32: at position 30,000 the angle is off by ~1e-3 rad, within bf16's error."""
     qkv = dtypes.random_normal((4, (HEADS + 2 * KV_HEADS) * HEAD_DIM), "float32", rng)
     positions = np.array([29_000, 29_500, 30_000, 32_000], dtype=np.int32)
-    q = rope_step(qkv, backend.xp.asarray(positions))[0]()
+    q = rope(qkv, backend.xp.asarray(positions))
     heads = dtypes.to_float32(qkv).astype(np.float64).reshape(4, -1, HEAD_DIM)
     assert relative_error(dtypes.to_float32(q), fused.rope_reference(heads, positions, FREQUENCIES)[:, :HEADS]) < \
         tolerance_for("bfloat16")
@@ -96,18 +105,16 @@ def test_silu_mul_is_silu_of_the_gate_times_up(rng, dtype):
     assert relative_error(dtypes.to_float32(out, dtype), gate / (1 + np.exp(-gate)) * up) < tolerance_for(dtype)
 
 
-def rope(xp, qkv, positions, slots=None):
-    return rope_step(qkv, positions, slots=slots)[0]
-
-
 @pytest.mark.parametrize(("call", "message"), [
-    (lambda xp: rope(xp, xp.zeros((3, 100), xp.float32), xp.zeros(3, xp.int32)), "qkv must be"),
-    (lambda xp: rope(xp, xp.zeros((3, 768), xp.float32), xp.zeros(3, xp.int64)), "positions must be int32"),
-    (lambda xp: rope(xp, xp.zeros((3, 1536), xp.float32)[:, ::2], xp.zeros(3, xp.int32)), "C-contiguous"),
-    (lambda xp: rope(xp, xp.zeros((2, 768), xp.float32), xp.zeros(2, xp.int32), np.array([0, 48], np.int32)),
+    (lambda xp: rope(xp.zeros((3, 100), xp.float32), xp.zeros(3, xp.int32)), "qkv must be"),
+    (lambda xp: rope(xp.zeros((3, 768), xp.float32), xp.zeros(3, xp.int64)), "positions must be int32"),
+    (lambda xp: rope(xp.zeros((3, 1536), xp.float32)[:, ::2], xp.zeros(3, xp.int32)), "C-contiguous"),
+    (lambda xp: rope(xp.zeros((2, 768), xp.float32), xp.zeros(2, xp.int32), slots=np.array([0, 48], np.int32)),
      "slots must lie in"),
-    (lambda xp: rope(xp, xp.zeros((2, 768), xp.float32), xp.zeros(2, xp.int32), np.array([4, 4], np.int32)),
+    (lambda xp: rope(xp.zeros((2, 768), xp.float32), xp.zeros(2, xp.int32), slots=np.array([4, 4], np.int32)),
      "names one slot twice"),
+    (lambda xp: rope(xp.zeros((2, 768), xp.float32), xp.zeros(2, xp.int32), [c[:, :, :4] for c in random_caches()]),
+     "C-contiguous"),
     (lambda xp: fused.silu_mul(xp.zeros((3, 7), xp.float32)), "gate_up must be"),
 ])
 def test_bad_inputs_are_refused_before_a_launch(call, message):

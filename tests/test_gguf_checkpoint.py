@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from course_lib import dtypes
-from course_lib.engine.config import ModelConfig
-from course_lib.engine.gguf_checkpoint import GGUFCheckpoint, load_gguf, read_metadata, unpermute_rope_rows
-from course_lib.engine.reference import dense_forward
-from course_lib.engine.weights import random_weights
+from course_lib.check.llama_reference import dense_forward
+from course_lib.checkpoint.config import ModelConfig
+from course_lib.checkpoint.gguf import GGUFCheckpoint, load_gguf, read_metadata, unpermute_rope_rows
+from course_lib.checkpoint.weights import random_weights
 
 Q = gguf.GGMLQuantizationType
 CONFIG = ModelConfig(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from course_lib import backend
-from course_lib.engine.graph_nodes import KernelGraph, pointer
+from course_lib.labs.graph_nodes import KernelGraph, pointer
 
 SOURCE = r'''
 extern "C" __global__ void axpy(float a, const float* x, float* y, int n) {

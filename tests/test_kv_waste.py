@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from course_lib.engine import kv_waste
+from course_lib.labs import kv_waste
 
 
 def test_contiguous_waste_counts_every_slot_past_the_context():

@@ -14,7 +14,7 @@ import pytest
 from course_lib import backend, dtypes
 from course_lib.check import is_poison, poison, relative_error, tolerance_for
 from course_lib.kernels import paged_attention as pa
-from course_lib.kernels import paged_attention_numba
+from course_lib.kernels import paged_attention_numba, paged_attention_reference
 
 DTYPES = ("float32", "float16", "bfloat16")
 HEADS = [(4, 4), (8, 2), (4, 1)]  # (query heads, kv heads): multi-head, 32/8-style GQA scaled down, multi-query
@@ -81,18 +81,16 @@ def by_token(cache: Any, table: np.ndarray, length: int, dtype: str) -> np.ndarr
     return np.stack([host[table[t // block_size], :, t % block_size, :] for t in range(length)])
 
 
-def textbook_attention(query: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float,
-                       first_position: int) -> np.ndarray:
-    """softmax(q . k * scale) v for each (token, head), causal, looping as the formula reads."""
-    tokens, heads, _ = query.shape
+def textbook_attention(query: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
+    """softmax(q . k * scale) v for each (row, head) over all the keys, looping as the formula reads."""
+    rows, heads, _ = query.shape
     group = heads // keys.shape[1]
     out = np.empty(query.shape)
-    for t in range(tokens):
-        visible = first_position + t + 1
+    for t in range(rows):
         for h in range(heads):
-            logits = keys[:visible, h // group] @ query[t, h] * scale
+            logits = keys[:, h // group] @ query[t, h] * scale
             weights = np.exp(logits - logits.max())
-            out[t, h] = weights @ values[:visible, h // group] / weights.sum()
+            out[t, h] = weights @ values[:, h // group] / weights.sum()
     return out
 
 
@@ -121,7 +119,7 @@ def test_decode_reference_is_textbook_attention_over_the_paged_context(rng, head
     for seq, length in enumerate(problem.lens):
         keys, values = (by_token(cache, problem.tables[seq], length, "float32")
                         for cache in (problem.key_cache, problem.value_cache))
-        expected = textbook_attention(query[seq:seq + 1], keys, values, 1 / np.sqrt(64), length - 1)
+        expected = textbook_attention(query[seq:seq + 1], keys, values, 1 / np.sqrt(64))
         np.testing.assert_allclose(reference[seq], expected[0], rtol=1e-12, atol=1e-12)
 
 
@@ -137,10 +135,10 @@ def test_partials_hold_each_partitions_own_softmax(rng):
     problem = paged_problem(rng, [40], heads=(4, 2))
     keys, values = pa.gather_kv(problem.key_cache, problem.value_cache, problem.block_tables[0], 40)
     query = dtypes.to_float32(problem.query)[0].astype(np.float64)
-    partials = pa.partition_partials(query, keys, values, 0.5, 16)
+    partials = paged_attention_reference.partition_partials(query, keys, values, 0.5, 16)
     assert partials.max_logits.shape == partials.exp_sums.shape == (3, 4)  # 16 + 16 + 8 tokens
     assert partials.outputs.shape == (3, 4, 64)
-    last = textbook_attention(query[None], keys[32:], values[32:], 0.5, 7)[0]
+    last = textbook_attention(query[None], keys[32:], values[32:], 0.5)[0]
     np.testing.assert_allclose(partials.outputs[2], last, rtol=1e-12)
 
 
@@ -176,9 +174,9 @@ def test_auto_partitions_give_small_steps_more_blocks_and_the_same_result(rng, h
                                                            (1, 32_768, 512), (1, 16, 64)])
 def test_auto_partition_size_halves_until_the_grid_is_busy(rows, context, expected):
     cache = pa.Cache("bfloat16", num_blocks=100, num_kv_heads=8, block_size=16, head_dim=64)
-    size = pa.auto_partition_size(pa.Attention(cache, num_heads=32, rows=rows, max_blocks_per_seq=64,
-                                               max_context_len=context, scale=0.125))
-    assert size == expected
+    problem = pa.Attention(cache, num_heads=32, rows=rows, max_blocks_per_seq=64, max_context_len=context, scale=0.125)
+    assert pa.auto_partition_size(problem) == expected
+    assert pa.plan_decode(problem, partition_size="auto").partition_size == expected
 
 
 def test_decode_writes_into_out(rng):
@@ -219,40 +217,6 @@ def test_write_kv_stores_each_token_at_its_slot_and_skips_padding(rng, dtype):
     blocks, offsets = np.divmod(np.flatnonzero(untouched), block_size)
     np.testing.assert_array_equal(expected_keys[blocks, :, offsets], before_keys[blocks, :, offsets])
     np.testing.assert_array_equal(expected_values[blocks, :, offsets], before_values[blocks, :, offsets])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("context_len", "num_new_tokens"), [(37, 37), (37, 12), (16, 1), (64, 16)])
-def test_prefill_after_write_kv_is_dense_causal_attention(rng, dtype, context_len, num_new_tokens):
-    num_heads, num_kv_heads, head_dim, block_size = 8, 2, 64, 16
-    (table,), num_blocks = random_tables(rng, np.array([context_len]), block_size)
-    key_cache, value_cache = (dtypes.random_normal((num_blocks, num_kv_heads, block_size, head_dim), dtype, rng)
-                              for _ in range(2))
-    keys, values = (dtypes.random_normal((context_len, num_kv_heads, head_dim), dtype, rng) for _ in range(2))
-    positions = np.arange(context_len)
-    slots = (table[positions // block_size] * block_size + positions % block_size).astype(np.int32)
-    prefix = context_len - num_new_tokens
-    for part in (slice(0, prefix), slice(prefix, context_len)):  # the cached prefix, then this step's tokens
-        padded = np.concatenate([slots[part], [-1, -1]]).astype(np.int32)
-        pad = dtypes.random_normal((2, num_kv_heads, head_dim), dtype, rng)
-        new_keys, new_values = (backend.xp.concatenate([tokens[part], pad]) for tokens in (keys, values))
-        pa.write_kv(new_keys, new_values, key_cache, value_cache, backend.xp.asarray(padded), dtype=dtype)
-    query = dtypes.random_normal((num_new_tokens, num_heads, head_dim), dtype, rng)
-    arguments = (query, key_cache, value_cache, backend.xp.asarray(table), context_len, num_new_tokens)
-    expected = textbook_attention(*(dtypes.to_float32(x, dtype).astype(np.float64) for x in (query, keys, values)),
-                                  1 / np.sqrt(head_dim), prefix)
-    reference = pa.paged_prefill_reference(*arguments, dtype=dtype)
-    np.testing.assert_allclose(reference, expected, rtol=1e-10, atol=1e-12)
-    assert_close(pa.paged_prefill(*arguments, dtype=dtype), expected, dtype)
-
-
-def test_decode_is_a_one_token_prefill(rng):
-    problem = paged_problem(rng, [29, 8])
-    decoded = pa.paged_decode_reference(*problem.args())
-    for seq, length in enumerate(problem.lens):
-        prefill = pa.paged_prefill_reference(problem.query[seq:seq + 1], problem.key_cache, problem.value_cache,
-                                             problem.block_tables[seq], int(length), 1)
-        np.testing.assert_allclose(prefill[0], decoded[seq], rtol=1e-12)
 
 
 # ---- the Numba kernel, in the simulator in CPU mode ----------------------------------------------------------
@@ -366,14 +330,7 @@ def write(problem: Paged, slots: list[int], heads: int = 2, dtype: Any = np.floa
                        backend.xp.asarray(np.array(slots, dtype=slot_dtype)))
 
 
-def prefill(problem: Paged, context_len: int, num_new_tokens: int, rows: int | None = None, table: Any = None):
-    rows = num_new_tokens if rows is None else rows
-    table = problem.block_tables[1] if table is None else table
-    return pa.paged_prefill(problem.query[0:1].repeat(rows, axis=0), problem.key_cache, problem.value_cache, table,
-                            context_len, num_new_tokens)
-
-
-WRITE_AND_PREFILL_ERRORS = [
+WRITE_ERRORS = [
     pytest.param(lambda p: write(p, [0, num_blocks(p) * 8]), ValueError, "slots must lie in", id="slot-past-the-pool"),
     pytest.param(lambda p: write(p, [0, -2]), ValueError, "slots must lie in", id="slot-below-minus-one"),
     pytest.param(lambda p: write(p, [3, -1, 3]), ValueError, "twice", id="duplicate-slot"),
@@ -381,19 +338,10 @@ WRITE_AND_PREFILL_ERRORS = [
     pytest.param(lambda p: write(p, [1, 2], heads=4), ValueError, "2 kv heads", id="write-heads"),
     pytest.param(lambda p: write(p, [1, 2], dtype=np.float16), TypeError, "like the cache", id="write-type"),
     pytest.param(lambda p: write(p, [1, 2], slot_dtype=np.int64), TypeError, "int32", id="int64-slots"),
-    pytest.param(lambda p: prefill(p, 8, 9), ValueError, "at most context_len", id="more-new-tokens-than-context"),
-    pytest.param(lambda p: prefill(p, 16, 4, rows=5), ValueError, "num_new_tokens=4 rows", id="query-rows"),
-    pytest.param(lambda p: prefill(p, 0, 1), ValueError, "context_len must be", id="prefill-empty-context"),
-    pytest.param(lambda p: prefill(p, 8, 0), ValueError, "num_new_tokens must be", id="no-new-tokens"),
-    pytest.param(lambda p: prefill(p, 16, 2, table=p.block_tables), ValueError, "1-D", id="2-D-table"),
-    pytest.param(lambda p: prefill(p, 16, 2, table=with_table_entry(p, 1, 1, 99).block_tables[1]), ValueError,
-                 "outside the pool", id="prefill-index-past-the-pool"),
-    pytest.param(lambda p: prefill(p, p.tables.shape[1] * 8 + 1, 2), ValueError, "max_blocks_per_seq",
-                 id="prefill-context-beyond-the-table"),
 ]
 
 
-@pytest.mark.parametrize(("call", "error", "message"), DECODE_ERRORS + WRITE_AND_PREFILL_ERRORS)
+@pytest.mark.parametrize(("call", "error", "message"), DECODE_ERRORS + WRITE_ERRORS)
 def test_bad_inputs_are_refused_with_what_was_expected(call, error, message):
     with pytest.raises(error, match=message):
         call(small_problem())
@@ -404,12 +352,12 @@ def launches(monkeypatch) -> list[tuple[str, Any]]:
     """Pretend to be on a GPU and record what would be launched, instead of launching."""
     recorded: list[tuple[str, Any]] = []
     monkeypatch.setattr(backend, "has_gpu", lambda: True)
-    monkeypatch.setattr(pa, "launch_kernel", lambda op, problem, arrays, scratch=None: recorded.append((op, problem)))
-    monkeypatch.setattr(pa, "step_workspace", lambda op, problem: None)
+    monkeypatch.setattr(pa, "launch_decode", lambda plan, *arrays: recorded.append((plan.version, plan)))
+    monkeypatch.setattr(pa, "launch_write_kv", lambda cache, *arrays: recorded.append(("write_kv", cache)))
     return recorded
 
 
-@pytest.mark.parametrize(("call", "error", "message"), DECODE_ERRORS[:6] + WRITE_AND_PREFILL_ERRORS[:3])
+@pytest.mark.parametrize(("call", "error", "message"), DECODE_ERRORS[:6] + WRITE_ERRORS[:3])
 def test_bad_inputs_never_reach_a_launch(launches, call, error, message):
     with pytest.raises(error, match=message):
         call(small_problem())
@@ -421,63 +369,78 @@ def test_valid_inputs_reach_the_launch_with_their_validated_shape(launches):
     decode(problem, version="v1")
     decode(problem, partition_size=16)
     write(problem, [4, -1, 40])
-    prefill(problem, 16, 3)
-    assert [op for op, _ in launches] == ["decode_v1", "decode_v2", "write_kv", "prefill"]
-    v1, v2, cache, prefilled = (shape for _, shape in launches)
-    assert (v1.rows, v1.num_heads, v1.queries_per_kv, v1.max_context_len, v1.partition_size) == (3, 4, 2, 16, None)
-    assert v2.partition_size == 16 and v2.scale == pytest.approx(0.25)
+    assert [name for name, _ in launches] == ["v1", "v2", "write_kv"]
+    (_, v1), (_, v2), (_, cache) = launches
+    shape = v1.problem
+    assert (shape.rows, shape.num_heads, shape.queries_per_kv, shape.max_context_len) == (3, 4, 2, 16)
+    assert v1.partition_size is None and v1.scratch is None
+    assert v2.partition_size == 16 and v2.problem.scale == pytest.approx(0.25)
+    assert v2.scratch.out.shape == (3, 4, 1, 16)  # a GPU's v2 gets its scratch: 16 tokens in one partition
     assert cache == pa.Cache("float32", num_blocks(problem), 2, 8, 16)
-    assert (prefilled.rows, prefilled.max_context_len) == (3, 16)
 
 
 def test_decode_grids_spread_a_long_context_over_partitions_and_group_gqa_heads():
-    from course_lib.kernels.paged_attention_cuda import decode_grids
-
-    assert decode_grids("v1", 1, 32, 8, 32768) == {"decode": (1, 32, 1)}
-    assert decode_grids("v2", 1, 32, 8, 32768, 512) == {"decode": (64, 8, 1), "merge": (32, 1, 1)}
-    assert decode_grids("v2", 3, 8, 4, 1000, 512)["decode"] == (2, 8, 3)  # 2 query heads a KV head: no grouping
+    assert pa.decode_grids("v1", 1, 32, 8, 32768) == {"decode": (1, 32, 1)}
+    assert pa.decode_grids("v2", 1, 32, 8, 32768, 512) == {"decode": (64, 8, 1), "merge": (32, 1, 1)}
+    assert pa.decode_grids("v2", 3, 8, 4, 1000, 512)["decode"] == (2, 8, 3)  # 2 query heads a KV head: no grouping
 
 
 def test_launcher_sizes_shared_memory_with_the_kernels_own_constants():
     """ring_bytes() must describe the rings the .cu file indexes, or a launch would read past its shared memory."""
     from course_lib import compile as cuda_compile
-    from course_lib.kernels import paged_attention_cuda as cuda_side
 
-    source = cuda_compile.kernel_path(cuda_side.SOURCE).read_text()
-    assert f"constexpr int THREADS = {cuda_side.THREADS}," in source
-    assert f"constexpr int TILE = {cuda_side.TILE_TOKENS};" in source
-    assert f"constexpr int STAGES = {cuda_side.STAGES};" in source
-    assert cuda_side.ring_bytes(128, "bfloat16") == 4 * cuda_side.STAGES * 2 * cuda_side.TILE_TOKENS * 128 * 2
+    source = cuda_compile.kernel_path(pa.SOURCE).read_text()
+    assert f"constexpr int THREADS = {pa.THREADS}," in source
+    assert f"constexpr int TILE = {pa.TILE_TOKENS};" in source
+    assert f"constexpr int STAGES = {pa.STAGES};" in source
+    assert pa.ring_bytes(128, "bfloat16") == 4 * pa.STAGES * 2 * pa.TILE_TOKENS * 128 * 2
 
 
-def test_a_prepared_decode_step_runs_again_with_another_layers_arrays(rng):
-    """decode_step checks the tables once; a call with new query and caches of the same layouts reuses them."""
+# ---- checked once, run many times: what an engine step and a benchmark do ----------------------------------
+
+
+def test_a_plan_checked_once_runs_on_another_layers_arrays_without_reading_indices(rng, monkeypatch):
+    """decode_unchecked trusts the plan's indices: a new query and caches of the same layouts reuse them."""
     first = paged_problem(rng, [13, 30], heads=(8, 2), head_dim=64, block_size=8)
     second = replace(first, query=dtypes.random_normal(first.query.shape, "float32", rng),
                      key_cache=dtypes.random_normal(first.key_cache.shape, "float32", rng),
                      value_cache=dtypes.random_normal(first.value_cache.shape, "float32", rng))
-    step = pa.decode_step(*first.args(), partition_size=16)
-    assert_close(step(), pa.paged_decode_reference(*first.args()), "float32")
-    again = step(query=second.query, key_cache=second.key_cache, value_cache=second.value_cache)
-    assert_close(again, pa.paged_decode_reference(*second.args()), "float32")
+    plan = pa.plan_decode(pa.check_decode_inputs(*first.args()), partition_size=16)
+    expected = [pa.paged_decode_reference(*problem.args()) for problem in (first, second)]
+
+    def never(*args, **kwargs):
+        raise AssertionError("decode_unchecked read the indices")
+
+    monkeypatch.setattr(pa, "validate_block_tables", never)
+    assert_close(pa.decode_unchecked(plan, *first.args()), expected[0], "float32")
+    out = poison(first.query.shape, np.float32)
+    assert pa.decode_unchecked(plan, *second.args(), out=out) is out
+    assert_close(out, expected[1], "float32")
 
 
-def test_a_prepared_step_refuses_new_indices_and_other_layouts(rng):
+def test_decode_problem_takes_the_longest_context_from_the_caller(rng):
+    """An engine knows its longest context on the host: decode_problem checks layouts, not indices."""
     problem = paged_problem(rng, [13, 30], heads=(8, 2), head_dim=64, block_size=8)
-    step = pa.decode_step(*problem.args())
-    with pytest.raises(TypeError, match="cannot be swapped"):
-        step(block_tables=problem.block_tables)
-    with pytest.raises(ValueError, match="must keep the layout"):
-        step(query=dtypes.random_normal((3, 8, 64), "float32", rng))
+    checked = pa.check_decode_inputs(*problem.args())
+    assert pa.decode_problem(*problem.args()[:4], 30) == checked
+    with pytest.raises(ValueError, match="needs more than the tables"):
+        pa.decode_problem(*problem.args()[:4], problem.tables.shape[1] * 8 + 1)
+    with pytest.raises(ValueError, match="max_context_len must be"):
+        pa.decode_problem(*problem.args()[:4], 0)
+    with pytest.raises(ValueError, match="block_tables must be 2-D"):
+        pa.decode_problem(*problem.args()[:3], problem.block_tables[0], 30)
 
 
-def test_v2_steps_own_their_partials_workspace(rng):
-    """A captured graph keeps using a step's scratch: each prepared step gets its own, never a shared cache's."""
-    from course_lib.kernels import paged_attention_cuda as cuda_side
-
+def test_each_v2_plan_owns_its_partials_workspace(rng, monkeypatch):
+    """A captured graph keeps using its plan's scratch: every plan gets its own, never a shared cache's."""
     problem = paged_problem(rng, [40, 9], heads=(8, 2), head_dim=64, block_size=8)
-    attention = replace(pa.check_decode_inputs(*problem.args(), None, None), partition_size=16)
-    scratch = cuda_side.workspace("decode_v2", attention)
+    attention = pa.check_decode_inputs(*problem.args())
+    scratch = pa.workspace(attention, 16)
     assert scratch.out.shape == (2, 8, 3, 64) and scratch.max.shape == scratch.sum.shape == (2, 8, 3)
-    assert cuda_side.workspace("decode_v2", attention).out is not scratch.out
-    assert cuda_side.workspace("decode_v1", attention) is None
+    assert pa.workspace(attention, 16).out is not scratch.out
+    monkeypatch.setattr(backend, "has_gpu", lambda: False)
+    assert pa.plan_decode(attention, partition_size=16).scratch is None  # CPU mode: NumPy needs no scratch
+    monkeypatch.setattr(backend, "has_gpu", lambda: True)
+    plans = [pa.plan_decode(attention, partition_size=16) for _ in range(2)]
+    assert plans[0].scratch.out.shape == (2, 8, 3, 64) and plans[0].scratch.out is not plans[1].scratch.out
+    assert pa.plan_decode(attention, "v1").scratch is None

@@ -6,7 +6,8 @@ from matplotlib.colors import to_rgba
 from matplotlib.patches import Rectangle
 
 from course_lib.engine.block_pool import BlockPool
-from course_lib.engine.pool_view import (
+from course_lib.engine.sequence import Sequence
+from course_lib.labs.pool_view import (
     FREE_COLOR,
     PoolPicture,
     draw_pool,
@@ -22,14 +23,23 @@ def close_figures():
     plt.close("all")
 
 
-def small_pool() -> BlockPool:
+def computed(pool: BlockPool, seq_id: int, prompt) -> Sequence:
+    """A sequence with blocks for its prompt, whose KV the model has written (so its full blocks are cached)."""
+    sequence = Sequence(seq_id, tuple(prompt))
+    pool.allocate(sequence)
+    sequence.num_computed_tokens = sequence.num_tokens
+    pool.cache_full_blocks(sequence)
+    return sequence
+
+
+def small_pool() -> tuple[BlockPool, list[Sequence]]:
     """Seq 1 and its fork 2 share two blocks; seq 3 was freed, leaving one cached and one partial block free."""
     pool = BlockPool(num_blocks=8, block_size=4, watermark=0.0)
-    pool.allocate(1, range(6))  # blocks 0 (full) and 1 (partial)
-    pool.fork(1, 2)
-    pool.allocate(3, range(100, 106))  # blocks 2 (full) and 3 (partial)
-    pool.free(3)
-    return pool
+    first, second = computed(pool, 1, range(6)), Sequence(2, tuple(range(6)))  # blocks 0 (full), 1 (partial)
+    pool.fork(first, second)
+    third = computed(pool, 3, range(100, 106))  # blocks 2 (full) and 3 (partial)
+    pool.free(third)
+    return pool, [first, second, third]
 
 
 def texts(ax: plt.Axes) -> list[str]:
@@ -37,18 +47,18 @@ def texts(ax: plt.Axes) -> list[str]:
 
 
 def test_a_picture_holds_the_tables_and_does_not_follow_the_pool():
-    pool = small_pool()
-    picture = PoolPicture.of(pool, "before")
-    assert picture.tables == {1: (0, 1), 2: (0, 1)}
-    pool.free(1)
-    assert picture.views[0].owners == (1, 2)
-    assert PoolPicture.of(pool).tables == {2: (0, 1)}
+    pool, sequences = small_pool()
+    picture = PoolPicture.of(pool, sequences, "before")
+    assert picture.tables == {1: (0, 1), 2: (0, 1)}  # seq 3 holds no block: left out
+    pool.free(sequences[0])
+    assert picture.owners(0) == [1, 2] and picture.views[0].ref_count == 2
+    assert PoolPicture.of(pool, sequences).tables == {2: (0, 1)}
 
 
 def test_each_block_shows_its_ref_count_or_eviction_rank_and_its_hash():
-    pool = small_pool()
+    pool, sequences = small_pool()
     fig, ax = plt.subplots()
-    draw_pool(ax, PoolPicture.of(pool), columns=4)
+    draw_pool(ax, PoolPicture.of(pool, sequences), columns=4)
     labels = texts(ax)
     assert labels.count("ref 2") == 2  # the fork shares both blocks
     assert [f"b{block}" for block in range(8)] == [label for label in labels if label.startswith("b")]
@@ -59,9 +69,9 @@ def test_each_block_shows_its_ref_count_or_eviction_rank_and_its_hash():
 
 
 def test_shared_blocks_are_striped_and_cached_free_blocks_hatched():
-    pool = small_pool()
+    pool, sequences = small_pool()
     fig, ax = plt.subplots()
-    draw_pool(ax, PoolPicture.of(pool), columns=4, highlight=[3])
+    draw_pool(ax, PoolPicture.of(pool, sequences), columns=4, highlight=[3])
     rectangles = [patch for patch in ax.patches if isinstance(patch, Rectangle)]
     stripes = [patch for patch in rectangles if patch.get_facecolor()[:3] == to_rgba(owner_color(2))[:3]]
     assert len(stripes) == 2  # seq 2's half of blocks 0 and 1
@@ -74,9 +84,9 @@ def test_shared_blocks_are_striped_and_cached_free_blocks_hatched():
 
 
 def test_show_pool_and_show_strip_make_one_picture_each():
-    pool = small_pool()
-    assert show_pool(pool, "now").axes[0].get_title(loc="left") == "now"
-    pictures = [PoolPicture.of(pool, "a"), PoolPicture.of(pool, "b"), PoolPicture.of(pool, "c")]
+    pool, sequences = small_pool()
+    assert show_pool(pool, sequences, "now").axes[0].get_title(loc="left") == "now"
+    pictures = [PoolPicture.of(pool, sequences, title) for title in "abc"]
     assert [ax.get_title(loc="left") for ax in show_strip(pictures, columns=4).axes] == ["a", "b", "c"]
 
 

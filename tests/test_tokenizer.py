@@ -7,8 +7,8 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, pre_tokenizers, processors
 
-from course_lib.engine.gguf_checkpoint import read_metadata
-from course_lib.engine.tokenizer import GGUF_CONTROL, GGUF_USER_DEFINED, Tokenizer
+from course_lib.checkpoint.gguf import read_metadata
+from course_lib.checkpoint.tokenizer import GGUF_CONTROL, GGUF_USER_DEFINED, Tokenizer
 
 # --- SmolLM2-135M-Instruct, the course's real model ----------------------------------------------------
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from course_lib import backend
+from course_lib.device_facts import card_slug, cuda_version, device_facts
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 SCHEMA_VERSION = 1
@@ -21,13 +22,13 @@ SCHEMA_VERSION = 1
 
 def card_folder(facts: dict[str, Any]) -> str:
     """``nvidia-h100-80gb-hbm3`` for a GPU; ``cpu-<processor>`` for a CPU-mode run."""
-    slug = backend.card_slug(facts["name"])
+    slug = card_slug(facts["name"])
     return slug if facts["mode"] == "gpu" else f"cpu-{slug}"
 
 
 def new_result(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
     """An empty result for benchmark ``name``, stamped with this device, its versions and the date."""
-    facts = backend.device_facts()
+    facts = device_facts()
     return {
         "schema": SCHEMA_VERSION,
         "name": name,
@@ -81,7 +82,7 @@ def load_result(name: str, card: str | None = None) -> dict[str, Any]:
 def _preferred_cards() -> list[str]:
     cards = gpu_cards()
     if backend.has_gpu():
-        here = card_folder(backend.device_facts())
+        here = card_folder(device_facts())
         cards = [here] + [c for c in cards if c != here]
     return cards
 
@@ -93,7 +94,7 @@ def provenance(result: dict[str, Any]) -> str:
     if result.get("derived_from"):  # a prediction computed from measurements, not one itself
         parts = [result["card"], f"predicted {result['date'][:10]} from {result['derived_from']}"]
     if device.get("driver_cuda_version"):
-        parts.append(f"driver CUDA {backend.cuda_version(device['driver_cuda_version'])}")
+        parts.append(f"driver CUDA {cuda_version(device['driver_cuda_version'])}")
     for lib in ("cupy-cuda13x", "cupy-cuda12x", "numba-cuda", "torch"):
         if lib in libs:
             parts.append(f"{lib} {libs[lib]}")

@@ -1,15 +1,17 @@
-"""The KV-cache block pool: which block of the KV cache holds which tokens of which sequence.
+"""The KV-cache block pool: which blocks are free, shared or cached. It knows blocks, not sequences.
 
 The KV cache is not one buffer per sequence. It is cut into blocks of ``block_size`` tokens, and each
-sequence has a *block table*: the ids of the blocks that hold its tokens, in order. This pool only does
-the bookkeeping; the engine owns the KV tensors and follows the tables and the copies reported here.
-It works like vLLM's (v1) ``KVCacheManager`` and ``BlockPool``:
+sequence keeps a *block table* (``Sequence.block_table``): the ids of the blocks that hold its tokens, in
+order. This pool hands blocks out and takes them back; the engine owns the KV tensors and follows the
+tables and the copies reported here. It works like vLLM's (v1) ``BlockPool`` and ``KVCacheManager``:
 
 - Free blocks wait in a queue in eviction order, least recently freed first.
 - A block shared by several sequences (a common prompt prefix, a fork) carries a reference count.
-- A FULL block is registered under a hash of its tokens chained to the hash of the block before it, so
-  a new prompt that starts with the same tokens reuses those blocks: a prefix-cache hit. A freed block
-  keeps its hash and stays reusable until it is evicted, that is, handed out again as a fresh block.
+- Once the model has written a FULL block's keys and values, the block is registered under a hash of its
+  tokens chained to the hash of the block before it (``cache_full_blocks``). A new prompt that starts with
+  the same tokens reuses those blocks: a prefix-cache hit. A freed block keeps its hash and stays reusable
+  until it is evicted, that is, handed out again as a fresh block. Registering only written blocks means a
+  hit always finds keys and values there, whatever else runs in the same step.
 - A sequence about to write into a block it shares gets its own copy first: copy-on-write.
 - Admitting a new sequence keeps a watermark of blocks free, so running sequences can still grow.
 - Running out raises ``OutOfBlocks`` before anything changes, so a scheduler can preempt and retry.
@@ -19,11 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from course_lib.engine.sequence import Sequence
+from course_lib.kernels.kv_blocks import blocks_for
 
 
 class OutOfBlocks(RuntimeError):
@@ -70,13 +74,12 @@ class BlockView:
     block_id: int
     ref_count: int
     block_hash: str | None
-    owners: tuple[int, ...]
     is_free: bool
     is_cached: bool
     eviction_rank: int | None
 
 
-def hash_block_tokens(parent_hash: str | None, token_ids: Sequence[int]) -> str:
+def hash_block_tokens(parent_hash: str | None, token_ids: Iterable[int]) -> str:
     """The prefix-cache key of a full block: SHA-256 over the parent's hash and the block's tokens.
 
     Chaining in the parent makes the key stand for the whole prefix, not just this block's tokens. The
@@ -86,7 +89,7 @@ def hash_block_tokens(parent_hash: str | None, token_ids: Sequence[int]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def hash_full_blocks(token_ids: Sequence[int], block_size: int) -> list[str]:
+def hash_full_blocks(token_ids: list[int] | tuple[int, ...], block_size: int) -> list[str]:
     """The chained hashes of every full block of ``token_ids``; a partial last block has none."""
     hashes: list[str] = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
@@ -94,26 +97,11 @@ def hash_full_blocks(token_ids: Sequence[int], block_size: int) -> list[str]:
     return hashes
 
 
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    """How many blocks hold ``num_tokens`` tokens: ceil(num_tokens / block_size)."""
-    return -(-num_tokens // block_size)
-
-
 @dataclass
 class _Block:
     block_id: int
     ref_count: int = 0
     block_hash: str | None = None  # set only while the prefix cache maps this hash to this block
-
-
-@dataclass
-class _Sequence:
-    token_ids: list[int]
-    table: list[int]
-    full_block_hashes: list[str]
-
-    def copy(self) -> _Sequence:
-        return _Sequence(list(self.token_ids), list(self.table), list(self.full_block_hashes))
 
 
 class BlockPool:
@@ -132,11 +120,14 @@ class BlockPool:
         self._blocks = [_Block(block_id) for block_id in range(num_blocks)]
         self._free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front: evict next
         self._cached: dict[str, int] = {}  # prefix cache: block hash -> block id
-        self._sequences: dict[int, _Sequence] = {}
         self._query_tokens = 0
         self._hit_tokens = 0
 
-    # --- admitting and growing sequences ----------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_queue)
+
+    # --- a sequence's blocks: admit, grow, fork, free ---------------------------------------------------
 
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether a new prompt of ``num_tokens`` fits and leaves the watermark free, counting no cache hits."""
@@ -144,118 +135,95 @@ class BlockPool:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         return blocks_for(num_tokens, self.block_size) <= len(self._free_queue) - self.watermark_blocks
 
-    def allocate(self, seq_id: int, prompt_token_ids: Sequence[int],
-                 written: Callable[[int], bool] | None = None) -> int:
-        """Give a new sequence the blocks for its prompt; returns how many prompt tokens the cache already holds.
+    def allocate(self, sequence: Sequence, *, use_prefix_cache: bool = True) -> int:
+        """Give a sequence blocks for all its tokens; returns how many of them the prefix cache already holds.
 
-        Full blocks the cache holds are reused, up to the first miss. The last prompt token is never a
-        hit: the model must run at least one token to produce the logits of the next one. A block is
-        registered when it is allocated, before the model has written its KV: ``written`` (the scheduler
-        knows) ends the hits at the first block whose KV is not there yet, and the new sequence gets a fresh
-        block and computes it itself. Sharing it would have two sequences write the same slots in one step.
+        Full blocks the cache holds are reused, up to the first miss. The last token is never a hit: the
+        model must run at least one token to produce the logits of the next one. ``use_prefix_cache=False``
+        takes fresh blocks only (a request that wants every prompt token scored must compute them all).
         """
-        if seq_id in self._sequences:
-            raise ValueError(f"sequence {seq_id!r} already has blocks; free it first or pick a new id")
-        token_ids = [_as_token_id(token) for token in prompt_token_ids]
+        if sequence.block_table:
+            raise ValueError(f"sequence {sequence.seq_id} already has blocks; free it first")
+        token_ids = sequence.token_ids_between(0, sequence.num_tokens)
         if not token_ids:
             raise ValueError("the prompt is empty: a sequence needs at least one token")
-        block_hashes = hash_full_blocks(token_ids, self.block_size)
-        hit_blocks = self._cached_prefix(block_hashes[: (len(token_ids) - 1) // self.block_size], written)
+        block_hashes = hash_full_blocks(token_ids, self.block_size)[: (len(token_ids) - 1) // self.block_size]
+        hit_blocks = self._cached_prefix(block_hashes) if use_prefix_cache else []
         num_fresh = blocks_for(len(token_ids), self.block_size) - len(hit_blocks)
         num_revived = sum(1 for block_id in hit_blocks if self._blocks[block_id].ref_count == 0)
         self._check_free(num_fresh + num_revived, reserved=self.watermark_blocks)
 
         for block_id in hit_blocks:  # before taking fresh blocks, so that no hit gets evicted
             self._share(block_id)
-        table = hit_blocks + [self._take_fresh_block() for _ in range(num_fresh)]
-        for position in range(len(hit_blocks), len(block_hashes)):
-            self._register(table[position], block_hashes[position])
-        self._sequences[seq_id] = _Sequence(token_ids, table, block_hashes)
+        sequence.block_table = hit_blocks + [self._take_fresh_block() for _ in range(num_fresh)]
+        sequence.block_hashes = block_hashes[: len(hit_blocks)]
         self._query_tokens += len(token_ids)
         self._hit_tokens += len(hit_blocks) * self.block_size
         return len(hit_blocks) * self.block_size
 
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self._free_queue)
+    def blocks_to_grow(self, sequence: Sequence, num_slots: int) -> int:
+        """Fresh blocks ``grow(sequence, num_slots)`` takes: new blocks past the table's end, and a private copy
+        of every shared block the new tokens (from ``num_computed_tokens`` on) will write into."""
+        table, size = sequence.block_table, self.block_size
+        new = max(0, blocks_for(num_slots, size) - len(table))
+        written = range(sequence.num_computed_tokens // size, min(blocks_for(num_slots, size), len(table)))
+        return new + sum(1 for index in written if self._blocks[table[index]].ref_count > 1)
 
-    def can_append(self, seq_id: int) -> bool:
-        """Whether ``append`` can run now; running sequences may use the blocks kept back by the watermark."""
-        return self._blocks_needed_to_append(self._sequence(seq_id)) <= len(self._free_queue)
+    def grow(self, sequence: Sequence, num_slots: int) -> list[BlockCopy]:
+        """Give the sequence KV slots for its first ``num_slots`` tokens; returns the copies to do first.
 
-    def append(self, seq_id: int, token_id: int) -> BlockCopy | None:
-        """Add one generated token; returns the block copy the engine must do first, if the block was shared.
-
-        The token goes into the block after the sequence's last token: a fresh block if that one is full
-        and none was reserved, a private copy if it is shared (copy-on-write).
+        A block the sequence shares and is about to write into (its tokens from ``num_computed_tokens`` on)
+        becomes a private copy: copy-on-write. Running sequences may use the blocks the watermark keeps back.
+        Multi-step decoding grows a sequence past its known tokens: the GPU samples them later.
         """
-        sequence = self._sequence(seq_id)
-        token_id = _as_token_id(token_id)
-        self._check_free(self._blocks_needed_to_append(sequence))
-        copy, index = None, len(sequence.token_ids) // self.block_size  # the block the token goes into
-        if index == len(sequence.table):
-            sequence.table.append(self._take_fresh_block())
-        elif self._blocks[sequence.table[index]].ref_count > 1:
-            copy = BlockCopy(src=sequence.table[index], dst=self._take_fresh_block())
-            self._blocks[copy.src].ref_count -= 1  # still held by the other sharers, so never freed here
-            sequence.table[index] = copy.dst
-        sequence.token_ids.append(token_id)
-        if len(sequence.token_ids) % self.block_size == 0:
-            self._register_full_block(sequence, index)
-        return copy
+        self._check_free(self.blocks_to_grow(sequence, num_slots))
+        table, size, copies = sequence.block_table, self.block_size, []
+        for index in range(sequence.num_computed_tokens // size, min(blocks_for(num_slots, size), len(table))):
+            if self._blocks[table[index]].ref_count > 1:
+                copy = BlockCopy(src=table[index], dst=self._take_fresh_block())
+                self._blocks[copy.src].ref_count -= 1  # still held by the other sharers, so never freed here
+                table[index] = copy.dst
+                copies.append(copy)
+        table.extend(self._take_fresh_block() for _ in range(blocks_for(num_slots, size) - len(table)))
+        return copies
 
-    def blocks_to_grow(self, seq_id: int, num_tokens: int) -> int:
-        """Fresh blocks ``num_tokens`` more tokens take, appended or reserved: new blocks, and a private copy
-        if the next token's block is shared."""
-        sequence = self._sequence(seq_id)
-        index = len(sequence.token_ids) // self.block_size
-        shared = index < len(sequence.table) and self._blocks[sequence.table[index]].ref_count > 1
-        return self._blocks_to_reserve(sequence, num_tokens) + int(shared and num_tokens > 0)
+    def cache_full_blocks(self, sequence: Sequence) -> None:
+        """Register the sequence's full blocks whose KV the model has now written in the prefix cache.
 
-    def _blocks_to_reserve(self, sequence: _Sequence, num_tokens: int) -> int:
-        return max(0, blocks_for(len(sequence.token_ids) + num_tokens, self.block_size) - len(sequence.table))
-
-    def reserve(self, seq_id: int, num_tokens: int) -> None:
-        """Give a sequence the blocks for ``num_tokens`` more tokens now, before the tokens are known.
-
-        Multi-step decoding (``Scheduler.schedule_decode_run``) launches several decode steps at once: the
-        GPU samples the tokens of the later steps and writes their keys and values, so their slots must exist
-        at launch. ``append`` then records each token in its reserved slot (registering the block in the
-        prefix cache once it is full), and ``free`` returns reserved blocks with the rest.
+        Call it after each step that computed tokens of the sequence: blocks up to ``num_computed_tokens``
+        hold keys and values, so a later prompt with the same tokens may share them.
         """
-        sequence = self._sequence(seq_id)
-        needed = self._blocks_to_reserve(sequence, num_tokens)
-        self._check_free(needed)
-        sequence.table.extend(self._take_fresh_block() for _ in range(needed))
+        size, hashes = self.block_size, sequence.block_hashes
+        for index in range(len(hashes), sequence.num_computed_tokens // size):
+            tokens = sequence.token_ids_between(index * size, (index + 1) * size)
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens))
+            if hashes[-1] not in self._cached:  # a twin with the same tokens may be registered already
+                self._cached[hashes[-1]] = sequence.block_table[index]
+                self._blocks[sequence.block_table[index]].block_hash = hashes[-1]
 
-    def fork(self, parent_id: int, child_id: int) -> None:
-        """Start ``child_id`` as a copy of ``parent_id`` (parallel sampling) that shares all its blocks."""
-        parent = self._sequence(parent_id)
-        if child_id in self._sequences:
-            raise ValueError(f"cannot fork into sequence {child_id!r}: it already exists")
-        for block_id in parent.table:
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start ``child`` (parallel sampling) sharing all of ``parent``'s blocks and its computed tokens."""
+        if child.block_table:
+            raise ValueError(f"cannot fork into sequence {child.seq_id}: it already has blocks")
+        for block_id in parent.block_table:
             self._blocks[block_id].ref_count += 1
-        self._sequences[child_id] = parent.copy()
+        child.block_table, child.block_hashes = list(parent.block_table), list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
 
-    def free(self, seq_id: int) -> None:
-        """Release a finished or preempted sequence; blocks nobody holds go to the back of the free queue.
+    def free(self, sequence: Sequence) -> None:
+        """Release a finished or preempted sequence's blocks; those nobody holds go to the back of the free queue.
 
         The table is released tail first, so a sequence's last blocks are evicted before its first
         ones: a cached block is only reachable while every block before it is cached too.
         """
-        sequence = self._sequence(seq_id)
-        del self._sequences[seq_id]
-        for block_id in reversed(sequence.table):
+        for block_id in reversed(sequence.block_table):
             block = self._blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free_queue[block_id] = None
+        sequence.block_table = []
 
     # --- looking at the pool ------------------------------------------------------------------------
-
-    def block_table(self, seq_id: int) -> list[int]:
-        """The ids of the blocks holding the sequence's tokens, in token order."""
-        return list(self._sequence(seq_id).table)
 
     def stats(self) -> PoolStats:
         """Blocks used, free and cached, and the prefix cache's queries and hits so far."""
@@ -272,17 +240,12 @@ class BlockPool:
 
     def snapshot(self) -> list[BlockView]:
         """Every block as plain data, in block-id order, for a notebook to draw (``dataclasses.asdict``)."""
-        owners: dict[int, list[int]] = {block.block_id: [] for block in self._blocks}
-        for seq_id, sequence in self._sequences.items():
-            for block_id in sequence.table:
-                owners[block_id].append(seq_id)
         eviction_rank = {block_id: rank for rank, block_id in enumerate(self._free_queue)}
         return [
             BlockView(
                 block_id=block.block_id,
                 ref_count=block.ref_count,
                 block_hash=block.block_hash,
-                owners=tuple(owners[block.block_id]),
                 is_free=block.block_id in eviction_rank,
                 is_cached=block.block_hash is not None,
                 eviction_rank=eviction_rank.get(block.block_id),
@@ -292,29 +255,17 @@ class BlockPool:
 
     # --- the moves every operation is made of ------------------------------------------------------
 
-    def _sequence(self, seq_id: int) -> _Sequence:
-        try:
-            return self._sequences[seq_id]
-        except KeyError:
-            raise KeyError(f"no sequence {seq_id!r} in the block pool") from None
-
     def _check_free(self, needed: int, reserved: int = 0) -> None:
         if needed > len(self._free_queue) - reserved:
             raise OutOfBlocks(needed, len(self._free_queue), reserved)
 
-    def _blocks_needed_to_append(self, sequence: _Sequence) -> int:
-        """One block if the next token's block does not exist yet (a new one) or is shared (a copy), else none."""
-        index = len(sequence.token_ids) // self.block_size
-        return int(index == len(sequence.table) or self._blocks[sequence.table[index]].ref_count > 1)
-
-    def _cached_prefix(self, block_hashes: list[str], written: Callable[[int], bool] | None) -> list[int]:
-        """The cached blocks for the leading hashes, up to the first one the cache does not hold (or not written)."""
+    def _cached_prefix(self, block_hashes: list[str]) -> list[int]:
+        """The cached blocks for the leading hashes, up to the first one the cache does not hold."""
         hit_blocks = []
         for block_hash in block_hashes:
-            block_id = self._cached.get(block_hash)
-            if block_id is None or (written is not None and not written(block_id)):
+            if block_hash not in self._cached:
                 break
-            hit_blocks.append(block_id)
+            hit_blocks.append(self._cached[block_hash])
         return hit_blocks
 
     def _share(self, block_id: int) -> None:
@@ -333,24 +284,3 @@ class BlockPool:
             block.block_hash = None
         block.ref_count = 1
         return block_id
-
-    def _register(self, block_id: int, block_hash: str) -> None:
-        """Put a full block in the prefix cache, unless a twin with the same tokens is already there."""
-        if block_hash not in self._cached:
-            self._cached[block_hash] = block_id
-            self._blocks[block_id].block_hash = block_hash
-
-    def _register_full_block(self, sequence: _Sequence, index: int) -> None:
-        """Block ``index`` of the sequence has just filled up: put it in the prefix cache."""
-        parent_hash = sequence.full_block_hashes[-1] if sequence.full_block_hashes else None
-        block_hash = hash_block_tokens(parent_hash, sequence.token_ids[-self.block_size :])
-        sequence.full_block_hashes.append(block_hash)
-        self._register(sequence.table[index], block_hash)
-
-
-def _as_token_id(token: int) -> int:
-    """A token id as a plain int (NumPy integers welcome); floats and negative ids are mistakes."""
-    token_id = operator.index(token)
-    if token_id < 0:
-        raise ValueError(f"token ids are >= 0, got {token_id}")
-    return token_id

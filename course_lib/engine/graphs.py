@@ -23,7 +23,8 @@ shape this module:
   stream, so CUDA can let the graphs of every batch size share the same physical memory instead of each
   keeping its own. (CuPy's default pool could not do this: it would hand a captured buffer to other code
   once the capture let go of it.) Buffers that outlive a replay, the attention kernels' scratch included,
-  are allocated when the step is prepared, before the capture, and belong to the captured step.
+  are allocated by the warm-up's first layer (``AttentionMetadata.decode_plan``), before the capture, and
+  belong to the captured step.
 
 The capture, instantiation and launch use cuda-python's runtime API (``cudaStreamBeginCapture``,
 ``cudaStreamEndCapture``, ``cudaGraphInstantiate``, ``cudaGraphLaunch``) on a CuPy stream.
@@ -39,8 +40,9 @@ from typing import Any
 import numpy as np
 
 from course_lib import backend
-from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel, ScheduledSequence
-from course_lib.kernels.paged_attention import blocks_for
+from course_lib.engine.batch import StepBatch
+from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
+from course_lib.kernels.kv_blocks import blocks_for
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -113,83 +115,67 @@ class DecodeGraphs:
             _, step = self.steps.popitem()
             _runtime_call(runtime.cudaGraphExecDestroy(step.graph), "cudaGraphExecDestroy")
 
-    def run(self, token_ids: Sequence[int], context_lens: Sequence[int],
-            block_tables: Sequence[Sequence[int]]) -> Any:
-        """Logits ``[batch, vocab]`` of a decode batch by graph replay, padded to the next captured size.
+    def run(self, batch: StepBatch, token_ids: Any = None) -> Any:
+        """Logits ``[batch, vocab]`` of a decode-only step by graph replay, padded to the next captured size.
 
-        ``token_ids`` are host integers, checked here, or a device array: the previous step's arg-max in a
-        multi-step run, copied on the GPU (an arg-max is always a token id of the vocabulary).
+        ``batch`` was checked against the cache and the vocabulary (``StepBatch.check``). Its token ids travel
+        with the other inputs, unless ``token_ids`` gives them on the device: the previous step's arg-max in a
+        multi-step run.
         """
         if not self.steps:
             raise RuntimeError("these CUDA graphs were closed; capture new ones")
-        on_device = isinstance(token_ids, backend.xp.ndarray)
-        batch = len(token_ids)
-        if not 1 <= batch <= self.batch_sizes[-1] or len(context_lens) != batch or len(block_tables) != batch:
-            raise ValueError(f"a decode batch of 1 to {self.batch_sizes[-1]} sequences, with one token id, "
-                             f"context length and block table each; got {batch}, {len(context_lens)} and "
-                             f"{len(block_tables)}")
-        step = self.steps[self.batch_sizes[bisect_left(self.batch_sizes, batch)]]
-        inputs = self._host_inputs(step.batch_size, [0] * batch if on_device else token_ids, context_lens,
-                                   block_tables)
+        rows = batch.num_sequences
+        if not batch.is_decode or rows > self.batch_sizes[-1]:
+            raise ValueError(f"a replay runs a decode step of 1 to {self.batch_sizes[-1]} sequences, one new token "
+                             f"each; got {batch.num_tokens} tokens of {rows} sequences")
+        if batch.context_lens.max() > self.max_context_len:
+            row = int(batch.context_lens.argmax())
+            raise ValueError(f"sequence {row}: context_len {batch.context_lens[row]} is over the graphs' capacity, "
+                             f"{self.max_context_len} tokens")
+        step = self.steps[self.batch_sizes[bisect_left(self.batch_sizes, rows)]]
         xp, runtime = backend.xp, _runtime()
         caller = xp.cuda.get_current_stream()
         step.stream.wait_event(caller.record())  # after whatever the caller queued (cache writes, copies)
         if step.copied is not None:
             step.copied.synchronize()  # the previous replay's inputs have left the staging buffer
-        np.concatenate([inputs[name].ravel() for name in INPUTS], out=step.staging)
+        self._fill_staging(step, batch)
         with step.stream:
             step.inputs.set(step.staging)  # one copy, from pinned memory: the host goes on at once
             step.copied = step.stream.record()
-            if on_device:
-                step.token_ids[:batch] = token_ids
+            if token_ids is not None:
+                step.token_ids[:rows] = token_ids
             _runtime_call(runtime.cudaGraphLaunch(step.graph, runtime.cudaStream_t(step.stream.ptr)),
                           "cudaGraphLaunch")
         caller.wait_event(step.stream.record())  # and the caller's next work after the replay
-        return step.logits[:batch]
+        return step.logits[:rows]
 
-    def _host_inputs(self, size: int, token_ids: Sequence[int], context_lens: Sequence[int],
-                     block_tables: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
-        """The replay's buffers on the host, checked: rows past the batch are padding that writes nothing.
+    def _fill_staging(self, step: CapturedStep, batch: StepBatch) -> None:
+        """Write the replay's inputs (``INPUTS``) into its pinned staging buffer.
 
-        The checks are whole-array NumPy operations: they run on every decode step, for up to
-        max_num_seqs rows, while the GPU waits.
+        Rows past the batch are padding: context length 1, slot -1, so they read block 0 and write nothing.
         """
-        block_size, vocab, batch = self.kv_cache.block_size, self.model.config.vocab_size, len(token_ids)
-        ids, lens = np.zeros(size, np.int32), np.ones(size, np.int32)
-        ids[:batch] = _within(np.asarray(token_ids, np.int64), 0, vocab - 1,
-                              f"token id {{}} outside the vocabulary [0, {vocab})")
-        lens[:batch] = _within(np.asarray(context_lens, np.int64), 1, self.max_context_len,
-                               f"context_len {{}} must be in [1, {self.max_context_len}] (the graphs' capacity)")
-        needed = blocks_for(lens, block_size)
-        tables = np.zeros((size, self.max_blocks), np.int32)
-        for row, table in enumerate(block_tables):
-            if len(table) < needed[row]:
-                raise ValueError(f"sequence {row}: context_len {lens[row]} needs {needed[row]} blocks in its table "
-                                 f"(the graphs' capacity is {self.max_context_len} tokens), got {len(table)}")
-            tables[row, :needed[row]] = table[:needed[row]]
-        used = np.arange(self.max_blocks) < needed[:, None]
-        outside = used & ((tables < 0) | (tables >= self.kv_cache.num_blocks))
-        if outside.any():
-            row = int(outside.any(axis=1).argmax())
-            raise ValueError(f"sequence {row}: block ids must lie in [0, {self.kv_cache.num_blocks}), "
-                             f"got {tables[row, :needed[row]].tolist()}")
-        last = lens - 1
-        slots = tables[np.arange(size), last // block_size] * block_size + last % block_size
-        slots[batch:] = -1
-        return {"token_ids": ids, "positions": last, "slot_mapping": slots.astype(np.int32),
-                "block_tables": tables, "context_lens": lens}
+        size, rows, width = step.batch_size, batch.num_sequences, self.max_blocks
+        inputs = {"token_ids": np.zeros(size, np.int32), "positions": np.zeros(size, np.int32),
+                  "slot_mapping": np.full(size, -1, np.int32), "block_tables": np.zeros((size, width), np.int32),
+                  "context_lens": np.ones(size, np.int32)}
+        if batch.token_ids is not None:
+            inputs["token_ids"][:rows] = batch.token_ids
+        inputs["positions"][:rows], inputs["slot_mapping"][:rows] = batch.positions, batch.slots
+        inputs["context_lens"][:rows] = batch.context_lens
+        tables = batch.block_tables[:, :width]
+        inputs["block_tables"][:rows, :tables.shape[1]] = np.where(tables < 0, 0, tables)  # past the context: unread
+        np.concatenate([inputs[name].ravel() for name in INPUTS], out=step.staging)
 
     def _capture(self, size: int) -> CapturedStep:
         """Warm up eagerly (compile, check the step's indices once), then record the step on a side stream."""
         xp, runtime = backend.xp, _runtime()
         full_table = [0] * self.max_blocks  # capture at full length: the attention grid covers any context
-        attention = AttentionMetadata([ScheduledSequence(1, self.max_context_len, full_table)] * size,
-                                      self.kv_cache.block_size)
+        attention = AttentionMetadata.build([(1, self.max_context_len, full_table)] * size, self.kv_cache.block_size)
         attention.slot_mapping[...] = -1  # the warm-up and padding rows write nothing into the cache
         inputs, views = _packed({"token_ids": xp.zeros(size, dtype=xp.int32),
                                  **{name: getattr(attention, name) for name in INPUTS[1:]}})
         token_ids = views.pop("token_ids")
-        for name, view in views.items():  # before the warm-up: the prepared kernel calls keep these arrays
+        for name, view in views.items():  # before the warm-up: every layer reads these arrays
             setattr(attention, name, view)
         logits = xp.empty((size, self.model.config.vocab_size), dtype=xp.float32)
         stream = self.stream
@@ -214,15 +200,6 @@ class DecodeGraphs:
 
         staging = cupyx.empty_pinned(inputs.shape, dtype=np.int32)
         return CapturedStep(size, inputs, staging, token_ids, attention, logits, executable, stream, int(num_nodes))
-
-
-def _within(values: np.ndarray, low: int, high: int, message: str) -> np.ndarray:
-    """``values``, or a ValueError naming the first row outside [low, high] (``message`` formats its value)."""
-    bad = (values < low) | (values > high)
-    if bad.any():
-        row = int(bad.argmax())
-        raise ValueError(f"sequence {row}: " + message.format(values[row]))
-    return values
 
 
 def _packed(arrays: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -29,18 +29,18 @@ from typing import Any
 import numpy as np
 
 from course_lib import backend
+from course_lib.checkpoint.config import TINY, ModelConfig
+from course_lib.checkpoint.gguf import load_gguf
+from course_lib.checkpoint.tokenizer import TOKENIZER_FILE, Tokenizer
+from course_lib.checkpoint.weights import load_checkpoint, random_weights
 from course_lib.engine import sequence as sequences
 from course_lib.engine.block_pool import BlockPool
-from course_lib.engine.config import TINY, ModelConfig
-from course_lib.engine.gguf_checkpoint import load_gguf
 from course_lib.engine.logprobs import top_logprobs
 from course_lib.engine.model import KVCache, LlamaModel
 from course_lib.engine.runner import ModelRunner
 from course_lib.engine.sampling import SamplingParams, greedy_tokens, sample
 from course_lib.engine.scheduler import DecodeRun, Scheduler, SchedulerOutput
 from course_lib.engine.stats import EngineStats
-from course_lib.engine.tokenizer import TOKENIZER_FILE, Tokenizer
-from course_lib.engine.weights import load_checkpoint, random_weights
 
 Prompt = str | Sequence[int]  # text (encoded by the model's tokenizer) or token ids
 Messages = Sequence[dict[str, str]]  # a conversation: [{"role": "user", "content": "..."}, ...]
@@ -220,14 +220,12 @@ class LLM:
     def _run_model(self, plan: SchedulerOutput) -> Any:
         """The logits of each scheduled sequence's last new token; prompt tokens that asked to be scored get their
         log-probabilities recorded on the way (their rows are projected too, then dropped)."""
-        token_ids = np.concatenate([step.token_ids for step in plan.scheduled]).astype(np.int32)
-        batch = [(step.num_new_tokens, step.context_len, step.block_table) for step in plan.scheduled]
-        last_rows = list(np.cumsum([step.num_new_tokens for step in plan.scheduled]) - 1)
         scored = _prompt_rows(plan)
         if not scored:
-            return self.runner.run(token_ids, batch)
+            return self.runner.run(plan.batch)
+        last_rows = plan.batch.last_rows.tolist()
         rows = sorted(set(last_rows) | set(scored))
-        logits = self.runner.run(token_ids, batch, rows)
+        logits = self.runner.run(plan.batch, rows)
         at = {row: index for index, row in enumerate(rows)}
         _record_prompt_logprobs(scored, backend.to_numpy(logits[[at[row] for row in scored]]))
         return logits[[at[row] for row in last_rows]]
@@ -254,8 +252,7 @@ class LLM:
         self.kv_cache.copy_blocks(run.block_copies)
         token_ids, sampled, finite = xp.asarray(np.array(run.first_token_ids, dtype=np.int32)), [], []
         for step in range(run.num_steps):
-            logits = self.runner.run(token_ids, [(1, length, table) for length, table in
-                                                 zip(run.context_lens(step), run.block_tables, strict=True)])
+            logits = self.runner.run(run.batch(step), token_ids=token_ids)
             token_ids = xp.argmax(logits, axis=1).astype(xp.int32)  # ties: the lower id, as greedy_tokens
             sampled.append(token_ids)
             finite.append(xp.isfinite(logits.max(axis=1)).all())

@@ -11,7 +11,7 @@ Attention is where sequences differ, and ``AttentionMetadata`` tells it how:
 * for every new token, the block table and the context length it attends over. A decode token attends
   to its whole context. The i-th new token of a prompt chunk attends to the cached prefix and the chunk's
   first i + 1 tokens: causal masking is a shorter context. So one batched paged-attention launch
-  (``paged_attention_decode``, a row per token) serves a step of prefills and decodes alike.
+  (``paged_attention.decode_unchecked``, a row per token) serves a step of prefills and decodes alike.
 
 That last choice keeps the host's work per layer to one launch. Its price is on the GPU: each prompt token
 reads its whole prefix again (from L2 mostly), where a flash-attention prefill kernel loads each key and
@@ -25,112 +25,49 @@ compute, and round back once (``course_lib.dtypes.widen`` and ``narrow``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from course_lib import backend, dtypes
+from course_lib.checkpoint.config import ModelConfig
+from course_lib.checkpoint.weights import check_weights
+from course_lib.engine.batch import StepBatch
 from course_lib.engine.block_pool import BlockCopy
-from course_lib.engine.config import ModelConfig
 from course_lib.engine.linear import linear
-from course_lib.engine.weights import check_weights
-from course_lib.kernels import matvec
-from course_lib.kernels.fused import rope_write_kv_step, silu_mul
+from course_lib.kernels import matvec, paged_attention
+from course_lib.kernels.fused import rope_write_kv_unchecked, silu_mul
 from course_lib.kernels.matvec import add_matvec, normed_matvec
 from course_lib.kernels.norm import add_rms_norm, rms_norm
-from course_lib.kernels.paged_attention import blocks_for, decode_step
-from course_lib.kernels.prepared import PreparedStep
-
-
-@dataclass(frozen=True)
-class ScheduledSequence:
-    """One sequence's share of a step: its ``num_new_tokens`` newest tokens, at the end of its context."""
-
-    num_new_tokens: int
-    context_len: int  # tokens in the cache once this step has written its new ones
-    block_table: Sequence[int]  # the blocks holding the context, in order
-
-    @property
-    def first_position(self) -> int:
-        """The position of the first new token (the tokens before it are already cached)."""
-        return self.context_len - self.num_new_tokens
 
 
 class AttentionMetadata:
-    """How a flat batch splits into sequences: built once per step on the host, shared by every layer.
+    """A step's batch on the device, as attention reads it: built once per step, shared by every layer.
 
-    The sequences' new tokens appear in the flat batch in the order of ``sequences``. Per token it holds
-    ``positions``, ``slot_mapping`` (where its key and value go), ``block_tables`` (its sequence's table,
-    padded with -1) and ``context_lens`` (its position + 1: what it attends over). The kernel calls of the
-    step (``prepared``) are checked by the first layer that makes them and reused by the others: every
-    layer follows the same tables and slots, so their indices are read on the host once a step.
+    Per new token of the flat batch it holds ``positions``, ``slot_mapping`` (where its key and value go),
+    ``block_tables`` (its sequence's table, padded with -1) and ``context_lens`` (its position + 1: a token
+    attends up to itself, which is the causal mask of a prompt chunk and the whole context of a decode token).
+    ``batch`` is the host record it was built from (``engine.batch.StepBatch``).
     """
 
-    def __init__(self, sequences: Iterable[ScheduledSequence], block_size: int) -> None:
-        self.sequences = tuple(sequences)
-        self.block_size = block_size
-        if not self.sequences:
-            raise ValueError("a step needs at least one sequence")
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        for index, seq in enumerate(self.sequences):
-            _check_sequence(index, seq, block_size)
-        sizes = [seq.num_new_tokens for seq in self.sequences]
-        self.num_tokens = int(sum(sizes))
-        self.last_token_rows = backend.xp.asarray(np.cumsum(sizes) - 1)  # the rows sampled from
-        positions = np.concatenate([np.arange(seq.first_position, seq.context_len) for seq in self.sequences])
-        self.positions = backend.xp.asarray(positions.astype(np.int32))
-        self.slot_mapping = backend.xp.asarray(
-            np.concatenate([slots_of(seq, block_size) for seq in self.sequences]).astype(np.int32)
-        )
-        tables = _padded_tables(self.sequences)  # one row per sequence, then one per token
-        self.block_tables = backend.xp.asarray(np.repeat(tables, sizes, axis=0))
-        self.context_lens = backend.xp.asarray((positions + 1).astype(np.int32))  # a token sees up to itself
-        self._prepared: dict[str, PreparedStep] = {}
-
-    def prepared(self, name: str, prepare: Callable[[], PreparedStep]) -> PreparedStep:
-        """The step's kernel call ``name``: checked (``prepare()``) the first time a layer asks, then reused."""
-        if name not in self._prepared:
-            self._prepared[name] = prepare()
-        return self._prepared[name]
+    def __init__(self, batch: StepBatch) -> None:
+        xp = backend.xp
+        self.batch, self.block_size = batch, batch.block_size
+        self.num_tokens, self.num_sequences = batch.num_tokens, batch.num_sequences
+        self.last_token_rows = xp.asarray(batch.last_rows)  # the rows sampled from
+        self.positions = xp.asarray(batch.positions)
+        self.slot_mapping = xp.asarray(batch.slots)
+        self.block_tables = xp.asarray(batch.block_tables[batch.token_rows])  # one row per token
+        self.context_lens = xp.asarray(batch.positions + 1)
+        # How the step's attention runs (v2's partition size and scratch), decided by its first layer (a CUDA
+        # graph's warm-up) and kept for the others and for the graph's replays, which use the same scratch.
+        self.decode_plan: paged_attention.DecodePlan | None = None
 
     @classmethod
     def build(cls, sequences: Iterable[tuple[int, int, Sequence[int]]], block_size: int) -> AttentionMetadata:
-        """From ``(num_new_tokens, context_len, block_table)`` triples, the scheduler's view of a step."""
-        return cls((ScheduledSequence(*triple) for triple in sequences), block_size)
-
-
-def slots_of(seq: ScheduledSequence, block_size: int) -> np.ndarray:
-    """The cache slots of a sequence's new tokens: position ``p`` goes to ``table[p // bs] * bs + p % bs``."""
-    positions = np.arange(seq.first_position, seq.context_len)
-    return np.asarray(seq.block_table, dtype=np.int64)[positions // block_size] * block_size + positions % block_size
-
-
-def _check_sequence(index: int, seq: ScheduledSequence, block_size: int) -> None:
-    """Counts and table length; the block ids themselves are checked against the pool by the kernels."""
-    if not 1 <= seq.num_new_tokens <= seq.context_len:
-        raise ValueError(
-            f"sequence {index}: need 1 <= num_new_tokens <= context_len, got num_new_tokens="
-            f"{seq.num_new_tokens}, context_len={seq.context_len}"
-        )
-    needed = blocks_for(seq.context_len, block_size)
-    if len(seq.block_table) < needed:
-        raise ValueError(
-            f"sequence {index}: context_len={seq.context_len} needs {needed} blocks of {block_size}, "
-            f"its block table has {len(seq.block_table)}"
-        )
-
-
-def _padded_tables(sequences: Sequence[ScheduledSequence]) -> np.ndarray:
-    """Block tables as one int32 ``[num_seqs, longest]`` array; entries past a sequence's own are -1 (never read)."""
-    width = max((len(seq.block_table) for seq in sequences), default=1)
-    tables = np.full((len(sequences), width), -1, dtype=np.int32)
-    for row, seq in enumerate(sequences):
-        tables[row, : len(seq.block_table)] = seq.block_table
-    return tables
+        """From ``(num_new_tokens, context_len, block_table)`` per sequence (``StepBatch.build``)."""
+        return cls(StepBatch.build(sequences, block_size))
 
 
 class KVCache:
@@ -172,7 +109,7 @@ class KVCache:
 class LlamaModel:
     """A Llama decoder on the current device: ``forward`` maps a step's flat batch of tokens to logits.
 
-    ``weights`` use Hugging Face names (``course_lib.engine.weights``); they are converted to ``dtype``
+    ``weights`` use Hugging Face names (``course_lib.checkpoint.weights``); they are converted to ``dtype``
     (default: the embedding's) and moved to the device once, here. A step of one token (batch-1 decode) runs
     on matrix-vector products with the norms, activation and residual adds fused in (``_one_token_logits``)
     unless ``one_token_matvec=False`` or the model's rows do not fit those kernels (``matvec.supports``).
@@ -263,22 +200,25 @@ class LlamaModel:
         if rows is not None:
             last = hidden[backend.xp.asarray(np.asarray(rows, dtype=np.int64))]
         else:
-            last = hidden if attention.num_tokens == len(attention.sequences) else hidden[attention.last_token_rows]
+            last = hidden if attention.num_tokens == attention.num_sequences else hidden[attention.last_token_rows]
         return linear(last, self.lm_head, self.dtype, float32_out=True)
 
     def attend(self, i: int, qkv: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
         """Grouped-query attention of layer ``i`` from its q/k/v projection: rotate, cache the new keys and values,
-        attend. Returns ``[tokens, heads * head_dim]``, the input of the output projection."""
-        config, kind = self.config, self.dtype
-        caches = {"key_cache": kv_cache.keys[i], "value_cache": kv_cache.values[i]}
-        rope = attention.prepared("rope_write_kv", partial(rope_write_kv_step, qkv, positions, self.frequencies,
-                                                           config.num_heads, *caches.values(), attention.slot_mapping,
-                                                           dtype=kind))
-        query = rope(qkv=qkv, **caches)  # the new keys and values go straight into the cache
-        attention_step = attention.prepared("attention", partial(
-            decode_step, query, *caches.values(), attention.block_tables, attention.context_lens,
-            partition_size="auto", dtype=kind))
-        return attention_step(query=query, **caches).reshape(qkv.shape[0], -1)  # [tokens, heads * head_dim]
+        attend. Returns ``[tokens, heads * head_dim]``, the input of the output projection.
+
+        The step's slots and tables were checked on the host (``StepBatch.check``), so the kernels run unchecked:
+        no layer reads an index back from the device."""
+        keys, values, kind = kv_cache.keys[i], kv_cache.values[i], self.dtype
+        query = rope_write_kv_unchecked(qkv, positions, self.frequencies, self.config.num_heads, keys, values,
+                                        attention.slot_mapping, kind)  # the new keys and values go into the cache
+        if attention.decode_plan is None:
+            problem = paged_attention.decode_problem(query, keys, values, attention.block_tables,
+                                                     int(attention.batch.context_lens.max()), dtype=kind)
+            attention.decode_plan = paged_attention.plan_decode(problem, partition_size="auto")
+        attended = paged_attention.decode_unchecked(attention.decode_plan, query, keys, values, attention.block_tables,
+                                                    attention.context_lens)
+        return attended.reshape(qkv.shape[0], -1)  # [tokens, heads * head_dim]
 
     def mlp(self, i: int, x: Any) -> Any:
         """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up from one stacked projection."""
@@ -302,6 +242,7 @@ class LlamaModel:
                 f"token_ids must be integers in [0, {self.config.vocab_size}), got {ids.dtype} values "
                 f"from {ids.min()} to {ids.max()}"
             )
+        attention.batch.check(kv_cache.num_blocks, self.config.vocab_size)  # counts and block ids of the step
         if kv_cache.block_size != attention.block_size or len(kv_cache.keys) != self.config.num_layers:
             raise ValueError(
                 f"the KV cache (block_size {kv_cache.block_size}, {len(kv_cache.keys)} layers) does not "

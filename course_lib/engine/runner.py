@@ -2,16 +2,15 @@
 
 The engine loop should not care how a step is executed, only that it gets logits. Two ways exist:
 
-* **eager**: the host builds the step's attention metadata (positions, slots, block tables, context lengths)
-  and launches the model's kernels one after another (``LlamaModel.forward``). Any batch works: prefill
-  chunks, decode tokens, both mixed.
+* **eager**: the step's batch goes to the device as attention metadata (positions, slots, block tables,
+  context lengths) and the model's kernels launch one after another (``LlamaModel.forward_unchecked``). Any
+  batch works: prefill chunks, decode tokens, both mixed.
 * **a CUDA graph replay** (``DecodeGraphs``), when the engine captured graphs and the step only decodes: one
-  new token per sequence. The host copies the step's inputs into the graph's buffers and launches the whole
-  recorded step at once, which saves most of the launch cost of hundreds of small kernels.
+  new token per sequence. The host copies the step's batch into the graph's input buffers and launches the
+  whole recorded step at once, which saves most of the launch cost of hundreds of small kernels.
 
-The runner chooses. A step is described, per sequence, by ``(num_new_tokens, context_len, block_table)``,
-the scheduler's view, plus the flat batch of token ids (on the host, or on the GPU when a decode run feeds
-each step's arg-max to the next without a round trip).
+The runner chooses, and it is the boundary where a step's indices are checked: once, on the host
+(``StepBatch.check``), so that no kernel of the step needs to read them back.
 """
 
 from __future__ import annotations
@@ -20,10 +19,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from course_lib import backend
+from course_lib.engine.batch import StepBatch
 from course_lib.engine.graphs import DecodeGraphs, graph_batch_sizes
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
-
-StepBatch = Sequence[tuple[int, int, Sequence[int]]]  # per sequence: (num_new_tokens, context_len, block_table)
 
 
 class ModelRunner:
@@ -35,15 +33,19 @@ class ModelRunner:
         self.graphs = (DecodeGraphs(model, kv_cache, graph_batch_sizes(max_num_seqs), max_model_len)
                        if cuda_graphs else None)
 
-    def run(self, token_ids: Any, batch: StepBatch, rows: Sequence[int] | None = None) -> Any:
+    def run(self, batch: StepBatch, rows: Sequence[int] | None = None, token_ids: Any = None) -> Any:
         """Logits (fp32) of the step's rows: each sequence's last new token, or the flat-batch ``rows`` asked for.
 
-        A decode-only step has one row per sequence, so its rows are the last rows whatever is asked.
+        ``token_ids``: the step's tokens already on the device (a decode run feeds each step the arg-max of the
+        one before); by default the batch's own. A decode-only step has one row per sequence, so its rows are
+        the last rows whatever is asked.
         """
-        if self.graphs and all(num_new == 1 for num_new, _, _ in batch):
-            return self.graphs.run(token_ids, [context for _, context, _ in batch], [table for _, _, table in batch])
-        attention = AttentionMetadata.build(batch, self.kv_cache.block_size)
-        return self.model.forward(backend.xp.asarray(token_ids), attention.positions, self.kv_cache, attention, rows)
+        batch.check(self.kv_cache.num_blocks, self.model.config.vocab_size)
+        if self.graphs and batch.is_decode:
+            return self.graphs.run(batch, token_ids)  # host token ids travel with the graph's other inputs
+        token_ids = backend.xp.asarray(batch.token_ids if token_ids is None else token_ids)
+        attention = AttentionMetadata(batch)
+        return self.model.forward_unchecked(token_ids, attention.positions, self.kv_cache, attention, rows)
 
     def close(self) -> None:
         """Release the CUDA graphs (if any); later steps run eagerly."""

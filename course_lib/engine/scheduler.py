@@ -18,12 +18,9 @@ and ``update`` records them, finishing sequences and freeing their blocks. When 
 decodes and no waiting request could join, ``schedule_decode_run`` can plan several decode steps at once, and
 ``finish_decode_run`` records them (multi-step scheduling: one round trip to the host for the run).
 
-The block pool registers a full block in the prefix cache as soon as it is allocated, before the model
-has written its KV. So the scheduler keeps its own set of blocks whose KV has been written, and a new
-sequence shares cached blocks only up to the first block not in it; it gets fresh blocks for the rest and
-computes them itself. Without this, a request arriving in the same step as its twin, while its twin is
-mid-prefill, or after its twin was preempted before running, would attend to garbage, or two sequences
-would write the same cache slots in one step.
+A sequence's block table lives on the sequence; the block pool only hands blocks out and takes them back.
+After each step the scheduler tells the pool which blocks now hold keys and values
+(``BlockPool.cache_full_blocks``), and only those enter the prefix cache.
 """
 
 from __future__ import annotations
@@ -34,33 +31,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from course_lib.engine.block_pool import BlockCopy, BlockPool, OutOfBlocks, blocks_for
+from course_lib.engine.batch import StepBatch
+from course_lib.engine.block_pool import BlockCopy, BlockPool, OutOfBlocks
 from course_lib.engine.sampling import SamplingParams
 from course_lib.engine.sequence import FINISHED_BY_LENGTH, Sequence, SequenceStatus
+from course_lib.kernels.kv_blocks import blocks_for
 
 
 @dataclass(frozen=True)
 class SequenceStep:
-    """What one sequence computes this step: which tokens, at which positions, into which KV slots."""
+    """One sequence's share of a step: ``num_new_tokens`` tokens from ``first_position`` on (whose KV is not in
+    the cache yet), and whether the step reaches its last token, so that its logits give the next one."""
 
     sequence: Sequence
-    token_ids: tuple[int, ...]  # the tokens fed to the model this step
-    first_position: int  # the position of token_ids[0]: how many tokens had KV before the step
-    block_table: tuple[int, ...]  # every block of the sequence, in token order
-    slot_mapping: tuple[int, ...]  # where each new token's KV goes: block * block_size + offset in the block
-    samples: bool  # the step reaches the sequence's last token, so its last logits give the next token
+    first_position: int
+    num_new_tokens: int
+    samples: bool
 
     @property
     def seq_id(self) -> int:
         return self.sequence.seq_id
-
-    @property
-    def num_new_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def positions(self) -> range:
-        return range(self.first_position, self.first_position + self.num_new_tokens)
 
     @property
     def context_len(self) -> int:
@@ -70,9 +60,10 @@ class SequenceStep:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    """One step's plan: do ``block_copies`` on the KV cache, then run the model on ``scheduled``."""
+    """One step's plan: do ``block_copies`` on the KV cache, then run the model on ``batch``."""
 
     scheduled: tuple[SequenceStep, ...]
+    batch: StepBatch  # the arrays the model runs on: tokens, positions, slots, context lengths, block tables
     block_copies: tuple[BlockCopy, ...]  # copy-on-write, to do before the model writes any KV
     preempted: tuple[Sequence, ...]  # evicted this step, back in the waiting queue
 
@@ -101,10 +92,12 @@ class DecodeRun:
     first_positions: tuple[int, ...]
     block_tables: tuple[tuple[int, ...], ...]  # cover every step's slot
     block_copies: tuple[BlockCopy, ...]  # copy-on-write, to do before the first step
+    block_size: int
 
-    def context_lens(self, step: int) -> list[int]:
-        """Each sequence's context length at step ``step`` of the run, once the step's KV is written."""
-        return [first + step + 1 for first in self.first_positions]
+    def batch(self, step: int) -> StepBatch:
+        """Step ``step`` of the run: one new token per sequence, whose id the GPU supplies."""
+        return StepBatch.build(((1, first + step + 1, table) for first, table in
+                                zip(self.first_positions, self.block_tables, strict=True)), self.block_size)
 
 
 @dataclass
@@ -119,6 +112,19 @@ class _StepPlan:
     def chunk_for(self, sequence: Sequence) -> int:
         """How many of the sequence's tokens without KV fit in what is left of the budget."""
         return min(sequence.num_tokens - sequence.num_computed_tokens, self.token_budget)
+
+    def add(self, sequence: Sequence, num_new: int) -> None:
+        start = sequence.num_computed_tokens
+        self.scheduled.append(SequenceStep(sequence, start, num_new, samples=start + num_new == sequence.num_tokens))
+        self.token_budget -= num_new
+
+    def output(self, block_size: int) -> SchedulerOutput:
+        """The plan as the step record the engine runs."""
+        batch = StepBatch.build(((step.num_new_tokens, step.context_len, step.sequence.block_table)
+                                 for step in self.scheduled), block_size,
+                                [token for step in self.scheduled
+                                 for token in step.sequence.token_ids_between(step.first_position, step.context_len)])
+        return SchedulerOutput(tuple(self.scheduled), batch, tuple(self.block_copies), tuple(self.preempted))
 
 
 class Scheduler:
@@ -151,8 +157,6 @@ class Scheduler:
         self.eos_token_ids = tuple(eos_token_ids)  # the model's end-of-sequence tokens: each one stops a request
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # in admission order: the last one is preempted first
-        self._num_slotted_tokens: dict[int, int] = {}  # per running sequence: its tokens that have a KV slot
-        self._blocks_with_kv: set[int] = set()  # full blocks whose KV the model has written
         self._next_seq_id = 0
         self._step_in_flight: SchedulerOutput | DecodeRun | None = None
 
@@ -185,23 +189,22 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Plan the next step: running sequences first, then waiting ones, under the token budget."""
-        if self._step_in_flight is not None:
-            raise RuntimeError("the last step is still in flight: pass its output to update() before scheduling again")
+        self._require_no_step_in_flight()
         plan = _StepPlan(token_budget=self.max_num_batched_tokens)
         index = 0
         while index < len(self._running) and plan.token_budget:
             sequence = self._running[index]
             num_new = plan.chunk_for(sequence)
-            if not self._reserve_slots(sequence, sequence.num_computed_tokens + num_new, plan):
+            if not self._grow(sequence, sequence.num_computed_tokens + num_new, plan):
                 break  # it preempted itself, the last running sequence
-            self._add_to_plan(sequence, num_new, plan)
+            plan.add(sequence, num_new)
             index += 1
         while not plan.preempted and self._waiting and plan.token_budget and len(self._running) < self.max_num_seqs:
             if not self._admit(self._waiting[0]):
                 break  # first come, first served: no one overtakes the head of the queue
             sequence = self._running[-1]
-            self._add_to_plan(sequence, plan.chunk_for(sequence), plan)
-        self._step_in_flight = SchedulerOutput(tuple(plan.scheduled), tuple(plan.block_copies), tuple(plan.preempted))
+            plan.add(sequence, plan.chunk_for(sequence))
+        self._step_in_flight = plan.output(self.block_pool.block_size)
         return self._step_in_flight
 
     def update(self, scheduler_output: SchedulerOutput, sampled_token_ids: Collection[int]) -> list[Sequence]:
@@ -220,18 +223,14 @@ class Scheduler:
             )
         self._step_in_flight = None
         sampled = iter(sampled_token_ids)
-        finished = []
-        for step in scheduler_output.scheduled:
-            token = next(sampled) if step.samples else None
-            if self._record(step.sequence, step.num_new_tokens, step.block_table, token):
-                finished.append(step.sequence)
-        return finished
+        return [step.sequence for step in scheduler_output.scheduled
+                if self._record(step.sequence, step.num_new_tokens, next(sampled) if step.samples else None)]
 
-    def _record(self, sequence: Sequence, num_new_tokens: int, table: tuple[int, ...], token: int | None) -> bool:
-        """The model computed ``num_new_tokens`` more tokens of the sequence (their KV is in ``table``) and
-        sampled ``token`` (None: a prefill chunk short of the prompt's end). True if that finished it."""
+    def _record(self, sequence: Sequence, num_new_tokens: int, token: int | None) -> bool:
+        """The model wrote the KV of ``num_new_tokens`` more tokens of the sequence and sampled ``token`` (None: a
+        prefill chunk short of the prompt's end). True if that finished it."""
         sequence.num_computed_tokens += num_new_tokens
-        self._blocks_with_kv.update(table[: sequence.num_computed_tokens // self.block_pool.block_size])
+        self.block_pool.cache_full_blocks(sequence)  # blocks now full of keys and values may be shared
         if token is None:
             return False
         sequence.append_token(token)
@@ -250,14 +249,13 @@ class Scheduler:
         them. When every running sequence is decoding and no waiting request has a free seat to take
         (``max_num_seqs``; a run admits no one until it ends), the coming steps are known in
         advance except for their token ids, which the GPU can sample and feed back itself (greedy sampling:
-        the caller checks). So the run reserves a KV slot for every sequence and step now, the engine
+        the caller checks). So the run gives every sequence a KV slot for every step now, the engine
         launches the steps back to back and reads the tokens once (``finish_decode_run``): one round trip
         to the host for several steps, as vLLM's multi-step scheduling did. A run never goes past any
         sequence's ``max_tokens`` or ``max_model_len``; a stop token ends a sequence early and the tokens
         computed for it after that are dropped.
         """
-        if self._step_in_flight is not None:
-            raise RuntimeError("the last step is still in flight: pass its output to update() before scheduling again")
+        self._require_no_step_in_flight()
         running = tuple(self._running)
         could_admit = self._waiting and len(running) < self.max_num_seqs
         if could_admit or not running or any(seq.num_tokens - seq.num_computed_tokens != 1 for seq in running):
@@ -265,27 +263,23 @@ class Scheduler:
         steps = min(max_steps, *(seq.sampling_params.max_tokens - len(seq.output_token_ids) for seq in running),
                     *(self.max_model_len - seq.num_tokens for seq in running))
         pool = self.block_pool
-        # A decoding sequence's pool holds all its tokens but the last sampled one, and the run slots num_steps
-        # more (a prompt with one token left to prefill holds all of them: the count is then one too many).
-        if steps < 2 or sum(pool.blocks_to_grow(seq.seq_id, steps) for seq in running) > pool.num_free_blocks:
+        # slots for the token each sequence sampled last, and for the steps - 1 tokens the GPU will sample
+        if steps < 2 or sum(pool.blocks_to_grow(seq, seq.num_tokens + steps - 1) for seq in running) > \
+                pool.num_free_blocks:
             return None
-        plan = _StepPlan(token_budget=len(running))
-        for sequence in running:
-            self._reserve_slots(sequence, sequence.num_tokens, plan)  # the known token: its slot, copy-on-write
-            pool.reserve(sequence.seq_id, steps - 1)
-            self._forget_kv_of_unwritten_blocks(sequence)  # reserved blocks are fresh: whatever KV they held is gone
-        run = DecodeRun(running, steps, tuple(seq.token_ids_between(seq.num_tokens - 1, seq.num_tokens)[0]
-                                              for seq in running),
-                        tuple(seq.num_tokens - 1 for seq in running),
-                        tuple(tuple(pool.block_table(seq.seq_id)) for seq in running), tuple(plan.block_copies))
-        self._step_in_flight = run
-        return run
+        copies = [copy for seq in running for copy in pool.grow(seq, seq.num_tokens + steps - 1)]
+        last_tokens = tuple(seq.token_ids_between(seq.num_tokens - 1, seq.num_tokens)[0] for seq in running)
+        self._step_in_flight = DecodeRun(running, steps, last_tokens, tuple(seq.num_tokens - 1 for seq in running),
+                                         tuple(tuple(seq.block_table) for seq in running), tuple(copies),
+                                         pool.block_size)
+        return self._step_in_flight
 
     def finish_decode_run(self, run: DecodeRun, sampled_token_ids: np.ndarray) -> list[Sequence]:
         """Record a run: ``sampled_token_ids[j, row]`` is what step ``j`` sampled for ``run.sequences[row]``.
 
         Each step is recorded as ``update`` records one; a sequence that finishes keeps none of the tokens
-        sampled after. Returns the sequences the run finished (their blocks, reserved ones included, are freed).
+        sampled after. Returns the sequences the run finished (their blocks, those grown for later steps
+        included, are freed).
         """
         if run is not self._step_in_flight:
             raise ValueError("finish_decode_run() takes the last run schedule_decode_run() returned, once")
@@ -293,19 +287,15 @@ class Scheduler:
             raise ValueError(f"a run of {run.num_steps} steps over {len(run.sequences)} sequences samples "
                              f"[{run.num_steps}, {len(run.sequences)}] tokens, got {np.shape(sampled_token_ids)}")
         self._step_in_flight = None
-        finished = []
-        for step in range(run.num_steps):
-            for sequence, table, token in zip(run.sequences, run.block_tables, sampled_token_ids[step], strict=True):
-                if sequence.is_finished:
-                    continue  # it stopped earlier in the run
-                if self._record(sequence, 1, table, int(token)):
-                    finished.append(sequence)
-                elif step + 1 < run.num_steps:  # the next step fed this token: it fills a reserved slot
-                    self.block_pool.append(sequence.seq_id, int(token))
-                    self._num_slotted_tokens[sequence.seq_id] += 1
-        return finished
+        return [sequence for step in range(run.num_steps)
+                for sequence, token in zip(run.sequences, sampled_token_ids[step], strict=True)
+                if not sequence.is_finished and self._record(sequence, 1, int(token))]
 
     # --- admitting, growing and evicting sequences ----------------------------------------------------
+
+    def _require_no_step_in_flight(self) -> None:
+        if self._step_in_flight is not None:
+            raise RuntimeError("the last step is still in flight: pass its output to update() before scheduling again")
 
     def _why_it_can_never_run(self, sequence: Sequence) -> str | None:
         prompt = sequence.prompt_token_ids
@@ -327,70 +317,33 @@ class Scheduler:
         return None
 
     def _admit(self, sequence: Sequence) -> bool:
-        """Give the head of the queue blocks for all its tokens, if the pool has them; False if not."""
-        # A request that wants its prompt scored must compute every prompt token's logits: no prefix hits for it.
-        written = (lambda block: False) if sequence.sampling_params.prompt_logprobs is not None else \
-            self._blocks_with_kv.__contains__
+        """Give the head of the queue blocks for all its tokens, if the pool has them; False if not.
+
+        A request that wants its prompt scored must compute every prompt token's logits: no prefix hits for it.
+        """
         try:
-            num_cached = self.block_pool.allocate(sequence.seq_id, sequence.all_token_ids, written=written)
+            num_cached = self.block_pool.allocate(
+                sequence, use_prefix_cache=sequence.sampling_params.prompt_logprobs is None)
         except OutOfBlocks:
             return False
         self._waiting.popleft()
         sequence.num_computed_tokens = sequence.num_cached_tokens = num_cached
         sequence.status = SequenceStatus.RUNNING
         self._running.append(sequence)
-        self._num_slotted_tokens[sequence.seq_id] = sequence.num_tokens
-        self._forget_kv_of_unwritten_blocks(sequence)
         return True
 
-    def _forget_kv_of_unwritten_blocks(self, sequence: Sequence) -> None:
-        """Blocks past what the sequence has computed are fresh: whatever KV they held before is gone."""
-        table = self.block_pool.block_table(sequence.seq_id)
-        self._blocks_with_kv.difference_update(table[sequence.num_computed_tokens // self.block_pool.block_size :])
-
-    def _reserve_slots(self, sequence: Sequence, num_tokens: int, plan: _StepPlan) -> bool:
-        """Give the sequence's first ``num_tokens`` tokens a KV slot, preempting when no block is free.
-
-        Admission gave slots to every token the sequence had then; each sampled token gets its slot
-        here, the step it is fed to the model (in a decode run, the later ones get reserved slots instead).
-        Returns False if the sequence had to preempt itself.
-        """
-        while self._num_slotted_tokens[sequence.seq_id] < num_tokens:
-            while not self.block_pool.can_append(sequence.seq_id):
-                victim = self._running[-1]
-                self._preempt(victim)
-                plan.preempted.append(victim)
-                if victim is sequence:
-                    return False
-            slotted = self._num_slotted_tokens[sequence.seq_id]
-            (next_token,) = sequence.token_ids_between(slotted, slotted + 1)
-            copy = self.block_pool.append(sequence.seq_id, next_token)
-            if copy is not None:
-                plan.block_copies.append(copy)
-            self._num_slotted_tokens[sequence.seq_id] = slotted + 1
-            if copy is not None or slotted % self.block_pool.block_size == 0:
-                self._forget_kv_of_unwritten_blocks(sequence)  # the slot sits in a fresh block
+    def _grow(self, sequence: Sequence, num_slots: int, plan: _StepPlan) -> bool:
+        """Give the sequence KV slots for its first ``num_slots`` tokens, preempting the youngest running
+        sequences while the pool is short. Admission gave slots to every token the sequence had then; each
+        sampled token gets its slot the step it is fed to the model. False if it had to preempt itself."""
+        while self.block_pool.blocks_to_grow(sequence, num_slots) > self.block_pool.num_free_blocks:
+            victim = self._running[-1]
+            self._preempt(victim)
+            plan.preempted.append(victim)
+            if victim is sequence:
+                return False
+        plan.block_copies.extend(self.block_pool.grow(sequence, num_slots))
         return True
-
-    def _add_to_plan(self, sequence: Sequence, num_new: int, plan: _StepPlan) -> None:
-        start = sequence.num_computed_tokens
-        table = self.block_pool.block_table(sequence.seq_id)
-        block_size = self.block_pool.block_size
-        slots = tuple(
-            table[position // block_size] * block_size + position % block_size
-            for position in range(start, start + num_new)
-        )
-        plan.scheduled.append(
-            SequenceStep(
-                sequence=sequence,
-                token_ids=sequence.token_ids_between(start, start + num_new),
-                first_position=start,
-                block_table=tuple(table),
-                slot_mapping=slots,
-                samples=start + num_new == sequence.num_tokens,
-            )
-        )
-        plan.token_budget -= num_new
 
     def _preempt(self, sequence: Sequence) -> None:
         """Evict by recompute: free the blocks, forget the KV, wait at the front of the queue."""
@@ -402,5 +355,4 @@ class Scheduler:
 
     def _release(self, sequence: Sequence) -> None:
         self._running.remove(sequence)
-        self.block_pool.free(sequence.seq_id)
-        del self._num_slotted_tokens[sequence.seq_id]
+        self.block_pool.free(sequence)

@@ -1,8 +1,10 @@
-"""One request as the scheduler sees it: its tokens, how far the KV cache has caught up, and its state.
+"""One request as the scheduler sees it: its tokens, where its KV lives, how far the KV has caught up, its state.
 
 A sequence's tokens are its prompt followed by the tokens generated so far. ``num_computed_tokens``
 counts how many of them already have their keys and values in the KV cache; the scheduler's whole job
-is to bring that number up to ``num_tokens``, one chunk of prefill or one decode token per step.
+is to bring that number up to ``num_tokens``, one chunk of prefill or one decode token per step. Its
+``block_table`` lists the KV-cache blocks that hold them, in order: the block pool fills and empties it,
+and each step's batch copies it for the attention kernels. Nothing else keeps a copy.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # of those, found in the prefix cache when last admitted
     num_preemptions: int = 0
+    block_table: list[int] = field(default_factory=list)  # KV-cache blocks holding its tokens, in order
+    block_hashes: list[str] = field(default_factory=list)  # prefix-cache keys of its full blocks with KV written
     finish_reason: str | None = None  # FINISHED_BY_LENGTH, FINISHED_BY_STOP, or "error: ..." for a rejection
     logprobs: list[dict[int, float]] = field(default_factory=list)  # per output token, if its params ask
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)  # per prompt token, if asked

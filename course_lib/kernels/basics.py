@@ -100,12 +100,7 @@ def default_blocks(blocks_per_sm: int = 4) -> int:
     """
     if blocks_per_sm < 1:
         raise ValueError(f"blocks_per_sm must be >= 1, got {blocks_per_sm}")
-    return blocks_per_sm * (_sm_count() if backend.has_gpu() else 1)
-
-
-@functools.cache
-def _sm_count() -> int:
-    return backend.device_facts()["sm_count"]
+    return blocks_per_sm * (backend.sm_count() if backend.has_gpu() else 1)
 
 
 def vector_add(a: Any, b: Any, out: Any = None, *, implementation: str = "numba", threads: int = THREADS) -> Any:

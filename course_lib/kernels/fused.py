@@ -5,11 +5,12 @@ another; these functions take those stacked outputs apart in the same pass that 
 kernels are in ``fused.cu``). On a GPU they launch one kernel each; in CPU mode they compute the same
 thing with NumPy, in fp32, rounded once to the element type.
 
-* ``rope_write_kv_step(qkv, positions, inverse_frequencies, num_heads, key_cache, value_cache,
-  slot_mapping)``: ``qkv`` [tokens, (heads + 2 kv_heads) * head_dim] -> q [tokens, heads, head_dim] rotated
-  by its token's position; k rotated and v unchanged go straight into the paged KV cache at each token's
-  slot (the cache write of ``paged_attention.write_kv``, without k and v ever being arrays of their own).
-  Checked once per engine step (the slots are read on the host), then called for each layer;
+* ``rope_write_kv(qkv, positions, frequencies, num_heads, key_cache, value_cache, slot_mapping)``:
+  ``qkv`` [tokens, (heads + 2 kv_heads) * head_dim] -> q [tokens, heads, head_dim] rotated by its token's
+  position; k rotated and v unchanged go straight into the paged KV cache at each token's slot (the cache
+  write of ``paged_attention.write_kv``, without k and v ever being arrays of their own). It checks its
+  inputs, the slots on the host; ``rope_write_kv_unchecked`` only runs, for an engine that checked its
+  step's slots once for all its layers;
 * ``silu_mul(gate_up)``: ``gate_up`` [tokens, 2 * inner] -> silu(gate) * up [tokens, inner].
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 from course_lib import backend, dtypes
 from course_lib import compile as cuda_compile
 from course_lib.kernels import paged_attention
-from course_lib.kernels.prepared import PreparedStep
+from course_lib.kernels import paged_attention_reference as reference
 
 SOURCE = "fused.cu"
 THREADS = 256
@@ -36,23 +37,24 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def rope_write_kv_step(qkv: Any, positions: Any, frequencies: Any, num_heads: int, key_cache: Any,
-                       value_cache: Any, slot_mapping: Any, dtype: str | None = None) -> PreparedStep:
-    """RoPE with the q/k/v split and the cache write, checked once: call the step for each layer.
+def rope_write_kv(qkv: Any, positions: Any, frequencies: Any, num_heads: int, key_cache: Any, value_cache: Any,
+                  slot_mapping: Any, dtype: str | None = None) -> Any:
+    """RoPE with the q/k/v split and the cache write: returns q, stores k and v in the caches.
 
     ``qkv`` [tokens, (heads + 2 kv_heads) * head_dim] (the stacked projection) -> q [tokens, heads, head_dim]
-    rotated by each token's position, returned; k rotated and v as is, stored in ``key_cache`` and
-    ``value_cache`` [num_blocks, kv_heads, block_size, head_dim] at each token's slot of ``slot_mapping``
-    (-1: a padding token, not stored). The slots are read on the host here, once; a call
-    ``step(qkv=..., key_cache=..., value_cache=...)`` takes another layer's arrays of the same layouts.
+    rotated by each token's position (``positions`` int32 [tokens]; ``frequencies`` float32 [head_dim / 2],
+    the angle per unit of position); k rotated and v as is, stored in ``key_cache`` and ``value_cache``
+    [num_blocks, kv_heads, block_size, head_dim] at each token's slot of ``slot_mapping`` (int32; -1: a
+    padding token, not stored). Every input is checked first, the slots on the host.
     """
+    paged_attention.require_device_arrays({"qkv": qkv, "positions": positions, "frequencies": frequencies,
+                                           "key_cache": key_cache, "value_cache": value_cache})
     cache = paged_attention.check_cache(key_cache, value_cache, dtype)
-    kind, half = cache.dtype, cache.head_dim // 2
-    for name, array in (("qkv", qkv), ("positions", positions), ("frequencies", frequencies)):
-        dtypes.require_device_array(name, array)
-        _require(array.flags.c_contiguous, f"{name} must be C-contiguous")
+    half = cache.head_dim // 2
+    _require(isinstance(num_heads, int) and num_heads >= 1, f"num_heads must be a positive int, got {num_heads!r}")
     tokens, width = int(qkv.shape[0]), (num_heads + 2 * cache.num_kv_heads) * cache.head_dim
-    _require(dtypes.element_type(qkv, dtype) == kind, f"qkv must hold {kind} like the cache, got {qkv.dtype}")
+    _require(dtypes.element_type(qkv, dtype) == cache.dtype,
+             f"qkv must hold {cache.dtype} like the cache, got {qkv.dtype}")
     _require(qkv.ndim == 2 and qkv.shape[1] == width, f"qkv must be [tokens, (num_heads + 2 num_kv_heads) * "
              f"head_dim] = [tokens, {width}], got {tuple(qkv.shape)}")
     _require(positions.shape == (tokens,) and str(positions.dtype) == "int32",
@@ -60,24 +62,32 @@ def rope_write_kv_step(qkv: Any, positions: Any, frequencies: Any, num_heads: in
     _require(str(frequencies.dtype) == "float32" and frequencies.shape == (half,),
              f"frequencies must be float32 [{half}] (head_dim / 2), got {frequencies.dtype} {tuple(frequencies.shape)}")
     paged_attention.check_slots(slot_mapping, tokens, cache)
+    return rope_write_kv_unchecked(qkv, positions, frequencies, num_heads, key_cache, value_cache, slot_mapping,
+                                   cache.dtype)
 
-    def run(a: dict[str, Any]) -> Any:
-        q = dtypes.empty((tokens, num_heads, cache.head_dim), kind)
-        if not backend.has_gpu():
-            rotated, key, value = _rope_numpy(a["qkv"], positions, frequencies, num_heads, cache.num_kv_heads, kind)
-            q[...] = rotated
-            for cache_array, new in ((a["key_cache"], key), (a["value_cache"], value)):
-                paged_attention.scatter(cache_array, new, slot_mapping)
-        elif tokens:
-            _kernel(f"rope_write_kv<{dtypes.CUDA_TYPES[kind]}>")(
-                (tokens,), (_rope_threads(num_heads + 2 * cache.num_kv_heads, half),),
-                (q, a["key_cache"], a["value_cache"], a["qkv"], positions, frequencies, slot_mapping,
-                 np.int32(num_heads), np.int32(cache.num_kv_heads), np.int32(cache.head_dim),
-                 np.int32(cache.block_size)))
-        return q
 
-    arrays = {"qkv": qkv, "key_cache": key_cache, "value_cache": value_cache}
-    return PreparedStep(arrays, ("qkv", "key_cache", "value_cache"), run)
+def rope_write_kv_unchecked(qkv: Any, positions: Any, frequencies: Any, num_heads: int, key_cache: Any,
+                            value_cache: Any, slot_mapping: Any, dtype: str | None = None) -> Any:
+    """:func:`rope_write_kv` on arrays the caller has checked: nothing is checked or read back to the host.
+
+    For an engine, which checks its step's slots once on the host and then runs every layer on them (a CUDA
+    graph capture could not read them back at all).
+    """
+    kind = dtypes.element_type(key_cache, dtype)
+    _, num_kv_heads, block_size, head_dim = (int(n) for n in key_cache.shape)
+    tokens = int(qkv.shape[0])
+    q = dtypes.empty((tokens, num_heads, head_dim), kind)
+    if not backend.has_gpu():
+        rotated, key, value = _rope_numpy(qkv, positions, frequencies, num_heads, num_kv_heads, kind)
+        q[...] = rotated
+        reference.scatter(key_cache, key, slot_mapping)
+        reference.scatter(value_cache, value, slot_mapping)
+    elif tokens:
+        _kernel(f"rope_write_kv<{dtypes.CUDA_TYPES[kind]}>")(
+            (tokens,), (_rope_threads(num_heads + 2 * num_kv_heads, head_dim // 2),),
+            (q, key_cache, value_cache, qkv, positions, frequencies, slot_mapping, np.int32(num_heads),
+             np.int32(num_kv_heads), np.int32(head_dim), np.int32(block_size)))
+    return q
 
 
 def _rope_numpy(qkv: np.ndarray, positions: np.ndarray, frequencies: np.ndarray, num_heads: int, num_kv_heads: int,
@@ -122,7 +132,7 @@ def silu_mul(gate_up: Any, dtype: str | None = None) -> Any:
 def rope_reference(x: np.ndarray, positions: np.ndarray, frequencies: np.ndarray) -> np.ndarray:
     """RoPE in float64 on [tokens, heads, head_dim], as Hugging Face's Llama writes it (rotate_half).
 
-    ``frequencies`` are the ``head_dim / 2`` angles per position (``course_lib.engine.rope.inverse_frequencies``).
+    ``frequencies`` are the ``head_dim / 2`` angles per unit of position (the model's RoPE inverse frequencies).
     """
     half = x.shape[-1] // 2
     angles = positions.astype(np.float64)[:, None, None] * frequencies[None, None, :]

@@ -29,7 +29,7 @@
 #include "tensor_core.cuh"
 
 namespace paged {
-// The launcher (paged_attention_cuda.py) sizes the dynamic shared memory from THREADS, TILE and STAGES.
+// The launcher (paged_attention.py) sizes the dynamic shared memory from THREADS, TILE and STAGES.
 constexpr int THREADS = 128, WARPS = THREADS / 32;
 constexpr int TILE = 8;     // tokens per stage of a warp's ring
 constexpr int STAGES = 2;   // tiles of a warp's ring: one computed on while the next is copied

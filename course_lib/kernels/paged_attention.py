@@ -1,4 +1,4 @@
-"""Paged attention: the KV cache in fixed-size blocks, its input checks, float64 references and launchers.
+"""Paged attention: the KV cache in fixed-size blocks; input checks, launch configuration and launchers.
 
 An engine cannot know how long each answer will grow, so it does not give a sequence one contiguous
 slab of KV cache. It hands out *blocks* of ``block_size`` tokens from a shared pool, and a *block
@@ -12,7 +12,7 @@ Layout, one choice for the whole course:
   (block, kv head) pair is one contiguous ``block_size x head_dim`` tile, so the threads reading a
   block read neighbouring addresses (coalesced). Element types float16 or bfloat16 (float32 for
   references and tests); ``block_size`` is 8, 16 or 32; ``head_dim`` any multiple of 8 up to 256
-  (a row is whole 16-byte loads of fp16/bf16; 64, 128 and 256 are the usual ones).
+  (the CUDA kernels are built for 64 and 128).
 * decode: ``query`` ``[num_seqs, num_heads, head_dim]``, ``block_tables`` int32
   ``[num_seqs, max_blocks_per_seq]``, ``context_lens`` int32 ``[num_seqs]``; the output is
   ``[num_seqs, num_heads, head_dim]``. Only the first ``ceil(context_len / block_size)`` entries of a
@@ -21,41 +21,53 @@ Layout, one choice for the whole course:
   ``h // (num_heads // num_kv_heads)``.
 * ``scale`` multiplies the logits; the default is ``1 / sqrt(head_dim)``.
 
-Decode comes in two versions. ``v1`` lets one thread block handle a whole (sequence, head).
-``v2`` (flash-decoding) splits the context into partitions of ``partition_size`` tokens, each giving
-its max logit, its sum of exponentials and its normalised partial output, and merges them with a
-log-sum-exp rescaling: the same result, with many more blocks at work on a long context.
-``partition_size="auto"`` (what the engine uses) shortens the partitions of a small step, such as one
-sequence of 512 tokens, until the grid has enough blocks to keep the GPU busy (``auto_partition_size``).
+Decode comes in two versions (``paged_attention.cu``). ``v1`` runs one thread block of THREADS threads per
+(sequence, query head) over the whole context. ``v2`` (flash-decoding) splits the context into partitions of
+``partition_size`` tokens, one block per (sequence, partition, group of query heads sharing a kv head), each
+giving its max logit, its sum of exponentials and its normalised partial output; a merge kernel combines
+them with a log-sum-exp rescaling: the same result, with many more blocks at work on a long context.
 
-On a GPU the public functions launch the CUDA kernels; in CPU mode they compute the same thing with
-NumPy (fp32 accumulation, outputs rounded to the input's type). Every index a kernel will follow is
-checked here on the host first: a block table entry outside the pool is a ``ValueError``, never an
-out-of-bounds read.
+Two ways in. The public functions (``paged_attention_decode``, ``write_kv``) check every input, block tables
+and slots included, on the host before anything launches: an entry outside the pool is a ``ValueError``,
+never an out-of-bounds read. ``decode_unchecked`` only runs: it is for a caller that checked the indices
+already, once for many launches (an engine step's layers, a benchmark's timed loop, a CUDA graph capture,
+which cannot copy the tables to the host). On a GPU the kernels run; in CPU mode the same computation runs
+in NumPy (``paged_attention_reference``; fp32 accumulation, outputs rounded to the input's type).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from course_lib import backend, dtypes
-from course_lib.kernels.prepared import PreparedStep
+from course_lib import compile as cuda_compile
+from course_lib.kernels import paged_attention_reference as reference
+from course_lib.kernels.kv_blocks import blocks_for
 
+SOURCE = "paged_attention.cu"
 BLOCK_SIZES = (8, 16, 32)
 HEAD_DIM_MULTIPLE = 8  # 16 bytes of fp16/bf16: a row is whole vector loads
 MAX_HEAD_DIM = 256
+HEAD_DIMS = (64, 128)  # the head sizes paged_attention.cu is instantiated for
+MAX_INT32 = 2**31 - 1
 VERSIONS = ("v1", "v2")
 DEFAULT_PARTITION_SIZE = 512
 # Shorter partitions give the merge kernel more to do than they save: on an H100, the 1B model's decode step
 # at batch 1 over 512 tokens was faster with this floor than with 32 or 128 (a one-off probe, about 1%).
 MIN_PARTITION_SIZE = 64
 BUSY_GRID = 256  # thread blocks that keep an H100's 132 SMs busy (about two each)
-MAX_INT32 = 2**31 - 1
+THREADS = 128
+# Each warp of a decode block streams the cache through a ring of STAGES tiles of TILE_TOKENS K rows and
+# as many V rows, in dynamic shared memory; these mirror paged::TILE and paged::STAGES in the .cu file.
+TILE_TOKENS, STAGES = 8, 2
+GROUPED_HEADS = 4  # v2 reads a K/V tile once for 4 query heads when heads come in groups of 4 per KV head
+PACK = 8  # values per thread and load in write_kv
 
 
 # ---- what the kernels need to know about validated inputs ------------------------------------------------
@@ -74,11 +86,8 @@ class Cache:
 
 @dataclass(frozen=True)
 class Attention:
-    """A validated decode or prefill problem.
-
-    ``rows`` counts sequences (decode) or new tokens (prefill). For prefill, ``max_context_len`` is
-    the one sequence's context length. ``partition_size`` is set for v2 decode only.
-    """
+    """A validated decode problem: ``rows`` query rows (one per sequence, or one per token in an engine step),
+    each reading up to ``max_context_len`` tokens through its row of the block tables."""
 
     cache: Cache
     num_heads: int
@@ -86,7 +95,6 @@ class Attention:
     max_blocks_per_seq: int
     max_context_len: int
     scale: float
-    partition_size: int | None = None
 
     @property
     def queries_per_kv(self) -> int:
@@ -181,11 +189,6 @@ def _require_int32(name: str, array: Any) -> None:
         raise TypeError(f"{name} must be an int32 array, got {getattr(array, 'dtype', type(array).__name__)}")
 
 
-def blocks_for(context_len: Any, block_size: int) -> Any:
-    """How many blocks hold ``context_len`` tokens: ``ceil(context_len / block_size)`` (elementwise)."""
-    return -(-context_len // block_size)
-
-
 def check_scale(scale: float | None, head_dim: int) -> float:
     """The logit scale: ``1 / sqrt(head_dim)`` by default, else a finite number > 0."""
     if scale is None:
@@ -199,41 +202,46 @@ def check_decode_inputs(
     query: Any, key_cache: Any, value_cache: Any, block_tables: Any, context_lens: Any,
     scale: float | None = None, dtype: str | None = None,
 ) -> Attention:
-    """Validate a decode step: one new query token per sequence against its paged context."""
+    """Validate a decode step, every index included: one query row per sequence against its paged context.
+
+    The arrays may live on the host or the device (the references take both); the launchers also require
+    device arrays (``require_device_arrays``)."""
+    cache = check_cache(key_cache, value_cache, dtype)
+    max_context_len = validate_block_tables(block_tables, context_lens, cache.num_blocks, cache.block_size)
+    return decode_problem(query, key_cache, value_cache, block_tables, max_context_len, scale, dtype)
+
+
+def decode_problem(
+    query: Any, key_cache: Any, value_cache: Any, block_tables: Any, max_context_len: int,
+    scale: float | None = None, dtype: str | None = None,
+) -> Attention:
+    """The decode problem of arrays whose indices the caller has checked: types and shapes are checked here,
+    without reading any array back to the host.
+
+    ``max_context_len`` must be at least every context length: v2's grid and scratch are sized by it. An
+    engine knows it from its own step record, as it knows the tables it checked there.
+    """
     cache = check_cache(key_cache, value_cache, dtype)
     num_heads = check_heads("query", query, cache, dtype)
-    max_context_len = validate_block_tables(block_tables, context_lens, cache.num_blocks, cache.block_size)
+    _require_int32("block_tables", block_tables)
+    if block_tables.ndim != 2:
+        raise ValueError(f"block_tables must be 2-D [rows, max_blocks_per_seq], got shape {tuple(block_tables.shape)}")
     if block_tables.shape[0] != query.shape[0]:
-        raise ValueError(f"query has {query.shape[0]} sequences but block_tables has {block_tables.shape[0]} rows")
-    return Attention(cache, num_heads, int(query.shape[0]), int(block_tables.shape[1]), max_context_len,
+        raise ValueError(f"query has {query.shape[0]} rows but block_tables has {block_tables.shape[0]} rows "
+                         "(one table row per query row)")
+    max_blocks = int(block_tables.shape[1])
+    _require_count("max_context_len", max_context_len)
+    if max_context_len > max_blocks * cache.block_size:
+        raise ValueError(f"max_context_len={max_context_len} needs more than the tables' {max_blocks} blocks of "
+                         f"{cache.block_size} tokens")
+    return Attention(cache, num_heads, int(query.shape[0]), max_blocks, int(max_context_len),
                      check_scale(scale, cache.head_dim))
-
-
-def auto_partition_size(problem: Attention) -> int:
-    """v2's partition length for ``problem``: 512 tokens, halved while the grid has fewer than BUSY_GRID blocks.
-
-    v2 runs one thread block per (sequence, partition, group of query heads). A batch of 64 long contexts
-    gives thousands of blocks; one sequence of 512 tokens with 8 KV heads gives 8, on a GPU of 132 SMs, and
-    each of them walks all 512 tokens alone. Shorter partitions give more blocks with less to read each; the
-    merge kernel pays a little for the extra partitions. The length stays a multiple of the block size and
-    at least MIN_PARTITION_SIZE.
-    """
-    from course_lib.kernels.paged_attention_cuda import decode_grids
-
-    def blocks(size: int) -> int:
-        return math.prod(decode_grids("v2", problem.rows, problem.num_heads, problem.cache.num_kv_heads,
-                                      problem.max_context_len, size)["decode"])
-
-    size, floor = DEFAULT_PARTITION_SIZE, max(MIN_PARTITION_SIZE, problem.cache.block_size)
-    while size // 2 >= floor and blocks(size) < BUSY_GRID:
-        size //= 2
-    return size
 
 
 def check_partition_size(partition_size: int, block_size: int) -> int:
     """v2's partition length: a positive multiple of ``block_size``, so no block straddles two partitions."""
     if isinstance(partition_size, bool) or not isinstance(partition_size, numbers.Integral) or partition_size < 1:
-        raise ValueError(f"partition_size must be a positive integer, got {partition_size!r}")
+        raise ValueError(f"partition_size must be a positive integer or 'auto', got {partition_size!r}")
     if partition_size % block_size:
         raise ValueError(f"partition_size must be a multiple of block_size={block_size} so that no block straddles "
                          f"two partitions, got {partition_size}")
@@ -252,23 +260,6 @@ def check_sequence(block_table: Any, context_len: int, cache: Cache) -> None:
 def _require_count(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_INT32:
         raise ValueError(f"{name} must be an integer between 1 and {MAX_INT32}, got {value!r}")
-
-
-def check_prefill_inputs(
-    query: Any, key_cache: Any, value_cache: Any, block_table: Any, context_len: int, num_new_tokens: int,
-    scale: float | None = None, dtype: str | None = None,
-) -> Attention:
-    """Validate a prefill of one sequence: ``query`` ``[num_new_tokens, num_heads, head_dim]`` holds its last
-    ``num_new_tokens`` positions, ``block_table`` int32 ``[max_blocks_per_seq]`` covers all ``context_len``."""
-    cache = check_cache(key_cache, value_cache, dtype)
-    check_sequence(block_table, context_len, cache)
-    _require_count("num_new_tokens", num_new_tokens)
-    num_heads = check_heads("query", query, cache, dtype)
-    if num_new_tokens > context_len or query.shape[0] != num_new_tokens:
-        raise ValueError(f"query must hold num_new_tokens={num_new_tokens} rows, at most context_len={context_len}: "
-                         f"got {query.shape[0]} rows")
-    return Attention(cache, num_heads, int(num_new_tokens), int(block_table.shape[0]), int(context_len),
-                     check_scale(scale, cache.head_dim))
 
 
 def check_write_inputs(key: Any, value: Any, key_cache: Any, value_cache: Any, slot_mapping: Any,
@@ -323,90 +314,7 @@ def output_buffer(out: Any, shape: tuple[int, ...], kind: str, dtype: str | None
     return out
 
 
-# ---- the computation, in whatever float precision it is given (float64 references, float32 CPU mode) -------
-
-
-def _gather(cache: np.ndarray, block_table: np.ndarray, context_len: int) -> np.ndarray:
-    """One sequence's keys or values, contiguous: ``[context_len, num_kv_heads, head_dim]``."""
-    _, num_kv_heads, block_size, head_dim = cache.shape
-    tiles = cache[block_table[: blocks_for(context_len, block_size)]]  # [blocks, kv heads, block_size, head_dim]
-    return tiles.transpose(0, 2, 1, 3).reshape(-1, num_kv_heads, head_dim)[:context_len]
-
-
-def _softmax_attention(
-    query: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float, first_position: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Attention of ``query`` [tokens, heads, d] over ``keys``/``values`` [length, kv heads, d].
-
-    Returns the max logit and the sum of ``exp(logit - max)`` per (token, head), and the normalised
-    output [tokens, heads, d]. With ``first_position`` the query tokens sit at positions
-    ``first_position, first_position + 1, ...`` and see only keys at or before their own (causal).
-    """
-    group = query.shape[1] // keys.shape[1]
-    keys, values = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)  # kv head h // group
-    logits = np.einsum("thd,lhd->thl", query, keys) * scale
-    if first_position is not None:
-        visible = np.arange(keys.shape[0]) <= first_position + np.arange(query.shape[0])[:, None]
-        logits = np.where(visible[:, None, :], logits, -np.inf)
-    max_logits = logits.max(axis=-1)
-    weights = np.exp(logits - max_logits[..., None])  # max subtraction: exp never overflows
-    exp_sums = weights.sum(axis=-1)
-    return max_logits, exp_sums, np.einsum("thl,lhd->thd", weights, values) / exp_sums[..., None]
-
-
-@dataclass(frozen=True)
-class Partials:
-    """What v2's partitions of one sequence hand to the merge (vLLM's layout, one row per partition)."""
-
-    max_logits: np.ndarray  # [num_partitions, num_heads]
-    exp_sums: np.ndarray  # [num_partitions, num_heads]: sum of exp(logit - the partition's max logit)
-    outputs: np.ndarray  # [num_partitions, num_heads, head_dim]: each normalised by its own exp_sum
-
-
-def partition_partials(query: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float,
-                       partition_size: int) -> Partials:
-    """Attention of one query row [heads, d] over each ``partition_size`` tokens of ``keys``/``values`` apart."""
-    parts = [_softmax_attention(query[None], keys[start:start + partition_size], values[start:start + partition_size],
-                                scale) for start in range(0, keys.shape[0], partition_size)]
-    max_logits, exp_sums, outputs = (np.concatenate(column) for column in zip(*parts, strict=True))
-    return Partials(max_logits, exp_sums, outputs)
-
-
-def merge_partials(partials: Partials) -> np.ndarray:
-    """Combine partitions into the full softmax: rescale each to the global max logit (log-sum-exp)."""
-    global_max = partials.max_logits.max(axis=0)
-    weights = partials.exp_sums * np.exp(partials.max_logits - global_max)  # each partition's share of the sum
-    return np.einsum("ph,phd->hd", weights, partials.outputs) / weights.sum(axis=0)[:, None]
-
-
-def _decode(query: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, block_tables: np.ndarray,
-            context_lens: np.ndarray, scale: float, partition_size: int | None) -> np.ndarray:
-    """Decode on host arrays: v1 when ``partition_size`` is None, else v2's partitions and merge."""
-    rows = []
-    for seq, query_row in enumerate(query):
-        keys, values = (_gather(cache, block_tables[seq], int(context_lens[seq])) for cache in (key_cache, value_cache))
-        if partition_size is None:
-            rows.append(_softmax_attention(query_row[None], keys, values, scale)[2][0])
-        else:
-            rows.append(merge_partials(partition_partials(query_row, keys, values, scale, partition_size)))
-    return np.stack(rows)
-
-
-def _prefill(query: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, block_table: np.ndarray,
-             context_len: int, scale: float) -> np.ndarray:
-    """Causal attention of the last ``len(query)`` positions over the whole cached sequence."""
-    keys, values = (_gather(cache, block_table, context_len) for cache in (key_cache, value_cache))
-    return _softmax_attention(query, keys, values, scale, first_position=context_len - query.shape[0])[2]
-
-
-def scatter(cache: np.ndarray, tokens: np.ndarray, slots: np.ndarray) -> None:
-    """``cache[slot // block_size, :, slot % block_size, :] = token`` for every slot that is not -1."""
-    block_size = cache.shape[2]
-    kept = slots >= 0
-    cache[slots[kept] // block_size, :, slots[kept] % block_size, :] = tokens[kept]
-
-
-# ---- references: float64 NumPy, the ground truth every kernel is compared with ---------------------------
+# ---- references: float64 NumPy (paged_attention_reference's arithmetic) on checked inputs ------------------
 
 
 def _float64(array: Any, dtype: str | None) -> np.ndarray:
@@ -423,16 +331,16 @@ def gather_kv(key_cache: Any, value_cache: Any, block_table: Any, context_len: i
     ``[context_len, num_kv_heads, head_dim]`` each (the dense view of a paged sequence)."""
     check_sequence(block_table, context_len, check_cache(key_cache, value_cache, dtype))
     table = _host(block_table)
-    return (_gather(_float64(key_cache, dtype), table, int(context_len)),
-            _gather(_float64(value_cache, dtype), table, int(context_len)))
+    return (reference.gather(_float64(key_cache, dtype), table, int(context_len)),
+            reference.gather(_float64(value_cache, dtype), table, int(context_len)))
 
 
 def paged_decode_reference(query: Any, key_cache: Any, value_cache: Any, block_tables: Any, context_lens: Any,
                            scale: float | None = None, dtype: str | None = None) -> np.ndarray:
     """Decode attention (v1: one softmax over the whole context) in float64: ``[num_seqs, num_heads, head_dim]``."""
     problem = check_decode_inputs(query, key_cache, value_cache, block_tables, context_lens, scale, dtype)
-    return _decode(_float64(query, dtype), _float64(key_cache, dtype), _float64(value_cache, dtype),
-                   _host(block_tables), _host(context_lens), problem.scale, None)
+    return reference.decode(_float64(query, dtype), _float64(key_cache, dtype), _float64(value_cache, dtype),
+                            _host(block_tables), _host(context_lens), problem.scale)
 
 
 def split_partitions_reference(query: Any, key_cache: Any, value_cache: Any, block_tables: Any, context_lens: Any,
@@ -441,12 +349,12 @@ def split_partitions_reference(query: Any, key_cache: Any, value_cache: Any, blo
     """Decode attention the v2 way (flash-decoding) in float64: equal to :func:`paged_decode_reference`.
 
     Each partition of ``partition_size`` tokens yields (max logit, sum of exp, partial output) on its
-    own; :func:`merge_partials` rescales them to one max and combines them.
+    own; ``paged_attention_reference.merge_partials`` rescales them to one max and combines them.
     """
     problem = check_decode_inputs(query, key_cache, value_cache, block_tables, context_lens, scale, dtype)
     partition_size = check_partition_size(partition_size, problem.cache.block_size)
-    return _decode(_float64(query, dtype), _float64(key_cache, dtype), _float64(value_cache, dtype),
-                   _host(block_tables), _host(context_lens), problem.scale, partition_size)
+    return reference.decode(_float64(query, dtype), _float64(key_cache, dtype), _float64(value_cache, dtype),
+                            _host(block_tables), _host(context_lens), problem.scale, partition_size)
 
 
 def write_kv_reference(key: Any, value: Any, key_cache: Any, value_cache: Any, slot_mapping: Any,
@@ -455,48 +363,195 @@ def write_kv_reference(key: Any, value: Any, key_cache: Any, value_cache: Any, s
     check_write_inputs(key, value, key_cache, value_cache, slot_mapping, dtype)
     slots = _host(slot_mapping)
     keys, values = _float64(key_cache, dtype), _float64(value_cache, dtype)
-    scatter(keys, _float64(key, dtype), slots)
-    scatter(values, _float64(value, dtype), slots)
+    reference.scatter(keys, _float64(key, dtype), slots)
+    reference.scatter(values, _float64(value, dtype), slots)
     return keys, values
 
 
-def paged_prefill_reference(query: Any, key_cache: Any, value_cache: Any, block_table: Any, context_len: int,
-                            num_new_tokens: int, scale: float | None = None, dtype: str | None = None) -> np.ndarray:
-    """Causal attention of a sequence's last ``num_new_tokens`` positions in float64:
-    ``[num_new_tokens, num_heads, head_dim]``. Their keys and values must already be in the cache (write_kv)."""
-    problem = check_prefill_inputs(query, key_cache, value_cache, block_table, context_len, num_new_tokens, scale,
-                                   dtype)
-    return _prefill(_float64(query, dtype), _float64(key_cache, dtype), _float64(value_cache, dtype),
-                    _host(block_table), int(context_len), problem.scale)
+# ---- the launch configuration: kernels, grids, partitions, shared memory, scratch -------------------------
 
 
-# ---- the GPU launch: the one place the CUDA kernels plug in ------------------------------------------------
+def kernel_names() -> tuple[str, ...]:
+    """Every instantiation in paged_attention.cu, as name expressions."""
+    names = []
+    for cuda_type in dtypes.CUDA_TYPES.values():
+        for head_dim in HEAD_DIMS:
+            for block_size in BLOCK_SIZES:
+                names += [f"paged_attention<{cuda_type}, {head_dim}, {block_size}, 1, false>",
+                          f"paged_attention<{cuda_type}, {head_dim}, {block_size}, 1, true>",
+                          f"paged_attention<{cuda_type}, {head_dim}, {block_size}, {GROUPED_HEADS}, true>"]
+            names += [f"paged_attention_merge<{cuda_type}, {head_dim}>", f"write_kv<{cuda_type}, {head_dim}>"]
+    return tuple(names)
 
 
-def launch_kernel(op: str, problem: Cache | Attention, arrays: list[Any], scratch: Any = None) -> None:
-    """Launch ``op`` on validated device arrays, outputs first (the kernels: ``paged_attention_cuda``).
+@functools.cache
+def _module() -> Any:
+    return cuda_compile.load_file(SOURCE, name_expressions=kernel_names())
 
-    * ``"decode_v1"``, ``"decode_v2"``: ``[out, query, key_cache, value_cache, block_tables, context_lens]``
-      with an :class:`Attention` problem (v2's has ``partition_size``);
-    * ``"write_kv"``: ``[key_cache, value_cache, key, value, slot_mapping]`` with a :class:`Cache`;
-    * ``"prefill"``: ``[out, query, key_cache, value_cache, block_table]`` with an :class:`Attention`
-      whose ``max_context_len`` is the sequence's context length and ``rows`` its new tokens.
+
+@functools.cache
+def _kernel(name: str, shared_bytes: int = 0) -> Any:
+    """The kernel ``name``, allowed ``shared_bytes`` of dynamic shared memory."""
+    return cuda_compile.allow_shared_memory(_module().get_function(name), shared_bytes)
+
+
+def decode_grids(version: str, rows: int, num_heads: int, num_kv_heads: int, max_context_len: int,
+                 partition_size: int | None = None) -> dict[str, tuple[int, int, int]]:
+    """The grid of each kernel a decode step launches: how many thread blocks share the work.
+
+    v1: one block per (sequence, query head). v2: one per (partition, group of query heads, sequence),
+    then one merge block per (query head, sequence).
     """
-    from course_lib.kernels import paged_attention_cuda
-
-    paged_attention_cuda.launch(op, problem, arrays, scratch)
-
-
-def step_workspace(op: str, problem: Attention) -> Any:
-    """The scratch a prepared step of ``op`` owns on a GPU (v2's partial results), None otherwise."""
-    if not backend.has_gpu():
-        return None
-    from course_lib.kernels import paged_attention_cuda
-
-    return paged_attention_cuda.workspace(op, problem)
+    if version == "v1":
+        return {"decode": (1, num_heads, rows)}
+    heads = GROUPED_HEADS if (num_heads // num_kv_heads) % GROUPED_HEADS == 0 else 1
+    partitions = math.ceil(max_context_len / partition_size)
+    return {"decode": (partitions, num_heads // heads, rows), "merge": (num_heads, rows, 1)}
 
 
-# ---- the public functions ------------------------------------------------------------------------------
+def auto_partition_size(problem: Attention) -> int:
+    """v2's partition length for ``problem``: 512 tokens, halved while the grid has fewer than BUSY_GRID blocks.
+
+    A batch of 64 long contexts gives thousands of blocks; one sequence of 512 tokens with 8 KV heads gives 8,
+    on a GPU of 132 SMs, and each of them walks all 512 tokens alone. Shorter partitions give more blocks with
+    less to read each; the merge kernel pays a little for the extra partitions. The length stays a multiple of
+    the block size and at least MIN_PARTITION_SIZE.
+    """
+    def blocks(size: int) -> int:
+        return math.prod(decode_grids("v2", problem.rows, problem.num_heads, problem.cache.num_kv_heads,
+                                      problem.max_context_len, size)["decode"])
+
+    size, floor = DEFAULT_PARTITION_SIZE, max(MIN_PARTITION_SIZE, problem.cache.block_size)
+    while size // 2 >= floor and blocks(size) < BUSY_GRID:
+        size //= 2
+    return size
+
+
+def ring_bytes(head_dim: int, dtype: str) -> int:
+    """Dynamic shared memory of one decode block: every warp's ring of STAGES tiles of K and V rows."""
+    warps = THREADS // 32
+    return warps * STAGES * 2 * TILE_TOKENS * head_dim * dtypes.ITEM_BYTES[dtype]
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """v2's partial results between its two kernels (float32), one row per (query row, head, partition)."""
+
+    out: Any  # [rows, num_heads, partitions, head_dim]
+    max: Any  # [rows, num_heads, partitions]
+    sum: Any
+
+
+def workspace(problem: Attention, partition_size: int) -> Workspace:
+    """New scratch for v2's partials on ``problem`` split into partitions of ``partition_size`` tokens."""
+    partitions = math.ceil(problem.max_context_len / partition_size)
+    xp, shape = backend.xp, (problem.rows, problem.num_heads, partitions)
+    return Workspace(xp.empty((*shape, problem.cache.head_dim), dtype=xp.float32), xp.empty(shape, dtype=xp.float32),
+                     xp.empty(shape, dtype=xp.float32))
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How a checked decode problem runs: v1 (``partition_size`` None) or v2, and v2's scratch on a GPU.
+
+    Whoever keeps the plan owns the scratch. An engine step keeps one plan for all its layers; a CUDA graph
+    that captured the step replays on the scratch's addresses, so it was allocated before the capture and
+    lives as long as the step, never shared with another.
+    """
+
+    problem: Attention
+    partition_size: int | None
+    scratch: Workspace | None
+
+    @property
+    def version(self) -> str:
+        return "v1" if self.partition_size is None else "v2"
+
+
+def plan_decode(problem: Attention, version: str = "v2",
+                partition_size: int | str = DEFAULT_PARTITION_SIZE) -> DecodePlan:
+    """Choose how ``problem`` runs: ``version``, v2's ``partition_size`` (or ``"auto"``: see
+    :func:`auto_partition_size`), and on a GPU v2's scratch."""
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    if version == "v1":
+        return DecodePlan(problem, None, None)
+    if partition_size == "auto":
+        partition_size = auto_partition_size(problem)
+    partition_size = check_partition_size(partition_size, problem.cache.block_size)
+    return DecodePlan(problem, partition_size, workspace(problem, partition_size) if backend.has_gpu() else None)
+
+
+# ---- the launches: validated device arrays in, outputs first as in paged_attention.cu ---------------------
+
+
+def _require_instantiated(cache: Cache) -> None:
+    if cache.head_dim not in HEAD_DIMS:
+        raise ValueError(f"the CUDA kernels are built for head_dim in {HEAD_DIMS}, got {cache.head_dim}")
+
+
+def launch_decode(plan: DecodePlan, out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
+                  context_lens: Any) -> None:
+    """Launch v1, or v2's partitions and merge, for ``plan`` (nothing checked but the kernel's existence)."""
+    problem, cache = plan.problem, plan.problem.cache
+    _require_instantiated(cache)
+    cuda_type, head_dim = dtypes.CUDA_TYPES[cache.dtype], cache.head_dim
+    common = (query, key_cache, value_cache, block_tables, context_lens, np.int32(problem.num_heads),
+              np.int32(cache.num_kv_heads), np.int32(problem.max_blocks_per_seq))
+    scale = np.float32(problem.scale)
+    shared = ring_bytes(head_dim, cache.dtype)
+    grids = decode_grids(plan.version, problem.rows, problem.num_heads, cache.num_kv_heads, problem.max_context_len,
+                         plan.partition_size)
+    if plan.version == "v1":  # one partition as long as the longest context, written straight to out
+        unused = out  # v1 never touches the partial-result arguments
+        name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, 1, false>"
+        _kernel(name, shared)(grids["decode"], (THREADS,), (out, unused, unused, unused, *common,
+                                                            np.int32(problem.max_context_len), scale),
+                              shared_mem=shared)
+        return
+    partitions, head_groups, _ = grids["decode"]
+    heads = problem.num_heads // head_groups
+    scratch = plan.scratch
+    name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, {heads}, true>"
+    _kernel(name, shared)(grids["decode"], (THREADS,), (out, scratch.out, scratch.max, scratch.sum, *common,
+                                                        np.int32(plan.partition_size), scale), shared_mem=shared)
+    merge = f"paged_attention_merge<{cuda_type}, {head_dim}>"
+    _kernel(merge)(grids["merge"], (head_dim,),
+                   (out, scratch.out, scratch.max, scratch.sum, context_lens, np.int32(problem.num_heads),
+                    np.int32(partitions), np.int32(plan.partition_size)))
+
+
+def launch_write_kv(cache: Cache, key_cache: Any, value_cache: Any, key: Any, value: Any, slot_mapping: Any) -> None:
+    """One block per token, a pack of PACK values of K and of V per thread."""
+    _require_instantiated(cache)
+    threads = min(1024, cache.num_kv_heads * cache.head_dim // PACK)
+    name = f"write_kv<{dtypes.CUDA_TYPES[cache.dtype]}, {cache.head_dim}>"
+    _kernel(name)((key.shape[0],), (threads,), (key_cache, value_cache, key, value, slot_mapping,
+                                                np.int32(cache.num_kv_heads), np.int32(cache.block_size)))
+
+
+# ---- decode on checked arrays, and the public functions ----------------------------------------------------
+
+
+def decode_unchecked(plan: DecodePlan, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
+                     context_lens: Any, out: Any = None) -> Any:
+    """Decode attention with ``plan`` on arrays of its problem: the kernels on a GPU, NumPy in CPU mode.
+
+    Nothing is checked, and nothing is read back to the host: the caller vouches that the arrays have the
+    problem's layouts and that every index was checked (:func:`check_decode_inputs`, or an engine's own check
+    of its step). ``out`` (default: a new array) gets ``[rows, num_heads, head_dim]`` and is returned.
+    """
+    problem = plan.problem
+    kind = problem.cache.dtype
+    if out is None:
+        out = dtypes.empty((problem.rows, problem.num_heads, problem.cache.head_dim), kind)
+    if backend.has_gpu():
+        launch_decode(plan, out, query, key_cache, value_cache, block_tables, context_lens)
+    else:
+        out[...] = reference.decode(dtypes.widen(query, kind), dtypes.widen(key_cache, kind),
+                                    dtypes.widen(value_cache, kind), block_tables, context_lens, problem.scale,
+                                    plan.partition_size).astype(out.dtype)
+    return out
 
 
 def paged_attention_decode(
@@ -508,49 +563,14 @@ def paged_attention_decode(
 
     ``version="v1"`` is one softmax per (sequence, head); ``"v2"`` splits the context into partitions
     of ``partition_size`` tokens (or ``"auto"``: see :func:`auto_partition_size`) and merges them. Both give
-    the same result.
-    """
-    return decode_step(query, key_cache, value_cache, block_tables, context_lens, scale=scale, version=version,
-                       partition_size=partition_size, out=out, dtype=dtype)()
-
-
-def decode_step(
-    query: Any, key_cache: Any, value_cache: Any, block_tables: Any, context_lens: Any, *,
-    scale: float | None = None, version: str = "v2", partition_size: int | str = DEFAULT_PARTITION_SIZE,
-    out: Any = None, dtype: str | None = None,
-) -> PreparedStep:
-    """Validate a decode step once; the returned step runs it and returns ``out``.
-
-    Checking the block tables costs a copy to the host; an engine (or a benchmark, or a CUDA graph
-    capture, which forbids such copies) checks once and then launches many times: ``step()`` again,
-    or ``step(query=..., key_cache=..., value_cache=...)`` with another layer's arrays of the same
-    layouts (the tables and context lengths stay the ones checked).
+    the same result. Every input is checked first, the block tables on the host.
     """
     require_device_arrays({"query": query, "key_cache": key_cache, "value_cache": value_cache,
                            "block_tables": block_tables, "context_lens": context_lens})
-    if version not in VERSIONS:
-        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     problem = check_decode_inputs(query, key_cache, value_cache, block_tables, context_lens, scale, dtype)
-    if version == "v2":
-        if partition_size == "auto":
-            partition_size = auto_partition_size(problem)
-        problem = replace(problem, partition_size=check_partition_size(partition_size, problem.cache.block_size))
+    plan = plan_decode(problem, version, partition_size)
     out = output_buffer(out, tuple(query.shape), problem.cache.dtype, dtype)
-    scratch = step_workspace(f"decode_{version}", problem)
-
-    def run(a: dict[str, Any]) -> Any:
-        if backend.has_gpu():
-            launch_kernel(f"decode_{version}", problem, [a["out"], a["query"], a["key_cache"], a["value_cache"],
-                                                         a["block_tables"], a["context_lens"]], scratch)
-        else:
-            a["out"][...] = _decode(_float32(a["query"], dtype), _float32(a["key_cache"], dtype),
-                                    _float32(a["value_cache"], dtype), a["block_tables"], a["context_lens"],
-                                    problem.scale, problem.partition_size).astype(a["out"].dtype)
-        return a["out"]
-
-    arrays = {"out": out, "query": query, "key_cache": key_cache, "value_cache": value_cache,
-              "block_tables": block_tables, "context_lens": context_lens}
-    return PreparedStep(arrays, ("out", "query", "key_cache", "value_cache"), run)
+    return decode_unchecked(plan, query, key_cache, value_cache, block_tables, context_lens, out)
 
 
 def write_kv(key: Any, value: Any, key_cache: Any, value_cache: Any, slot_mapping: Any, *,
@@ -559,69 +579,11 @@ def write_kv(key: Any, value: Any, key_cache: Any, value_cache: Any, slot_mappin
 
     The slot is ``block * block_size + offset``; -1 marks a padding token, as in vLLM.
     """
-    write_kv_step(key, value, key_cache, value_cache, slot_mapping, dtype=dtype)()
-
-
-def write_kv_step(key: Any, value: Any, key_cache: Any, value_cache: Any, slot_mapping: Any, *,
-                  dtype: str | None = None) -> PreparedStep:
-    """:func:`write_kv` with the slots checked once; call the step again with another layer's arrays."""
     require_device_arrays({"key": key, "value": value, "key_cache": key_cache, "value_cache": value_cache,
-                            "slot_mapping": slot_mapping})
+                           "slot_mapping": slot_mapping})
     cache = check_write_inputs(key, value, key_cache, value_cache, slot_mapping, dtype)
-
-    def run(a: dict[str, Any]) -> None:
-        if backend.has_gpu():
-            launch_kernel("write_kv", cache, [a["key_cache"], a["value_cache"], a["key"], a["value"],
-                                              a["slot_mapping"]])
-        else:
-            scatter(a["key_cache"], a["key"], a["slot_mapping"])
-            scatter(a["value_cache"], a["value"], a["slot_mapping"])
-
-    arrays = {"key": key, "value": value, "key_cache": key_cache, "value_cache": value_cache,
-              "slot_mapping": slot_mapping}
-    return PreparedStep(arrays, ("key", "value", "key_cache", "value_cache"), run)
-
-
-def paged_prefill(
-    query: Any, key_cache: Any, value_cache: Any, block_table: Any, context_len: int, num_new_tokens: int, *,
-    scale: float | None = None, out: Any = None, dtype: str | None = None,
-) -> Any:
-    """Causal attention for the last ``num_new_tokens`` positions of one sequence, reading the cached prefix
-    and the new tokens (written by :func:`write_kv` first) through ``block_table``.
-
-    Returns ``[num_new_tokens, num_heads, head_dim]`` in the query's type.
-    """
-    return prefill_step(query, key_cache, value_cache, block_table, context_len, num_new_tokens, scale=scale,
-                        out=out, dtype=dtype)()
-
-
-def prefill_step(
-    query: Any, key_cache: Any, value_cache: Any, block_table: Any, context_len: int, num_new_tokens: int, *,
-    scale: float | None = None, out: Any = None, dtype: str | None = None,
-) -> PreparedStep:
-    """:func:`paged_prefill` with the block table checked once; call the step again with another layer's arrays."""
-    require_device_arrays({"query": query, "key_cache": key_cache, "value_cache": value_cache,
-                            "block_table": block_table})
-    problem = check_prefill_inputs(query, key_cache, value_cache, block_table, context_len, num_new_tokens, scale,
-                                   dtype)
-    out = output_buffer(out, tuple(query.shape), problem.cache.dtype, dtype)
-    scratch = step_workspace("prefill", problem)
-
-    def run(a: dict[str, Any]) -> Any:
-        if backend.has_gpu():
-            launch_kernel("prefill", problem, [a["out"], a["query"], a["key_cache"], a["value_cache"],
-                                               a["block_table"]], scratch)
-        else:
-            a["out"][...] = _prefill(_float32(a["query"], dtype), _float32(a["key_cache"], dtype),
-                                     _float32(a["value_cache"], dtype), a["block_table"], int(context_len),
-                                     problem.scale).astype(a["out"].dtype)
-        return a["out"]
-
-    arrays = {"out": out, "query": query, "key_cache": key_cache, "value_cache": value_cache,
-              "block_table": block_table}
-    return PreparedStep(arrays, ("out", "query", "key_cache", "value_cache"), run)
-
-
-def _float32(array: Any, dtype: str | None) -> np.ndarray:
-    """The NumPy path's float32 values of an array: a float32 cache is read in place, not copied every layer."""
-    return dtypes.widen(array, dtype)
+    if backend.has_gpu():
+        launch_write_kv(cache, key_cache, value_cache, key, value, slot_mapping)
+    else:
+        reference.scatter(key_cache, key, slot_mapping)
+        reference.scatter(value_cache, value, slot_mapping)

@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from course_lib.checkpoint.config import LLAMA_1B_SHAPED, ModelConfig
 from course_lib.dtypes import ITEM_BYTES
-from course_lib.engine.config import LLAMA_1B_SHAPED, ModelConfig
 
 # Element types a cost model stores weights, caches or activations in, and their bytes per value: the course's
 # own types, and the 8- and 4-bit ones a server quantises weights and caches to (fp4 packs two in a byte).
@@ -179,7 +179,7 @@ def _llama31(hidden: int, intermediate: int, layers: int, heads: int) -> dict[st
 HF = "https://huggingface.co/{}/blob/main/config.json"
 # Named models: a config.json dict (its public values) or an engine ModelConfig, and where the numbers come from.
 MODELS: dict[str, tuple[dict[str, Any] | ModelConfig, str]] = {
-    "llama-1b-shaped": (LLAMA_1B_SHAPED, "course_lib.engine.config.LLAMA_1B_SHAPED (the engine suite's model)"),
+    "llama-1b-shaped": (LLAMA_1B_SHAPED, "course_lib.checkpoint.config.LLAMA_1B_SHAPED (the engine suite's model)"),
     "smollm2-135m": ({"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                       "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
                       "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,

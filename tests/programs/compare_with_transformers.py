@@ -28,12 +28,12 @@ import torch  # before course_lib: see the docstring
 import transformers
 
 from course_lib import backend
-from course_lib.engine.config import ModelConfig
+from course_lib.check.llama_reference import dense_forward
+from course_lib.checkpoint.config import ModelConfig
+from course_lib.checkpoint.weights import load_checkpoint, random_weights
 from course_lib.engine.llm import LLM
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
-from course_lib.engine.reference import dense_forward
 from course_lib.engine.sampling import SamplingParams
-from course_lib.engine.weights import load_checkpoint, random_weights
 
 PROMPT, DECODED, GREEDY = 24, 4, 32
 BASE = {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,

@@ -6,7 +6,7 @@ in a throwaway CPU environment (pip install torch transformers accelerate gguf):
     python tests/programs/record_smollm2_reference.py GGUF_FILE tests/fixtures/smollm2_transformers
 
 transformers reads the same GGUF file as the course (``gguf_file=``), dequantizes it with the gguf package and
-un-permutes q and k itself: an implementation independent of ``course_lib.engine.gguf_checkpoint``. For each
+un-permutes q and k itself: an implementation independent of ``course_lib.checkpoint.gguf``. For each
 prompt it records the prompt's token ids (its own tokenizer, built from the file's metadata), the float32
 logits of the last prompt token, and 40 greedy tokens in float32 on the CPU, end-of-sequence ignored: a loop of
 arg-maxes, so no generation setting can change them. Writes ``NAME.json`` (prompts, ids, tokens, versions)

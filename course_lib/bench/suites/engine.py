@@ -40,15 +40,15 @@ from course_lib import backend
 from course_lib.bench.baselines import copy_bandwidth, require_torch
 from course_lib.bench.runner import Step, measurement
 from course_lib.bench.timing import Timing
-from course_lib.engine.block_pool import blocks_for
-from course_lib.engine.config import LLAMA_1B_SHAPED, TINY, ModelConfig
-from course_lib.engine.gguf_checkpoint import GGUFCheckpoint, load_gguf
+from course_lib.checkpoint.config import LLAMA_1B_SHAPED, TINY, ModelConfig
+from course_lib.checkpoint.gguf import GGUFCheckpoint, load_gguf
+from course_lib.checkpoint.tokenizer import Tokenizer
+from course_lib.checkpoint.weights import random_weights, save_checkpoint
 from course_lib.engine.graphs import DecodeGraphs
 from course_lib.engine.llm import LLM
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
 from course_lib.engine.sampling import SamplingParams
-from course_lib.engine.tokenizer import Tokenizer
-from course_lib.engine.weights import random_weights, save_checkpoint
+from course_lib.kernels.kv_blocks import blocks_for
 
 DESCRIPTION = "engine: batch-1 decode vs the HBM roofline, CUDA graph speedup, throughput vs transformers"
 DTYPE = "bfloat16"

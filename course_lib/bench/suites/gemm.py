@@ -38,6 +38,7 @@ from course_lib.bench.baselines import require_torch
 from course_lib.bench.roofline import achieved_gbps, achieved_tflops
 from course_lib.bench.runner import Step, measurement
 from course_lib.bench.timing import Timing, time_call, time_graph, time_torch_graph
+from course_lib.device_facts import device_facts
 from course_lib.kernels import cublaslt, gemm
 
 DESCRIPTION = "GEMM steps vs cuBLAS and cuBLASLt, bf16: square, decode, prefill, epilogue fusion, algorithms"
@@ -184,7 +185,7 @@ def _weight_copies(shape: Shape) -> int:
 
 @functools.cache
 def _l2_bytes() -> int:
-    return backend.device_facts()["l2_bytes"] or 0
+    return device_facts()["l2_bytes"] or 0
 
 
 def _cannot_run(name: str, a: Any, b: Any) -> str | None:

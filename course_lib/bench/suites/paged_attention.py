@@ -12,8 +12,8 @@ are filled on the GPU in chunks rather than copied from the host. PyTorch's
 ``scaled_dot_product_attention`` runs on contiguous K/V of the same shape (its own buffers, filled
 after the paged cache is freed). Every paged result is first checked against the float64 reference
 on its first sequence; SDPA is checked against the paged kernel on one small shape. Each step checks
-its inputs once and times the launches alone (``decode_step``): a CUDA graph cannot capture the
-host copy the block-table check makes.
+its inputs once (``check_decode_inputs``) and times the launches alone (``decode_unchecked``): a CUDA
+graph cannot capture the host copy the block-table check makes.
 
 In CPU mode the suite times the NumPy path on a tiny problem: a smoke test, never shown as GPU
 figures. The headline's ``paged_waste_fraction`` is chapter 04's request-mix model (the same in both modes).
@@ -32,8 +32,8 @@ from course_lib.bench.baselines import copy_bandwidth, require_torch
 from course_lib.bench.roofline import achieved_gbps
 from course_lib.bench.runner import Step, measurement
 from course_lib.bench.timing import Timing, time_call, time_graph, time_torch_graph
-from course_lib.engine import kv_waste
 from course_lib.kernels import paged_attention as pa
+from course_lib.labs import kv_waste
 
 DESCRIPTION = "paged decode attention (v1, v2) vs copy bandwidth and torch SDPA, bf16"
 DTYPE = "bfloat16"
@@ -44,7 +44,7 @@ PARTITION_SIZE = pa.DEFAULT_PARTITION_SIZE
 COPY_CAP = 4 << 30
 FILL_CHUNK = 1 << 28  # elements generated at a time when filling a cache on the GPU
 TOLERANCE = 1e-2
-WASTE_REQUESTS, WASTE_SEED = 10_000, 0  # the synthetic request mix of chapter 04 (course_lib.engine.kv_waste)
+WASTE_REQUESTS, WASTE_SEED = 10_000, 0  # the synthetic request mix of chapter 04 (course_lib.labs.kv_waste)
 PARAMETERS = {"dtype": DTYPE, "batches": list(BATCHES), "contexts": list(CONTEXTS), "num_heads": NUM_HEADS,
               "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
               "partition_size": PARTITION_SIZE, "timing": "CUDA graph replay",
@@ -82,7 +82,11 @@ def measure_paged(version: str, batch: int, context: int) -> dict[str, Any]:
     copy_gbps = _copy_gbps(min(kv_bytes(batch, context), COPY_CAP))
     problem = _paged_problem(batch, context)
     out = dtypes.empty((batch, NUM_HEADS, HEAD_DIM), DTYPE)
-    run = pa.decode_step(*problem, version=version, partition_size=PARTITION_SIZE, out=out, dtype=DTYPE)
+    plan = pa.plan_decode(pa.check_decode_inputs(*problem, dtype=DTYPE), version, PARTITION_SIZE)
+
+    def run() -> Any:
+        return pa.decode_unchecked(plan, *problem, out=out)
+
     error = _check_first_sequence(run(), *problem)
     timing = time_graph(run, calls=_calls(batch, context), repeats=10)
     gbps = achieved_gbps(bytes_moved(batch, context), timing.median_s)

@@ -23,7 +23,7 @@ The engine's kernels take float weights, so this loader dequantizes every tensor
 with feature ``i + d/2`` ("rotate half"); GGML's RoPE rotates adjacent features ``2i`` and ``2i + 1``. So
 llama.cpp's ``convert_hf_to_gguf.py`` reorders the rows of ``q_proj`` and ``k_proj`` inside each head
 (``LlamaModel.permute``): Hugging Face row ``j * d/2 + i`` (half ``j``, index ``i``) becomes GGUF row
-``2i + j``. This engine rotates the Hugging Face way (see ``course_lib.engine.reference``), so the loader
+``2i + j``. This engine rotates the Hugging Face way (see ``course_lib.check.llama_reference``), so the loader
 puts the rows back: ``unpermute_rope_rows``. Without RoPE the reordering would not matter at all, since q
 and k rows move together and a dot product does not care about the order of its terms; RoPE is what
 pairs features, and the two conventions pair different ones. Forget the un-permute and the model loads
@@ -42,9 +42,9 @@ import gguf
 import numpy as np
 
 from course_lib import dtypes
-from course_lib.engine import rope
-from course_lib.engine.config import ModelConfig
-from course_lib.engine.weights import check_shapes, expected_shapes
+from course_lib.checkpoint import rope
+from course_lib.checkpoint.config import ModelConfig
+from course_lib.checkpoint.weights import check_shapes, expected_shapes
 
 # llama.cpp's tensor names and their Hugging Face names; "{i}" is the layer number.
 TENSOR_NAMES = {
@@ -108,7 +108,7 @@ _CORRUPT_FILE_ERRORS = (ValueError, IndexError, KeyError, OverflowError, TypeErr
 class GGUFCheckpoint:
     """A Llama read from a GGUF file: its config, its weights under Hugging Face names, and all its metadata.
 
-    ``weights`` are host NumPy arrays of the shapes ``course_lib.engine.weights.expected_shapes`` gives,
+    ``weights`` are host NumPy arrays of the shapes ``course_lib.checkpoint.weights.expected_shapes`` gives,
     with q/k rows already back in Hugging Face's RoPE layout. ``metadata`` holds every key/value field of
     the file as plain Python values: the tokenizer reads ``tokenizer.ggml.*`` and ``tokenizer.chat_template``.
     """

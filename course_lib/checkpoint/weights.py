@@ -5,7 +5,7 @@ A checkpoint is a folder holding ``config.json`` (a ``LlamaConfig``) and ``model
 shards, ``model-00001-of-00004.safetensors`` and so on, with ``model.safetensors.index.json`` mapping each
 tensor name to the shard that holds it (its ``weight_map``); both layouts load. Weights keep the dtype they
 were stored in (fp32, fp16 or bf16); the model converts them to the engine's dtype when it moves them.
-(GGUF files, llama.cpp's single-file format, load through ``course_lib.engine.gguf_checkpoint``.) Weights here are host
+(GGUF files, llama.cpp's single-file format, load through ``course_lib.checkpoint.gguf``.) Weights here are host
 NumPy arrays; the model moves them to the device. Linear weights keep PyTorch's ``[out_features,
 in_features]`` shape, so a layer computes ``x @ weight.T``.
 
@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from course_lib import dtypes
-from course_lib.engine.config import ModelConfig
+from course_lib.checkpoint.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -8,7 +8,8 @@ Each block is drawn in a grid, in block-id order:
 - a free block that still holds a cached prefix is hatched: a new prompt with those tokens can revive it;
 - a full block registered in the prefix cache shows the first hex digits of its hash along its bottom.
 
-The pool itself knows nothing of this module; the pictures only read ``BlockPool.snapshot()``.
+The pool itself knows nothing of this module, nor of sequences: a picture reads ``BlockPool.snapshot()`` and
+the block tables of the sequences it is given.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Patch, Rectangle
 
 from course_lib.engine.block_pool import BlockPool, BlockView
+from course_lib.engine.sequence import Sequence as Request
 
 FREE_COLOR = "0.93"
 # tab10 without its grey (free blocks are grey), and three more, so that 12 sequences in a row differ
@@ -37,11 +39,15 @@ class PoolPicture:
     tables: Mapping[int, tuple[int, ...]]
 
     @classmethod
-    def of(cls, pool: BlockPool, title: str = "") -> PoolPicture:
-        """Take the picture now; later changes to the pool do not change it."""
-        views = tuple(pool.snapshot())
-        seq_ids = sorted({seq_id for view in views for seq_id in view.owners})
-        return cls(title, views, {seq_id: tuple(pool.block_table(seq_id)) for seq_id in seq_ids})
+    def of(cls, pool: BlockPool, sequences: Iterable[Request], title: str = "") -> PoolPicture:
+        """Take the picture now, of ``pool`` and the tables of ``sequences`` (those holding blocks are drawn);
+        later changes to either do not change it."""
+        tables = {seq.seq_id: tuple(seq.block_table) for seq in sorted(sequences, key=lambda seq: seq.seq_id)}
+        return cls(title, tuple(pool.snapshot()), {seq_id: table for seq_id, table in tables.items() if table})
+
+    def owners(self, block_id: int) -> list[int]:
+        """The sequences whose tables hold ``block_id``."""
+        return [seq_id for seq_id, table in self.tables.items() if block_id in table]
 
 
 def owner_color(seq_id: int) -> tuple[float, float, float] | str:
@@ -55,7 +61,7 @@ def draw_pool(ax: plt.Axes, picture: PoolPicture, columns: int = 12, highlight: 
     rows = -(-len(picture.views) // columns)
     for view in picture.views:
         x, y = view.block_id % columns, rows - 1 - view.block_id // columns
-        _draw_block(ax, view, x, y, outline_red=view.block_id in highlight)
+        _draw_block(ax, view, picture.owners(view.block_id), x, y, outline_red=view.block_id in highlight)
     ax.set_xlim(-0.05, columns + 0.05)
     ax.set_ylim(-0.05, rows + 0.05)
     ax.set_aspect("equal")
@@ -66,9 +72,10 @@ def draw_pool(ax: plt.Axes, picture: PoolPicture, columns: int = 12, highlight: 
               frameon=False)
 
 
-def show_pool(pool: BlockPool, title: str = "", columns: int = 12, highlight: Iterable[int] = ()) -> plt.Figure:
-    """A new figure with one picture of ``pool`` as it is now."""
-    picture = PoolPicture.of(pool, title)
+def show_pool(pool: BlockPool, sequences: Iterable[Request], title: str = "", columns: int = 12,
+              highlight: Iterable[int] = ()) -> plt.Figure:
+    """A new figure with one picture of ``pool`` and ``sequences`` as they are now."""
+    picture = PoolPicture.of(pool, sequences, title)
     rows = -(-len(picture.views) // columns)
     fig, ax = plt.subplots(figsize=(0.75 * columns + 3.5, 0.75 * rows + 0.5), layout="constrained")
     draw_pool(ax, picture, columns, highlight)
@@ -85,15 +92,15 @@ def show_strip(pictures: Sequence[PoolPicture], columns: int = 12) -> plt.Figure
     return fig
 
 
-def _draw_block(ax: plt.Axes, view: BlockView, x: float, y: float, outline_red: bool) -> None:
+def _draw_block(ax: plt.Axes, view: BlockView, owners: list[int], x: float, y: float, outline_red: bool) -> None:
     pad, size = 0.04, 0.92  # a small gap between blocks
     if view.is_free:
         ax.add_patch(Rectangle((x + pad, y + pad), size, size, facecolor=FREE_COLOR, edgecolor="0.6",
                                hatch="///" if view.is_cached else None, linewidth=0.8))
         label = f"evict #{view.eviction_rank}"
     else:
-        stripe = size / len(view.owners)
-        for index, seq_id in enumerate(view.owners):
+        stripe = size / max(len(owners), 1)  # a sequence left out of the picture leaves its blocks unstriped
+        for index, seq_id in enumerate(owners):
             ax.add_patch(Rectangle((x + pad + index * stripe, y + pad), stripe, size, facecolor=owner_color(seq_id),
                                    alpha=0.55, linewidth=0))
         ax.add_patch(Rectangle((x + pad, y + pad), size, size, fill=False, edgecolor="0.3", linewidth=0.8))

@@ -12,8 +12,8 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from course_lib.engine import rope
-from course_lib.engine.rope import Llama3Scaling
+from course_lib.checkpoint import rope
+from course_lib.checkpoint.rope import Llama3Scaling
 
 # Hugging Face's name for each field, where it differs from ours.
 HF_NAMES = {
@@ -48,7 +48,7 @@ class ModelConfig:
     head_dim: int = field(default=0)  # 0: hidden_size // num_heads, as Llama has it
     max_position_embeddings: int = 2048
     rope_theta: float = rope.DEFAULT_THETA
-    rope_scaling: Llama3Scaling | None = None  # Llama 3.1's stretch of the low frequencies (``course_lib.engine.rope``)
+    rope_scaling: Llama3Scaling | None = None  # Llama 3.1's stretch of the low frequencies (see ``rope``)
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False  # the output projection reuses the embedding table
 
@@ -92,7 +92,7 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     def inverse_frequencies(self) -> Any:
-        """RoPE's ``head_dim / 2`` frequencies in float64, scaling applied (``course_lib.engine.rope``)."""
+        """RoPE's ``head_dim / 2`` frequencies in float64, scaling applied (``course_lib.checkpoint.rope``)."""
         return rope.inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
 
     @classmethod

@@ -1,4 +1,8 @@
-"""The engine options the command-line examples share: element type, CUDA graphs and decode steps per run."""
+"""The engine options the command-line examples share: element type, CUDA graphs and decode steps per run.
+
+Run as ``python examples/NAME.py``, an example has this folder first on ``sys.path``, so it imports this
+module by its bare name, ``engine_options``.
+"""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from course_lib import dtypes
-from course_lib.engine.config import ModelConfig
+from course_lib.checkpoint.config import ModelConfig
 from course_lib.kernels.fused import rope_reference
 
 

@@ -1,0 +1,9 @@
+"""What the chapters and labs draw and measure, built on the engine but not part of it.
+
+The runtime lives in ``course_lib.engine``; this package holds what a reader uses to look at it:
+
+* ``kv_waste``: how much KV memory contiguous slabs and paging leave empty on a request mix (chapter 04);
+* ``pool_view``: pictures of the block pool (lab 10);
+* ``graph_nodes``: a CUDA graph built node by node, and a node re-pointed in place (chapter 06);
+* ``latency``: time to first token, time per output token and throughput of one batch (lab 20).
+"""
