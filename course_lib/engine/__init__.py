@@ -1,7 +1,8 @@
 """The inference engine's runtime, built up one piece per module, the way vLLM's is.
 
-* ``block_pool``: which KV-cache block holds which tokens: reference counts, prefix caching by chained
-  block hashes, copy-on-write, and the watermark a scheduler admits new sequences against.
+* ``block_pool``: the KV-cache blocks, free, shared or cached: reference counts, prefix caching by chained
+  block hashes, copy-on-write, and the watermark a scheduler admits new sequences against. It knows blocks,
+  not sequences: each sequence keeps its own block table.
 * ``sampling``, ``logprobs``, ``sequence``, ``scheduler``: what to sample, log-probabilities as vLLM returns them,
   a request's state, and continuous batching.
 * ``batch``: one step's batch as the model runs it: token ids, positions, KV slots and block tables, checked once.
