@@ -23,7 +23,7 @@ from typing import Any
 BOOK_DIR = Path(__file__).resolve().parent.parent / "book"
 # Environment variables worth showing; any whose name looks secret is masked all the same.
 SHOWN_PREFIXES = ("COURSE_", "CUDA_", "NCCL_", "NUMBA_", "CUPY_", "OMPI_", "MPICH_", "HYDRA_", "LD_LIBRARY_PATH", "HF_")
-SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASS|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
+SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASS|PSK|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
 NEWEST_NUMPY_FOR_NUMBA_CUDA = (2, 4)
 
 
@@ -47,6 +47,7 @@ class Report:
     compile_check: dict[str, str]
     mpi: dict[str, Any]
     nccl: str
+    nccl_environment: nccl_env.Explanation  # the NCCL_* variables set, explained; NVLS off or not
     environment: dict[str, str]
     chapters: list[dict[str, str]]
     advice: list[Advice] = field(default_factory=list)
@@ -73,6 +74,7 @@ from course_lib.device_facts import (  # noqa: E402 - it imports backend: only o
     library_versions,
     nccl_version,
 )
+from course_lib.distributed import nccl_env  # noqa: E402 - its package may import backend: after the guard too
 
 
 def _safely(probe: Callable[[], Any], fallback: Callable[[str], Any]) -> Any:
@@ -187,6 +189,7 @@ def collect(measure: bool = False) -> Report:
         compile_check=_safely(compile_check, lambda error: {"all": error}),
         mpi=mpi_facts(),
         nccl=nccl_version() or "not available (NCCL needs NVIDIA GPUs; chapter 05 runs over MPI on CPU)",
+        nccl_environment=nccl_env.explain(),
         environment=visible_environment(),
         chapters=chapter_modes(backend.has_gpu()),
     )
@@ -228,6 +231,10 @@ def advise(report: Report, decision: backend.Decision) -> list[Advice]:
         advice.append(Advice("warning", f"MPI is missing ({why}): chapter 05's CPU path and the MPI tests need "
                                         "it. pip install mpi4py==4.1.2 mpich==5.0.2 (Linux/macOS) or "
                                         "impi-rt (Windows)."))
+    for setting in report.nccl_environment.settings:
+        if setting.suspect:  # a name NCCL may not read is "info"; a value it does not document, a "warning"
+            advice.append(Advice("info" if setting.variable is None else "warning",
+                                 f"{setting.name}={setting.value}: {setting.note}"))
     if not any(a.level in ("problem", "warning") for a in advice):
         advice.append(Advice("ok", "Nothing is missing for the course in this mode."))
     return advice
@@ -274,6 +281,7 @@ def render(report: Report) -> str:
     else:
         lines.append(f"GPU      none usable: {driver.get('error') or report.mode_reason}")
     lines.append(f"NCCL     {report.nccl}")
+    lines += [f"         {line}" for line in nccl_env.render(report.nccl_environment).splitlines()]
     mpi = report.mpi
     lines.append(f"MPI      {mpi.get('library', mpi.get('error'))}; mpiexec: {mpi.get('mpiexec')}")
     lines.append("Compile  " + ", ".join(f"{arch}: {status}" for arch, status in report.compile_check.items()))

@@ -33,9 +33,30 @@ def test_json_report_parses():
 
 
 def test_secrets_are_never_printed():
-    out = run_env("--json", HF_TOKEN="hf_secret_value_123", CUDA_API_KEY="key_value_456", NCCL_DEBUG="INFO")
+    out = run_env("--json", HF_TOKEN="hf_secret_value_123", CUDA_API_KEY="key_value_456", NCCL_DEBUG="INFO",
+                  NCCL_PSK="psk_value_789_that_is_long_enough_for_nccl")
     assert "hf_secret_value_123" not in out.stdout and "key_value_456" not in out.stdout
+    assert "psk_value_789" not in out.stdout
     assert '"HF_TOKEN": "<hidden>"' in out.stdout and '"NCCL_DEBUG": "INFO"' in out.stdout
+
+
+def test_report_explains_the_nccl_variables_set_and_the_courses_nvls_setting():
+    out = run_env(NCCL_DEBUG="INFO", NCCL_NVLS_ENABLE="0", NCCL_PROTO="LL129", NCCL_DEBUG_SUBSYTEM="INIT",
+                  NCCL_PSK="psk_value_789_that_is_long_enough_for_nccl")
+    assert out.returncode == 0
+    assert "NVLink SHARP off: NCCL_NVLS_ENABLE=0, as the course keeps it" in out.stdout
+    assert "NCCL_DEBUG=INFO: how much NCCL prints" in out.stdout
+    assert "[warning] NCCL_PROTO=LL129: NCCL does not document 'LL129'" in out.stdout
+    assert "[info] NCCL_DEBUG_SUBSYTEM=INIT: not in the course's catalogue; check the spelling (did you mean " \
+           "NCCL_DEBUG_SUBSYS?)" in out.stdout
+    assert "psk_value_789" not in out.stdout and "NCCL_PSK=<hidden>" in out.stdout
+
+
+def test_json_report_says_when_nvls_is_not_off():
+    report = json.loads(run_env("--json", NCCL_NVLS_ENABLE="2").stdout)
+    assert report["nccl_environment"]["nvls_off"] is False
+    (setting,) = [s for s in report["nccl_environment"]["settings"] if s["name"] == "NCCL_NVLS_ENABLE"]
+    assert setting["value"] == "2" and setting["value_known"] is True
 
 
 def test_a_bad_course_device_value_is_advice_not_a_crash():

@@ -15,6 +15,7 @@ LAYERS = (
     ("backend", {"__init__", "backend"}),
     ("dtypes, compile", {"dtypes", "compile"}),
     ("kernels", {"kernels"}),
+    ("distributed", {"distributed"}),
     ("checkpoint", {"checkpoint"}),
     ("engine, models", {"engine", "models"}),
     ("bench, check, env, device_facts, labs", {"bench", "check", "env", "device_facts", "labs"}),

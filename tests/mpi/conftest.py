@@ -1,4 +1,5 @@
-"""MPI tests run under ``mpiexec -n 2`` (``scripts/course.py test`` does this); alone they skip."""
+"""MPI tests run under ``mpiexec -n 2``, ``-n 3`` and ``-n 4`` (``scripts/course.py test`` does all three);
+alone they skip."""
 
 import pytest
 
