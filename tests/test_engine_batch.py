@@ -37,7 +37,7 @@ def test_a_batch_lays_out_tokens_and_sequences():
     ([(2, 9, [1])], "sequence 0: context_len=9 needs 2 blocks of 8, its block table has 1"),
     ([(1, 3, [2]), (1, 9, [1, 8])], r"sequence 1: block ids must lie in \[0, 8\), got \[1, 8\]"),
     ([(1, 9, [-1, 3])], "needs 2 blocks of 8, its block table has 1"),
-    ([(2, 2, [5]), (1, 2, [5])], r"two new tokens of the step share a KV-cache slot: slots \[40, 41, 41\]"),
+    ([(2, 2, [5]), (1, 2, [5])], r"two new tokens of the step share a KV-cache slot .*slots \[40, 41, 41\]"),
 ])
 def test_check_names_the_sequence_at_fault(sequences, message):
     with pytest.raises(ValueError, match=message):

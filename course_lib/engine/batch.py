@@ -87,26 +87,32 @@ class StepBatch:
 
     def check(self, num_blocks: int, vocab_size: int) -> None:
         """Every count, block id and token id the step's kernels will follow, checked against the cache and the
-        vocabulary; a ``ValueError`` names the first sequence at fault. Whole-array NumPy operations: this runs
-        every step, for up to ``max_num_seqs`` sequences, while the GPU waits."""
+        vocabulary; a ``ValueError`` names the first sequence at fault. Whole-array NumPy operations, the
+        reasons worked out only on failure: this runs every step, for up to ``max_num_seqs`` sequences, while
+        the GPU waits."""
         new, context, tables = self.query_lens, self.context_lens, self.block_tables
-        if (bad := (new < 1) | (new > context)).any():
-            row = int(bad.argmax())
+        if ((new < 1) | (new > context)).any():
+            row = int(((new < 1) | (new > context)).argmax())
             raise ValueError(f"sequence {row}: need 1 <= num_new_tokens <= context_len, got num_new_tokens="
                              f"{new[row]}, context_len={context[row]}")
         needed = blocks_for(context, self.block_size)
-        used = np.arange(tables.shape[1]) < needed[:, None]
-        if (bad := (needed > (tables >= 0).sum(axis=1)) | (used & (tables < 0)).any(axis=1)).any():
-            row = int(bad.argmax())
-            raise ValueError(f"sequence {row}: context_len={context[row]} needs {needed[row]} blocks of "
-                             f"{self.block_size}, its block table has {int((tables[row] >= 0).sum())}")
-        if (bad := (used & (tables >= num_blocks)).any(axis=1)).any():
-            row = int(bad.argmax())
-            raise ValueError(f"sequence {row}: block ids must lie in [0, {num_blocks}), got "
-                             f"{tables[row, :needed[row]].tolist()}")
-        if np.unique(self.slots).size != self.num_tokens:  # two writers of one slot: which one wins is a race
-            raise ValueError(f"two new tokens of the step share a KV-cache slot: slots {self.slots.tolist()}")
+        read = np.arange(tables.shape[1]) < needed[:, None]  # the entries the kernels will follow
+        if needed.max() > tables.shape[1] or (read & ((tables < 0) | (tables >= num_blocks))).any():
+            self._raise_for_tables(num_blocks, needed)
+        if self.num_tokens > 1 and np.unique(self.slots).size != self.num_tokens:
+            raise ValueError(f"two new tokens of the step share a KV-cache slot (which write wins is a race): "
+                             f"slots {self.slots.tolist()}")
         ids = self.token_ids
         if ids is not None and (ids.shape != (self.num_tokens,) or ids.min() < 0 or ids.max() >= vocab_size):
             raise ValueError(f"token_ids must be {self.num_tokens} integers in [0, {vocab_size}), got {ids.size} "
                              f"from {ids.min()} to {ids.max()}")
+
+    def _raise_for_tables(self, num_blocks: int, needed: np.ndarray) -> None:
+        """The first sequence whose table is too short or holds a block id outside the cache, and why."""
+        for row, (context, table) in enumerate(zip(self.context_lens, self.block_tables, strict=True)):
+            read = table[:needed[row]]
+            if len(read) < needed[row] or (read < 0).any():
+                raise ValueError(f"sequence {row}: context_len={context} needs {needed[row]} blocks of "
+                                 f"{self.block_size}, its block table has {int((table >= 0).sum())}")
+            if (read >= num_blocks).any():
+                raise ValueError(f"sequence {row}: block ids must lie in [0, {num_blocks}), got {read.tolist()}")

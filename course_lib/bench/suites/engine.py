@@ -44,6 +44,7 @@ from course_lib.checkpoint.config import LLAMA_1B_SHAPED, TINY, ModelConfig
 from course_lib.checkpoint.gguf import GGUFCheckpoint, load_gguf
 from course_lib.checkpoint.tokenizer import Tokenizer
 from course_lib.checkpoint.weights import random_weights, save_checkpoint
+from course_lib.engine.batch import StepBatch
 from course_lib.engine.graphs import DecodeGraphs
 from course_lib.engine.llm import LLM
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
@@ -194,8 +195,10 @@ def measure_decode(source: ModelConfig | str, how: str, repeats: int, one_token_
     breakdown = {}
     if how == "graph":
         graphs = DecodeGraphs(model, cache, batch_sizes=(1,), max_context_len=blocks * BLOCK_SIZE)
-        def replay() -> Any:
-            return graphs.run([1], [context], [table])
+        def replay() -> Any:  # what an engine step does on the host too: build the step's record, check it
+            step = StepBatch.build([(1, context, table)], BLOCK_SIZE, [1])
+            step.check(cache.num_blocks, config.vocab_size)
+            return graphs.run(step)
         try:
             timing = _wall(replay, repeats)
             nodes = {"graph_nodes": graphs.steps[1].num_nodes}
