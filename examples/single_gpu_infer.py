@@ -22,6 +22,7 @@ import numpy as np
 
 from course_lib import backend
 from course_lib.checkpoint.config import LLAMA_1B_SHAPED, TINY
+from course_lib.distributed import Communicator
 from course_lib.engine.llm import LLM
 from course_lib.engine.sampling import SamplingParams
 from course_lib.models import MODELS, FetchError
@@ -30,9 +31,9 @@ from engine_options import add_engine_options, engine_options
 RANDOM_MODELS = {"tiny": TINY, "llama-1b-shaped": LLAMA_1B_SHAPED}
 
 
-def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of this program, described by ``doc`` (its first paragraph, then the examples)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog="\n\n".join(doc.split("\n\n")[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", choices=sorted(RANDOM_MODELS) + sorted(MODELS), default="tiny",
@@ -54,6 +55,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object (token ids, text, timings) "
                         "instead of the streamed text")
     add_engine_options(parser)
+    return parser
+
+
+def parse_arguments(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    parser = parser or argument_parser(__doc__)
     args = parser.parse_args(argv)
     args.engine = engine_options(parser, args)  # LLM's keyword arguments, checked
     if args.chat and not args.prompt:
@@ -63,10 +69,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_engine(args: argparse.Namespace) -> LLM:
+def build_engine(args: argparse.Namespace, comm: Communicator | None = None) -> LLM:
     if args.model in RANDOM_MODELS and not (args.checkpoint or args.gguf):
-        return LLM(RANDOM_MODELS[args.model], seed=args.seed, **args.engine)
-    return LLM.from_pretrained(args.checkpoint or args.gguf or args.model, **args.engine)
+        return LLM(RANDOM_MODELS[args.model], seed=args.seed, comm=comm, **args.engine)
+    return LLM.from_pretrained(args.checkpoint or args.gguf or args.model, comm=comm, **args.engine)
 
 
 def prompt_of(args: argparse.Namespace, llm: LLM) -> list[int]:
@@ -81,16 +87,33 @@ def prompt_of(args: argparse.Namespace, llm: LLM) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_arguments(argv)
-    if not args.json:
+    return generate(parse_arguments(argv))
+
+
+def generate(args: argparse.Namespace, comm: Communicator | None = None) -> int:
+    """Build the engine (split over ``comm``'s ranks, if given), stream the reply and report; rank 0 prints,
+    the other ranks serve its steps."""
+    speaks = comm is None or comm.rank == 0
+    if not args.json and speaks:
         print(backend.mode_line())
     start = time.perf_counter()
     try:
-        llm = build_engine(args)
-        prompt = prompt_of(args, llm)
+        llm = build_engine(args, comm)
+        prompt = prompt_of(args, llm) if speaks else []
     except (ValueError, OSError, FetchError) as error:  # a file, config or prompt the engine cannot take
-        print(f"error: {error}", file=sys.stderr)
+        if speaks:
+            print(f"error: {error}", file=sys.stderr)
         return 1
+    if not speaks:
+        llm.run_worker()
+        return 0
+    try:
+        return stream_and_report(args, llm, prompt, start)
+    finally:
+        llm.close()  # under tensor parallelism, the other ranks' workers return
+
+
+def stream_and_report(args: argparse.Namespace, llm: LLM, prompt: list[int], start: float) -> int:
     loaded = time.perf_counter()
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed, logprobs=args.logprobs)

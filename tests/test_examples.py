@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from course_lib import backend
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -15,7 +17,10 @@ def run(script, *args):
                           timeout=120, check=False)
 
 
-@pytest.mark.parametrize("script", ["single_gpu_infer.py", "latency_bench.py"])
+PROGRAMS = sorted(path.name for path in EXAMPLES.glob("*.py") if path.name != "engine_options.py")  # not a module
+
+
+@pytest.mark.parametrize("script", PROGRAMS)
 def test_every_example_has_help(script):
     done = run(script, "--help")
     assert done.returncode == 0 and "usage:" in done.stdout
@@ -116,3 +121,30 @@ def test_bad_files_and_prompts_get_one_line_that_names_the_problem(tmp_path):
         assert done.returncode == 1, (case, done.stdout, done.stderr)
         assert done.stderr.startswith("error: ") and words in done.stderr, (case, done.stderr)
         assert "Traceback" not in done.stderr, case
+
+
+def mpiexec(ranks: int, script: str, *args: str) -> subprocess.CompletedProcess:
+    """``script`` on ``ranks`` MPI processes, with the ``mpiexec`` of this environment's MPI."""
+    launcher = Path(sys.executable).parent / "mpiexec"
+    return subprocess.run([str(launcher), "-n", str(ranks), sys.executable, str(EXAMPLES / script), *args],
+                          capture_output=True, text=True, timeout=180, check=False)
+
+
+@pytest.mark.skipif(backend.has_gpu(), reason="two ranks need two GPUs (NCCL refuses two ranks on one device); "
+                    "the multi-GPU measurements run this on several")
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_multi_gpu_infer_generates_what_one_rank_generates(ranks):
+    """The issue's acceptance run: the same prompt and options, split over 2 and 4 MPI ranks in CPU mode."""
+    options = ["--prompt-tokens", "1 17 42 99", "--max-tokens", "16", "--json"]
+    single = run("single_gpu_infer.py", *options)
+    split = mpiexec(ranks, "multi_gpu_infer.py", "--tp", str(ranks), *options)
+    assert single.returncode == 0 and split.returncode == 0, split.stderr
+    assert json.loads(split.stdout)["output_token_ids"] == json.loads(single.stdout)["output_token_ids"]
+
+
+@pytest.mark.skipif(backend.has_gpu(), reason="two ranks need two GPUs (NCCL refuses two ranks on one device)")
+def test_multi_gpu_infer_says_what_it_needs():
+    wrong_count = mpiexec(2, "multi_gpu_infer.py", "--tp", "3")
+    assert wrong_count.returncode == 2 and "--tp 3 needs 3 ranks, and 2 started" in wrong_count.stderr
+    uneven = mpiexec(3, "multi_gpu_infer.py", "--tp", "3", "--model", "tiny", "--max-tokens", "2")
+    assert uneven.returncode == 1 and "cannot be split over 3 ranks" in uneven.stderr

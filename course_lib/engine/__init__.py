@@ -9,6 +9,7 @@
 * ``model``: the Llama forward pass over a flat batch of tokens from many sequences, on a paged KV cache;
   ``linear``: its projections, ``x @ weight.T``, as one cuBLAS call (NumPy on the CPU).
 * ``runner``: runs the model on a step, eagerly or by replaying a CUDA graph (``graphs``) for decode-only steps.
+* ``tensor_parallel``: one model split over ranks (Megatron-style), rank 0 sending each step to the others.
 * ``llm``: ``LLM(...).generate(prompts, params)`` and a token stream, wiring it all together: the engine loop.
 * ``stats``: what the engine did, counted as it works.
 

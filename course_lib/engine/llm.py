@@ -33,6 +33,7 @@ from course_lib.checkpoint.config import TINY, ModelConfig
 from course_lib.checkpoint.gguf import load_gguf
 from course_lib.checkpoint.tokenizer import TOKENIZER_FILE, Tokenizer
 from course_lib.checkpoint.weights import load_checkpoint, random_weights
+from course_lib.distributed import Communicator
 from course_lib.engine import sequence as sequences
 from course_lib.engine.block_pool import BlockPool
 from course_lib.engine.logprobs import top_logprobs
@@ -86,15 +87,18 @@ class LLM:
     only) steps that only decode replay a CUDA graph captured for their batch size (``engine.graphs``).
     With ``decode_steps`` > 1, while every running request decodes greedily and no waiting one could join, it runs
     up to that many decode steps at a time, the GPU feeding each step's arg-max to the next
-    (``Scheduler.schedule_decode_run``); the tokens are the same. With CUDA graphs the host then waits for the
-    GPU once a run; eager steps still read their indices back to check them, so they wait every step.
+    (``Scheduler.schedule_decode_run``); the tokens are the same, and the host waits for the GPU once a run.
+
+    With ``comm`` (``course_lib.distributed``) of several ranks the model is split over them (tensor
+    parallelism, ``engine.tensor_parallel``): every rank builds the same ``LLM``; rank 0 runs the engine loop
+    (``generate``, ``stream``, ``step``) and ``close``, the others call ``run_worker``.
     """
 
     def __init__(self, config: ModelConfig = TINY, weights: dict | None = None, *, seed: int = 0,
                  dtype: str = "float32", num_blocks: int = 256, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, max_model_len: int | None = None,
                  tokenizer: Tokenizer | None = None, eos_token_ids: Iterable[int] | None = None,
-                 cuda_graphs: bool = False, decode_steps: int = 1) -> None:
+                 cuda_graphs: bool = False, decode_steps: int = 1, comm: Communicator | None = None) -> None:
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be >= 1 (1: a round trip to the host every step), got {decode_steps}")
         if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
@@ -106,8 +110,8 @@ class LLM:
             eos_token_ids = tokenizer.eos_token_ids if tokenizer else ()
         weights = random_weights(config, seed, dtype) if weights is None else weights
         self.config = config
-        self.model = LlamaModel(config, weights, dtype)
-        self.kv_cache = KVCache.allocate(config, num_blocks, block_size, dtype)
+        self.model = LlamaModel(config, weights, dtype, comm=comm)
+        self.kv_cache = KVCache.allocate(self.model.shard_config, num_blocks, block_size, dtype)  # this rank's heads
         self.block_pool = BlockPool(num_blocks, block_size)
         self.stats = EngineStats(block_size=block_size)
         self.scheduler = Scheduler(self.block_pool, max_num_batched_tokens, max_num_seqs,
@@ -149,8 +153,13 @@ class LLM:
                          f"checkpoint folder")
 
     def close(self) -> None:
-        """Release the CUDA graphs (if any) now; the engine then runs eager steps only."""
+        """Release the CUDA graphs (if any) now, and under tensor parallelism let the other ranks' workers return;
+        the engine then runs eager steps only."""
         self.runner.close()
+
+    def run_worker(self) -> None:
+        """On ranks 1 and up of a tensor-parallel engine: run the steps rank 0 sends until rank 0 calls ``close``."""
+        self.runner.run_worker()
 
     def generate(self, prompts: str | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -209,7 +218,7 @@ class LLM:
         if not plan.scheduled:
             raise RuntimeError("the scheduler found nothing it could run: the KV pool is too small for the "
                                "waiting requests even after preempting every running one")
-        self.kv_cache.copy_blocks(plan.block_copies)                          # 2. copy-on-write
+        self.runner.copy_blocks(plan.block_copies)                            # 2. copy-on-write
         logits = self._run_model(plan)                                        # 3. run the model
         sampling, rows = plan.sampling_sequences, [row for row, step in enumerate(plan.scheduled) if step.samples]
         tokens = self._sample(sampling, logits, rows)                         # 4. sample
@@ -249,8 +258,8 @@ class LLM:
         """Launch the run's steps back to back, each fed the previous step's arg-max on the GPU; read the
         tokens to the host once, at the end."""
         xp = backend.xp
-        self.kv_cache.copy_blocks(run.block_copies)
-        token_ids, sampled, finite = xp.asarray(np.array(run.first_token_ids, dtype=np.int32)), [], []
+        self.runner.copy_blocks(run.block_copies)
+        token_ids, sampled, finite = None, [], []  # step 0's tokens are the run's first ones, known to the host
         for step in range(run.num_steps):
             logits = self.runner.run(run.batch(step), token_ids=token_ids)
             token_ids = xp.argmax(logits, axis=1).astype(xp.int32)  # ties: the lower id, as greedy_tokens

@@ -33,6 +33,8 @@ import numpy as np
 from course_lib import backend, dtypes
 from course_lib.checkpoint.config import ModelConfig
 from course_lib.checkpoint.weights import check_weights
+from course_lib.distributed import Communicator
+from course_lib.engine import tensor_parallel
 from course_lib.engine.batch import StepBatch
 from course_lib.engine.block_pool import BlockCopy
 from course_lib.engine.linear import linear
@@ -116,12 +118,20 @@ class LlamaModel:
     """
 
     def __init__(self, config: ModelConfig, weights: dict[str, Any], dtype: str | None = None, *,
-                 one_token_matvec: bool = True) -> None:
-        check_weights(config, weights)
+                 one_token_matvec: bool = True, comm: Communicator | None = None) -> None:
         self.config = config
+        self.comm = comm if comm is not None and comm.size > 1 else None  # tensor parallelism over comm's ranks
+        if self.comm:
+            weights = tensor_parallel.shard_weights(config, weights, self.comm.rank, self.comm.size)
+        self.shard_config = tensor_parallel.shard_config(config, self.comm.size) if self.comm else config
+        check_weights(self.shard_config, weights)
+        self.vocab_start = self.comm.rank * self.shard_config.vocab_size if self.comm else 0
         self.dtype = dtype or dtypes.element_type(weights["model.embed_tokens.weight"])
-        row_lengths = (config.hidden_size, config.num_heads * config.head_dim, config.intermediate_size)
-        self.one_token_matvec = one_token_matvec and all(matvec.supports(k, self.dtype) for k in row_lengths)
+        local = self.shard_config
+        row_lengths = (local.hidden_size, local.num_heads * local.head_dim, local.intermediate_size)
+        # the fused matrix-vector path adds into the residual inside its kernels, before an all-reduce could
+        self.one_token_matvec = (one_token_matvec and self.comm is None
+                                 and all(matvec.supports(k, self.dtype) for k in row_lengths))
         host_type = dtypes.host_dtype(self.dtype)
         host = {name: np.ascontiguousarray(backend.to_numpy(w).astype(host_type)) for name, w in weights.items()}
         for i in range(config.num_layers):  # stack the projections that read the same input: one GEMM each
@@ -161,16 +171,16 @@ class LlamaModel:
         attention, the post-attention norm; after the MLP, the next layer's input norm, or the final one.
         """
         w, eps, kind, layers = self.weights, self.config.rms_norm_eps, self.dtype, self.config.num_layers
-        residual = w["model.embed_tokens.weight"][token_ids]
+        residual = self._embed(token_ids)
         hidden = rms_norm(residual, w["model.layers.0.input_layernorm.weight"], eps, dtype=kind)
         for i in range(layers):
             layer = f"model.layers.{i}."
             qkv = linear(hidden, w[layer + "self_attn.qkv_proj.weight"], kind)
-            attended = linear(self.attend(i, qkv, positions, kv_cache, attention), w[layer + "self_attn.o_proj.weight"],
-                              kind)
+            attended = self._sum_over_ranks(linear(self.attend(i, qkv, positions, kv_cache, attention),
+                                                   w[layer + "self_attn.o_proj.weight"], kind))
             hidden = add_rms_norm(attended, residual, w[layer + "post_attention_layernorm.weight"], eps, dtype=kind)
             following = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < layers else "model.norm.weight"
-            hidden = add_rms_norm(self.mlp(i, hidden), residual, w[following], eps, dtype=kind)
+            hidden = add_rms_norm(self._sum_over_ranks(self.mlp(i, hidden)), residual, w[following], eps, dtype=kind)
         return hidden
 
     def _one_token_logits(self, token_ids: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
@@ -201,7 +211,30 @@ class LlamaModel:
             last = hidden[backend.xp.asarray(np.asarray(rows, dtype=np.int64))]
         else:
             last = hidden if attention.num_tokens == attention.num_sequences else hidden[attention.last_token_rows]
-        return linear(last, self.lm_head, self.dtype, float32_out=True)
+        logits = linear(last, self.lm_head, self.dtype, float32_out=True)
+        if not self.comm:
+            return logits
+        slices = self.comm.all_gather(logits)  # [ranks * rows, vocab / ranks]: each rank's slice of the vocabulary
+        return slices.reshape(self.comm.size, *logits.shape).transpose(1, 0, 2).reshape(logits.shape[0], -1)
+
+    def _embed(self, token_ids: Any) -> Any:
+        """The embedding rows of ``token_ids``; under tensor parallelism each comes from the one rank that holds
+        it, the others adding zeros."""
+        table = self.weights["model.embed_tokens.weight"]
+        if not self.comm:
+            return table[token_ids]
+        xp = backend.xp
+        local = token_ids - self.vocab_start
+        mine = (local >= 0) & (local < table.shape[0])
+        rows = xp.where(mine[:, None], table[xp.where(mine, local, 0)], xp.zeros((), table.dtype))
+        return self._sum_over_ranks(rows)
+
+    def _sum_over_ranks(self, partial: Any) -> Any:
+        """The all-reduce of a row-parallel product: every rank's partial sums added, in float32 and rounded once
+        (bf16 bits would not add; vLLM all-reduces in the model's type, half the bytes)."""
+        if not self.comm:
+            return partial
+        return dtypes.narrow(self.comm.all_reduce(dtypes.widen(partial, self.dtype)), self.dtype)
 
     def attend(self, i: int, qkv: Any, positions: Any, kv_cache: KVCache, attention: AttentionMetadata) -> Any:
         """Grouped-query attention of layer ``i`` from its q/k/v projection: rotate, cache the new keys and values,
@@ -210,7 +243,7 @@ class LlamaModel:
         The step's slots and tables were checked on the host (``StepBatch.check``), so the kernels run unchecked:
         no layer reads an index back from the device."""
         keys, values, kind = kv_cache.keys[i], kv_cache.values[i], self.dtype
-        query = rope_write_kv_unchecked(qkv, positions, self.frequencies, self.config.num_heads, keys, values,
+        query = rope_write_kv_unchecked(qkv, positions, self.frequencies, self.shard_config.num_heads, keys, values,
                                         attention.slot_mapping, kind)  # the new keys and values go into the cache
         if attention.decode_plan is None:
             problem = paged_attention.decode_problem(query, keys, values, attention.block_tables,

@@ -95,9 +95,11 @@ class DecodeRun:
     block_size: int
 
     def batch(self, step: int) -> StepBatch:
-        """Step ``step`` of the run: one new token per sequence, whose id the GPU supplies."""
+        """Step ``step`` of the run: one new token per sequence, known to the host at step 0 only; the GPU feeds
+        the later steps' tokens."""
         return StepBatch.build(((1, first + step + 1, table) for first, table in
-                                zip(self.first_positions, self.block_tables, strict=True)), self.block_size)
+                                zip(self.first_positions, self.block_tables, strict=True)), self.block_size,
+                               self.first_token_ids if step == 0 else None)
 
 
 @dataclass
