@@ -31,12 +31,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown suite {args.name!r}; choose from: {', '.join(sorted(SUITES))}")
     print(backend.mode_line())
     result = run_suite(args.name, quick=args.quick)
+    if not writes_results():
+        return 0
     path = save_result(result, args.out)
     width = max((len(key) for key in result["headline"]), default=0) + 2
-    for key, value in result["headline"].items():
-        print(f"  {key:<{width}}{value:,.4g}")
+    for key, value in result["headline"].items():  # a figure, or None and a note where one could not be measured
+        print(f"  {key:<{width}}" + (f"{value:,.4g}" if isinstance(value, int | float) else str(value)))
     print(f"wrote {path}")
     return 0
+
+
+def writes_results() -> bool:
+    """Under ``mpiexec -n N`` every rank runs a suite and rank 0 writes its file; a run without MPI is rank 0."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi is None or mpi.COMM_WORLD.Get_rank() == 0
 
 
 if __name__ == "__main__":

@@ -26,10 +26,29 @@ threads (below, with their sources). Mind where they were measured: the NVLink o
 H100 node (the thread reports it growing with the number of GPUs, so for a TP8 all-reduce it is optimistic),
 the network one on 2 nodes of 8 GPUs. Pass your own measured figure where you have one;
 ``alpha_sources`` says, for whatever alphas a prediction used, where each came from.
+
+**Which algorithm: alpha a step.** To choose between all-reduce algorithms, charge alpha for every message a
+GPU waits for in a row (``step_alpha_s``: one hop, its launch and handshake) instead of once a call. An
+algorithm is then two numbers (``all_reduce_schedule``): how many messages follow one another on its longest
+path, and how many bytes they carry in all per byte of ``S``.
+
+* **ring**: ``2 (p - 1)`` messages of ``S / p``: time = 2 (p - 1) alpha + 2 (p - 1) / p * S / B.
+* **recursive doubling**: ``log2 p`` rounds in which partners swap everything they have, ``log2 p`` messages
+  of all ``S`` bytes: time = log2 p * (alpha + S / B). Like a tree, it needs only logarithmically many steps.
+  When ``p`` is not a power of two, ``course_lib.distributed.algorithms.recursive_doubling_all_reduce`` folds
+  the extra ranks in before and out after: ``log2`` of the largest power of two below ``p``, plus two messages.
+
+The ring sends the fewest bytes, recursive doubling the fewest messages: below ``all_reduce_crossover_bytes``
+recursive doubling is faster, above it the ring. NCCL makes the same choice, size by size, between its ring and
+its own tree (a pipelined double binary tree, which sends about ``2 S`` rather than ``S log2 p``).
+
+What was measured is read the other way: ``course_lib.bench.collective_bandwidth`` fits ``alpha`` and ``B`` to
+measured times (``fit_alpha_beta``) and turns times into algorithm and bus bandwidth as nccl-tests do.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from course_lib.scaling.hardware import Source
@@ -98,3 +117,45 @@ def send_s(nbytes: float, bytes_per_s: float, alpha_s: float) -> float:
     """Seconds to send ``nbytes`` to one other GPU: alpha + S / B."""
     _check(nbytes, 2, bytes_per_s, alpha_s)
     return alpha_s + nbytes / bytes_per_s
+
+
+ALL_REDUCE_ALGORITHMS = ("ring", "recursive_doubling")
+
+
+def all_reduce_schedule(algorithm: str, gpus: int) -> tuple[int, float]:
+    """(messages one after another, the bytes they carry per byte of ``S``) of an all-reduce over ``gpus`` GPUs,
+    on the busiest rank: the ring's ``2 (p - 1)`` sendrecvs of ``S / p``; recursive doubling's rounds of ``S``."""
+    _check(0, gpus, 1, 0)
+    if algorithm == "ring":
+        return 2 * (gpus - 1), 2 * (gpus - 1) / gpus
+    if algorithm == "recursive_doubling":
+        doubling = 1 << (gpus.bit_length() - 1)  # the largest power of two <= gpus
+        rounds = doubling.bit_length() - 1 + (2 if gpus != doubling else 0)  # log2, plus the fold in and out
+        return rounds, float(rounds)
+    raise ValueError(f"algorithm must be one of {ALL_REDUCE_ALGORITHMS}, got {algorithm!r}")
+
+
+def stepwise_all_reduce_s(algorithm: str, nbytes: float, gpus: int, bytes_per_s: float, step_alpha_s: float) -> float:
+    """Seconds to all-reduce ``nbytes`` by ``algorithm``, paying ``step_alpha_s`` for every message in a row:
+    messages * alpha + bytes factor * S / B (``all_reduce_schedule``; 0 for one GPU)."""
+    _check(nbytes, gpus, bytes_per_s, step_alpha_s)
+    messages, byte_factor = all_reduce_schedule(algorithm, gpus)
+    return messages * step_alpha_s + byte_factor * nbytes / bytes_per_s
+
+
+def all_reduce_crossover_bytes(gpus: int, bytes_per_s: float, step_alpha_s: float) -> float:
+    """The message size at which the ring and recursive doubling take the same time: below it recursive doubling
+    is faster, above it the ring. Equating the two lines of ``stepwise_all_reduce_s``:
+
+        S* = alpha * B * (ring messages - doubling messages) / (doubling bytes factor - ring bytes factor)
+
+    ``inf`` on 2 GPUs: both send ``S`` bytes there, and recursive doubling in fewer messages, at every size.
+    """
+    _check(0, gpus, bytes_per_s, step_alpha_s)
+    if gpus < 2:
+        raise ValueError("one GPU sends nothing: both algorithms take 0 s, there is no crossover")
+    ring_messages, ring_factor = all_reduce_schedule("ring", gpus)
+    tree_messages, tree_factor = all_reduce_schedule("recursive_doubling", gpus)
+    if tree_factor <= ring_factor:
+        return math.inf
+    return step_alpha_s * bytes_per_s * (ring_messages - tree_messages) / (tree_factor - ring_factor)

@@ -7,6 +7,7 @@ Each suite module defines ``DESCRIPTION``, ``steps(quick) -> list[Step]`` and
 SUITES = {
     "basics": "course_lib.bench.suites.basics",
     "coalescing": "course_lib.bench.suites.coalescing",
+    "collectives": "course_lib.bench.suites.collectives",
     "engine": "course_lib.bench.suites.engine",
     "env": "course_lib.bench.suites.env",
     "gemm": "course_lib.bench.suites.gemm",
