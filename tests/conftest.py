@@ -1,5 +1,6 @@
 """Shared test setup: GPU tests skip, with the reason shown, on a machine without a usable GPU."""
 
+import numpy as np
 import pytest
 from checker_testing import SEEDS
 
@@ -11,6 +12,14 @@ def seed(request, monkeypatch):
     """Run a checker test once per fixed seed, through the variable learners use to replay a run."""
     monkeypatch.setenv("COURSE_CHECK_SEED", request.param)
     return request.param
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A generator on a fresh seed every run (inputs are never the same twice), printed so a failure replays."""
+    seed = np.random.SeedSequence().entropy
+    print(f"random inputs from seed {seed}")
+    return np.random.default_rng(seed)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

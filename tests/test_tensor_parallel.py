@@ -16,13 +16,6 @@ from course_lib.engine.tensor_parallel import broadcast_message, check_layout, s
 OPTIONS = {"num_blocks": 64, "block_size": 8, "max_num_batched_tokens": 24, "max_num_seqs": 4}
 
 
-@pytest.fixture
-def rng() -> np.random.Generator:
-    seed = np.random.SeedSequence().entropy
-    print(f"prompts and weights from seed {seed}")
-    return np.random.default_rng(seed)
-
-
 def test_a_layout_that_does_not_split_evenly_is_refused_with_what_would_fit():
     smollm2_shaped = dataclasses.replace(TINY, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536,
                                          vocab_size=49152)
