@@ -348,9 +348,10 @@ def test_steps() -> list[tuple[str, list[str | Path]]]:
     return [
         ("lint", [PYTHON, "-m", "ruff", "check", "."]),
         ("exercises match solutions, notebooks stored without outputs", [PYTHON, "scripts/exercises.py", "check"]),
-        ("unit tests", [*pytest, "tests", "-m", "not mpi", "--ignore=tests/mpi"]),
+        ("unit tests", [*pytest, "tests", "-m", "not mpi", "--ignore=tests/mpi", "--ignore=tests/slurm"]),
         *[(f"MPI tests on {ranks} ranks", [mpiexec(), "-n", str(ranks), *pytest, "tests/mpi", "-m", "mpi", "-q"])
           for ranks in (2, 3, 4)],  # odd and even rank counts: the ring and the doubling fold differ
+        ("Slurm jobs on a local cluster", [*pytest, "tests/slurm", "-q"]),  # skip, saying why, without Slurm
         ("solutions pass their checks", [*pytest, "--nbval-lax", "solutions/"]),
         ("unsolved exercises fail at their checks", [PYTHON, "scripts/exercises.py", "verify-unsolved"]),
         ("chapters run on CPU within 90 s each", [PYTHON, "scripts/execute_notebook.py", *chapters(),

@@ -1,0 +1,69 @@
+"""The course's job scripts submitted to a real Slurm: a controller and a node started on this machine.
+
+``scripts/slurm/local_cluster.sh`` brings the cluster up from Debian's slurm-wlm and munge packages (CI installs
+them; ``.ci/run``), with four GPUs that exist by count only, so the jobs run in CPU mode. Each script goes through
+``sbatch --wait`` as a user would submit it, and its output is checked: the multi-GPU job's tokens must equal a
+single rank's. The cluster is stopped at the end, leaving no daemon running.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "scripts" / "slurm" / "local_cluster.sh"
+PROMPT = ["--prompt-tokens", "1 17 42 99", "--max-tokens", "8", "--json"]
+SMALL = ["--cpus-per-task=1"]  # a laptop or CI node has few cores; a real cluster keeps the scripts' 4
+
+missing = [name for name in ("sbatch", "slurmctld", "slurmd", "munged") if shutil.which(name) is None]
+pytestmark = pytest.mark.skipif(bool(missing) or os.geteuid() != 0,
+                                reason=f"needs Slurm and munge installed ({', '.join(missing) or 'present'}) and "
+                                       "root, as CI has: apt-get install slurm-wlm munge")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> dict[str, str]:
+    """The environment of a running local cluster (``SLURM_CONF``); stopped after the module's tests."""
+    env = {**os.environ, "COURSE_SLURM_DIR": str(tmp_path_factory.mktemp("slurm")),
+           "COURSE_SLURMCTLD_PORT": "6917", "COURSE_SLURMD_PORT": "6918"}
+    started = subprocess.run([str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    env["SLURM_CONF"] = str(Path(env["COURSE_SLURM_DIR"]) / "slurm.conf")
+    yield env
+    subprocess.run([str(CLUSTER), "stop"], env=env, capture_output=True, timeout=60)
+
+
+def submit(slurm: dict[str, str], tmp_path: Path, script: str, *args: str) -> str:
+    """Submit ``script`` as a user would (from the course's folder), wait for it, return its output."""
+    output = tmp_path / f"{Path(script).stem}.out"
+    done = subprocess.run(["sbatch", "--wait", "--parsable", *SMALL, f"--output={output}",
+                           f"scripts/slurm/{script}", *args], cwd=ROOT, env=slurm, capture_output=True, text=True,
+                          timeout=600)
+    text = output.read_text() if output.exists() else ""
+    assert done.returncode == 0, f"sbatch {script} failed: {done.stderr}\n{text}"
+    return text
+
+
+def tokens_in(output: str) -> list[int]:
+    return json.loads(output.strip().splitlines()[-1])["output_token_ids"]
+
+
+def test_the_single_gpu_job_runs_the_engine(slurm, tmp_path):
+    output = submit(slurm, tmp_path, "sbatch_single_gpu.sh", *PROMPT)
+    assert output.startswith("job ") and "1 task(s)" in output
+    assert len(tokens_in(output)) == 8
+
+
+def test_the_multi_gpu_job_generates_what_one_rank_generates(slurm, tmp_path):
+    single = submit(slurm, tmp_path, "sbatch_single_gpu.sh", *PROMPT)
+    split = submit(slurm, tmp_path, "sbatch_multi_gpu.sh", *PROMPT)
+    assert "2 task(s)" in split and tokens_in(split) == tokens_in(single)
+
+
+def test_the_cluster_reports_its_node_and_queue(slurm):
+    status = subprocess.run([str(CLUSTER), "status"], env=slurm, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "debug" in status.stdout and "JOBID" in status.stdout
