@@ -51,6 +51,19 @@ def test_an_ideal_ring_runs_at_the_link_bandwidth_whatever_the_rank_count(rng):
             pytest.approx(link)
         assert bus_bandwidth("all_to_all", size, collectives.all_to_all_s(size, gpus, link, 0), gpus) == \
             pytest.approx(link)
+        assert bus_bandwidth("all_gather", size, collectives.all_gather_s(size, gpus, link, 0), gpus) == \
+            pytest.approx(link)
+
+
+def test_the_all_gather_of_tensor_parallel_logits_by_hand():
+    """64 rows of float32 logits over a 128256-token vocabulary, each of 4 GPUs holding a quarter of the columns."""
+    gathered = 64 * 128256 * 4
+    assert collectives.all_gather_s(gathered, 4, 450e9, 6e-6) == pytest.approx(6e-6 + 3 / 4 * gathered / 450e9)
+    assert collectives.all_gather_s(gathered, 1, 450e9, 6e-6) == 0  # one GPU holds the whole vocabulary
+    with pytest.raises(ValueError, match=">= 0 bytes"):
+        collectives.all_gather_s(-1, 2, 1e9, 0)
+    with pytest.raises(ValueError, match="positive whole number of GPUs"):
+        collectives.all_gather_s(8, 0, 1e9, 0)
 
 
 def test_bad_bandwidth_inputs_are_refused():

@@ -39,7 +39,8 @@ def run_suite(name: str, quick: bool = False, progress: bool = True) -> dict[str
     """Measure every step of suite ``name`` on this device and return the results dict (unsaved)."""
     module = suite(name)
     steps = module.steps(quick)
-    result = new_result(name, {"quick": quick, **getattr(module, "PARAMETERS", {})})
+    file_name = module.result_name() if hasattr(module, "result_name") else name  # e.g. one file per TP degree
+    result = new_result(file_name, {"quick": quick, **getattr(module, "PARAMETERS", {})})
     for step in tqdm(steps, desc=f"bench {name}", unit="step", disable=not progress):
         result["measurements"].append(step.measure())
     result["headline"] = module.headline(result["measurements"])

@@ -181,3 +181,7 @@ LLAMA_1B_SHAPED = ModelConfig(
     num_kv_heads=8,
     max_position_embeddings=2048,
 )
+
+# Llama 3.1 8B's shape (its layers, heads and 128256-token vocabulary) with random weights: the tensor_parallel suite's.
+LLAMA_8B_SHAPED = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                              num_kv_heads=8, max_position_embeddings=8192)

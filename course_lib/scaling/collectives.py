@@ -13,6 +13,8 @@ pattern of such messages, and its bandwidth term follows from how many bytes eac
   (NCCL's "bus bandwidth" is exactly ``2 (p - 1) / p * S / time``: the ``B`` this formula sees.)
 * **all-to-all** (expert parallelism's dispatch and combine): each GPU sends a ``1 / p`` share of its ``S``
   bytes to each other GPU, ``(p - 1) / p * S`` in all: time = alpha + (p - 1) / p * S / B.
+* **all-gather** (tensor parallelism's logits: each GPU holds ``1 / p`` of the vocabulary's scores): each GPU
+  ends with the gathered ``S`` bytes, of which it lacks ``(p - 1) / p``: time = alpha + (p - 1) / p * S / B.
 * **send** (pipeline parallelism, one stage to the next): time = alpha + S / B.
 
 ``B`` is one direction of one GPU's link: half of NVLink's datasheet figure (which sums both directions),
@@ -111,6 +113,13 @@ def all_to_all_s(nbytes: float, gpus: int, bytes_per_s: float, alpha_s: float) -
     if gpus == 1:
         return 0.0
     return alpha_s + (gpus - 1) / gpus * nbytes / bytes_per_s
+
+
+def all_gather_s(gathered_bytes: float, gpus: int, bytes_per_s: float, alpha_s: float) -> float:
+    """Seconds for each of ``gpus`` GPUs to end with all ``gathered_bytes``, each having held an equal share:
+    alpha + (p-1)/p * S / B (0 for one GPU). ``S`` is the gathered result, as nccl-tests count an all-gather.
+    Each GPU sends its share to the p - 1 others and receives theirs: the traffic of an all-to-all of ``S``."""
+    return all_to_all_s(gathered_bytes, gpus, bytes_per_s, alpha_s)
 
 
 def send_s(nbytes: float, bytes_per_s: float, alpha_s: float) -> float:

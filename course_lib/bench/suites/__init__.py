@@ -1,7 +1,8 @@
 """Benchmark suites: one module per ``python -m course_lib.bench NAME``.
 
 Each suite module defines ``DESCRIPTION``, ``steps(quick) -> list[Step]`` and
-``headline(measurements) -> dict`` (the figures an issue's targets name).
+``headline(measurements) -> dict`` (the figures an issue's targets name); a suite that writes one file per setting
+also defines ``result_name() -> str``, the file's name (``tensor_parallel``: one per tensor-parallel degree).
 """
 
 SUITES = {
@@ -13,4 +14,5 @@ SUITES = {
     "gemm": "course_lib.bench.suites.gemm",
     "norm": "course_lib.bench.suites.norm",
     "paged_attention": "course_lib.bench.suites.paged_attention",
+    "tensor_parallel": "course_lib.bench.suites.tensor_parallel",
 }
