@@ -37,10 +37,11 @@ def slurm(tmp_path_factory) -> dict[str, str]:
     subprocess.run([str(CLUSTER), "stop"], env=env, capture_output=True, timeout=60)
 
 
-def submit(slurm: dict[str, str], tmp_path: Path, script: str, *args: str) -> str:
-    """Submit ``script`` as a user would (from the course's folder), wait for it, return its output."""
+def submit(slurm: dict[str, str], tmp_path: Path, script: str, *args: str, sbatch: tuple[str, ...] = ()) -> str:
+    """Submit ``script`` as a user would (from the course's folder, ``sbatch`` options before it, the example's
+    after it), wait for it, return its output."""
     output = tmp_path / f"{Path(script).stem}.out"
-    done = subprocess.run(["sbatch", "--wait", "--parsable", *SMALL, f"--output={output}",
+    done = subprocess.run(["sbatch", "--wait", "--parsable", *SMALL, *sbatch, f"--output={output}",
                            f"scripts/slurm/{script}", *args], cwd=ROOT, env=slurm, capture_output=True, text=True,
                           timeout=600)
     text = output.read_text() if output.exists() else ""
@@ -62,6 +63,26 @@ def test_the_multi_gpu_job_generates_what_one_rank_generates(slurm, tmp_path):
     single = submit(slurm, tmp_path, "sbatch_single_gpu.sh", *PROMPT)
     split = submit(slurm, tmp_path, "sbatch_multi_gpu.sh", *PROMPT)
     assert "2 task(s)" in split and tokens_in(split) == tokens_in(single)
+
+
+def test_the_multinode_job_runs_on_the_nodes_it_is_given(slurm, tmp_path):
+    """One node here: the script's launch (mpiexec across the allocation, NCCL's settings) is the same on many."""
+    single = submit(slurm, tmp_path, "sbatch_single_gpu.sh", *PROMPT)
+    split = submit(slurm, tmp_path, "sbatch_multinode.sh", *PROMPT,
+                   sbatch=("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2"))
+    assert "nodes: " in split and "2 task(s)" in split and tokens_in(split) == tokens_in(single)
+
+
+def test_the_latency_sweep_is_a_job_array_of_one_batch_size_each(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**slurm, "COURSE_SWEEP_DIR": str(sweep)}
+    done = subprocess.run(["sbatch", "--wait", "--parsable", *SMALL, "--array=0-1", f"--output={tmp_path}/%a.out",
+                           "scripts/slurm/sbatch_latency_sweep.sh", "--model", "tiny", "--prompt-lengths", "8",
+                           "--output-lengths", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr + "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    job = done.stdout.strip().split(";")[0]
+    assert sorted(p.name for p in (sweep / job).iterdir()) == ["batch-1", "batch-8"]
+    assert all(list(folder.glob("*.json")) for folder in (sweep / job).iterdir())
 
 
 def test_the_cluster_reports_its_node_and_queue(slurm):
