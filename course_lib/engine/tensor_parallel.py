@@ -35,6 +35,14 @@ def check_layout(config: ModelConfig, size: int) -> None:
     """Refuse a model that ``size`` ranks cannot split evenly, saying which dimension and what would do."""
     if size < 1:
         raise ValueError(f"the tensor-parallel size must be >= 1, got {size}")
+    if problems := _uneven(config, size):
+        fitting = [ranks for ranks in range(2, 9) if not _uneven(config, ranks)]
+        raise ValueError(f"this model cannot be split over {size} ranks: {'; '.join(problems)}. Sizes that fit: "
+                         f"{fitting or 'none up to 8'} (vLLM would refuse too; padding the heads is not done here)")
+
+
+def _uneven(config: ModelConfig, size: int) -> list[str]:
+    """What ``size`` ranks cannot split evenly (nothing: the layout works)."""
     kv = config.num_kv_heads
     problems = [f"{what} ({count}) is not a multiple of {size}" for what, count in
                 (("the number of attention heads", config.num_heads), ("the MLP's intermediate size",
@@ -42,11 +50,7 @@ def check_layout(config: ModelConfig, size: int) -> None:
     if kv % size and size % kv:
         problems.append(f"the {kv} KV heads can neither be split over {size} ranks nor replicated on them "
                         f"({size} is not a multiple of {kv})")
-    if problems:
-        fitting = [p for p in range(2, 9) if not (config.num_heads % p or config.intermediate_size % p
-                                                  or config.vocab_size % p or (kv % p and p % kv))]
-        raise ValueError(f"this model cannot be split over {size} ranks: {'; '.join(problems)}. Sizes that fit: "
-                         f"{fitting or 'none up to 8'} (vLLM would refuse too; padding the heads is not done here)")
+    return problems
 
 
 def shard_config(config: ModelConfig, size: int) -> ModelConfig:
