@@ -390,3 +390,33 @@ def test_the_committed_scaling_json_is_what_the_model_computes_now():
     assert abs(committed["headline"]["decode_b1_prediction_error"]) < 0.2
     assert abs(committed["headline"]["serving_b64_prediction_error"]) < 0.2
     assert "predicted" in provenance(committed) and committed["mode"] == "derived"
+
+
+# ---- published results of a production engine ------------------------------------------------------------------
+
+def test_published_runs_are_predicted_with_their_source_and_error():
+    from course_lib.scaling.published import PUBLISHED_RUNS, published_comparison
+
+    rows = published_comparison()
+    assert len(rows) == len(PUBLISHED_RUNS) >= 3
+    assert len({(row["model"], row["gpu"]) for row in rows}) >= 3  # three models or GPUs, not one run three times
+    for row, run in zip(rows, PUBLISHED_RUNS, strict=True):
+        assert row["source"]["url"].startswith("https://") and row["source"]["read"]
+        assert row["batch"] == memory(shape(run.model), Hardware.datasheet(run.gpu), Layout.split(run.tp, tp=run.tp),
+                                      Assumptions(weights=run.weights)).max_batch(run.prompt + run.output)
+        assert row["error"] == pytest.approx(run.output_tokens_per_s / row["predicted_tokens_per_s"] - 1)
+        assert abs(row["error"]) < 0.5, f"{row['label']}: the chapter explains errors up to a third, not {row['error']}"
+
+
+def test_a_published_run_that_cannot_fit_is_refused_with_a_reason():
+    from course_lib.scaling.published import TRTLLM_OVERVIEW, PublishedRun, predict_published
+
+    with pytest.raises(ValueError, match="405"):  # 405 B parameters in bf16 do not fit one H100
+        predict_published(PublishedRun("llama-3.1-405b", "h100-sxm", 1, 128, 128, 1.0, TRTLLM_OVERVIEW, "bfloat16"))
+
+
+def test_the_calibration_says_where_it_is_fragile():
+    committed = load_result("scaling", CARD)
+    assert len(committed["parameters"]["caveats"]) >= 3
+    assert sum(m["label"].startswith("published: ") for m in committed["measurements"]) >= 3
+    assert "published" in run_cli("calibrate").stdout

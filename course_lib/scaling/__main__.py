@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     calibrate = commands.add_parser("calibrate", help="the model against the engine's measured H100 decode and serving",
                                     description="Predict engine.json's batch-1 decode step and 64-request serving "
                                     "run from the measured H100 figures: plain roofline, + kernel floor, + host time "
-                                    "per step; print the prediction errors and every input's source.")
+                                    "per step; print the prediction errors, every input's source, the caveats, and "
+                                    "the plain model against published runs of a production engine.")
     calibrate.add_argument("--json", action="store_true", help="print JSON instead of text")
     calibrate.add_argument("--write", action="store_true",
                            help="also write the errors as course_lib/results/<card>/scaling.json")
@@ -135,6 +136,14 @@ def _calibrate(as_json: bool, write: bool = False) -> int:
     host = inputs["host_step_s"]
     print(f"host_step_s {host['value'] * 1e3:.3f} ms from {host['measurement']} ({host['decode_steps']} decode steps, "
           f"mean batch {host['mean_batch']}, predicted GPU {host['predicted_gpu_s']:.3f} s of {host['wall_s']:.3f} s)")
+    print("\ncaveats:")
+    print("\n".join(f"  - {caveat}" for caveat in report["caveats"]))
+    print("\npublished offline runs (output tokens/s of all GPUs) against the plain model at datasheet figures:")
+    print(f"  {'run':<50}{'batch':>7}{'published':>11}{'predicted':>11}{'error':>9}")
+    for run in report["published"]:
+        print(f"  {run['label']:<50}{run['batch']:>7}{run['published_tokens_per_s']:>11,.0f}"
+              f"{run['predicted_tokens_per_s']:>11,.0f}{run['error']:>+9.1%}")
+    print(f"  source: {report['published'][0]['source']['url']}")
     return 0
 
 
