@@ -5,5 +5,8 @@ The runtime lives in ``course_lib.engine``; this package holds what a reader use
 * ``kv_waste``: how much KV memory contiguous slabs and paging leave empty on a request mix (chapter 04);
 * ``pool_view``: pictures of the block pool (lab 10);
 * ``graph_nodes``: a CUDA graph built node by node, and a node re-pointed in place (chapter 06);
+* ``graph_capture``: a pure-Python model of stream capture: what it records, refuses and assumes (chapter 06);
+* ``decode_step_model``: the engine's decode step, captured per batch size and padded, on that model (chapter 06);
+* ``step_time``: where the recorded eager decode step's time goes (chapter 06);
 * ``latency``: time to first token, time per output token and throughput of one batch (lab 20).
 """

@@ -15,4 +15,5 @@ SUITES = {
     "norm": "course_lib.bench.suites.norm",
     "paged_attention": "course_lib.bench.suites.paged_attention",
     "tensor_parallel": "course_lib.bench.suites.tensor_parallel",
+    "timeline": "course_lib.bench.suites.timeline",
 }
