@@ -8,7 +8,11 @@ edited by hand. In a solution notebook:
     imports and, for each top-level function, the decorators, the signature and the docstring; the
     body becomes `raise NotImplementedError(...)`. Everything else in the cell is dropped.
   * a code cell tagged `check` calls a checker from course_lib.check. In the unsolved exercise it
-    must fail, and it must be the first place that fails.
+    must fail, and it must be the first place that fails, with the one line every unsolved exercise
+    prints: "Exercise 04.1: slot_mapping is not written yet: ...".
+  * the cells follow the layout that `python -m course_lib.check` reads (course_lib/check/notebook.py):
+    set-up cells, then one "## Exercise 04.1 · Title" heading per exercise, whose check cell starts
+    with "# Exercise 04.1: slot_mapping" and passes exercise="04.1" to its checker.
 
 Notebooks are stored without outputs (the book is executed when it is built), so a diff shows only
 what an author changed. Cells are numbered from 0, as nbval numbers them.
@@ -34,12 +38,13 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
+from course_lib.check.failure import NotWrittenYet
+from course_lib.check.notebook import CHECK_TAG, SOLUTION_TAG, NotebookLayoutError, exercise_notebook
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SOLUTION_TAG = "solution"
-CHECK_TAG = "check"
+UNSOLVED_ERROR = NotWrittenYet.__name__  # how every check cell of an unsolved exercise fails
 STUB = 'raise NotImplementedError("Exercise: write {name}; see the text above")'
 VOLATILE_CELL_METADATA = ("execution", "ExecuteTime")  # timings written by JupyterLab and extensions
-EXPECTED_UNSOLVED_ERRORS = ("NotImplementedError", "CheckFailed")
 STRIP_COMMAND = "python scripts/exercises.py strip"
 
 Command = Callable[[argparse.Namespace], int]  # what runs one subcommand; returns the exit status
@@ -211,6 +216,17 @@ def exercise_drift(solutions: Path, exercises: Path) -> list[str]:
     return problems
 
 
+def layout_problems(solutions: Path) -> list[str]:
+    """One line per solution notebook that breaks the exercise layout (its exercise inherits the break)."""
+    problems = []
+    for path in sorted(solutions.glob("*.ipynb")):
+        try:
+            exercise_notebook(nbformat.read(path, as_version=4), Path(shown(path)))
+        except NotebookLayoutError as error:
+            problems.append(str(error))
+    return problems
+
+
 def stored_run_state(paths: Iterable[Path]) -> list[str]:
     """One line per notebook stored with outputs or execution counts, naming its first such cell."""
     problems = []
@@ -265,25 +281,28 @@ def describe(error: nbformat.NotebookNode) -> str:
 
 
 def judge_unsolved_run(notebook: nbformat.NotebookNode, name: str) -> UnsolvedRun:
-    """Each check cell must fail because of a stub; no other cell may fail at all."""
+    """Each check cell must fail with its exercise's one line NotWrittenYet; no other cell may fail at all."""
     run = UnsolvedRun(name)
+    try:
+        layout = exercise_notebook(notebook, Path(name))
+    except NotebookLayoutError as error:
+        return UnsolvedRun(name, problems=[str(error)])
+    expected = {cell.index: str(NotWrittenYet(exercise.title))
+                for exercise in layout.exercises for cell in exercise.cells if CHECK_TAG in cell.tags}
     for index, cell in enumerate(notebook.cells):
         error = first_error(cell)
-        if not is_tagged(cell, CHECK_TAG):
+        if index not in expected:
             if error:
                 run.problems.append(f"{name} cell {index} raised {describe(error)}, but it is not a check "
                                     "cell: an exercise may fail only at its check cells")
         elif not error:
             run.problems.append(f"{name} cell {index} is a check cell but did not fail: "
                                 "the unsolved exercise must fail there")
-        elif error.ename not in EXPECTED_UNSOLVED_ERRORS:
-            expected = " or ".join(EXPECTED_UNSOLVED_ERRORS)
-            run.problems.append(f"{name} cell {index} is a check cell that failed with {describe(error)}; "
-                                f"the failure must come from an unsolved stub ({expected})")
+        elif (error.ename, error.evalue) != (UNSOLVED_ERROR, expected[index]):
+            run.problems.append(f"{name} cell {index} is a check cell that failed with {describe(error)}; an "
+                                f"unsolved exercise must fail with the one line {UNSOLVED_ERROR}: {expected[index]}")
         else:
             run.check_failures.append(f"cell {index} {error.ename}")
-    if not any(is_tagged(cell, CHECK_TAG) for cell in notebook.cells):
-        run.problems.append(f"{name} has no cell tagged {CHECK_TAG}: nothing checks the learner's code")
     return run
 
 
@@ -314,12 +333,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """Fail if exercises/ is not exactly what `generate` would write, or if any notebook under the
-    solutions, exercises or book folders is stored with outputs or execution counts."""
+    """Fail if exercises/ is not exactly what `generate` would write, if a solution notebook breaks
+    the exercise layout, or if any notebook under the solutions, exercises or book folders is stored
+    with outputs or execution counts."""
     folders = [args.solutions, args.exercises, args.book]
     stored = [path for folder in folders if folder.is_dir() for path in notebooks_under(folder)]
     drift = exercise_drift(args.solutions, args.exercises)
-    problems = drift + stored_run_state(stored)
+    problems = drift + layout_problems(args.solutions) + stored_run_state(stored)
     for problem in problems:
         print(problem, file=sys.stderr)
     if drift:
@@ -350,8 +370,9 @@ def run_strip(args: argparse.Namespace) -> int:
 
 def run_verify_unsolved(args: argparse.Namespace) -> int:
     """Execute every exercise notebook unsolved (kernel python3, in the notebook's folder) and
-    require that each cell tagged check fails with NotImplementedError or CheckFailed, and that no
-    other cell fails: an earlier error would mean the exercise is broken, not unsolved."""
+    require that each cell tagged check fails with its exercise's one line NotWrittenYet ("Exercise
+    04.1: slot_mapping is not written yet: ..."), and that no other cell fails: an earlier error
+    would mean the exercise is broken, not unsolved."""
     runs = verify_unsolved(args.exercises, args.timeout)
     for run in runs:
         for problem in run.problems:

@@ -72,16 +72,29 @@ def scaled_norm(
     """Length of (a, b), times SCALE."""
     raise NotImplementedError("Exercise: write scaled_norm; see the text above")'''
 
-CHECK_SOURCE = "assert square(3) == 9\nassert scaled_norm(3.0, 4.0) == 10.0"
-SOLUTION_CELL, CHECK_CELL = 2, 3  # where solution_notebook puts them
+SETUP_SOURCE = '''\
+import math
+
+from course_lib.check import CheckFailed, call_learner
+from course_lib.check.exercise import checks_an_exercise
 
 
-def solution_notebook(import_source: str = "import math", solution_source: str = SOLUTION_SOURCE):
-    """A chapter in miniature: text, an import, a solution cell with two functions, a check cell."""
+@checks_an_exercise
+def check_norms(square):
+    if call_learner(square, 3) != 9 or scaled_norm(3.0, 4.0) != 10.0:
+        raise CheckFailed("square(3) must be 9 and scaled_norm(3.0, 4.0) 10.0")'''
+CHECK_SOURCE = '# Exercise 10.1: square\ncheck_norms(square, exercise="10.1")'
+SETUP_CELL, SOLUTION_CELL, CHECK_CELL = 1, 3, 4  # where solution_notebook puts them
+UNWRITTEN = "Exercise 10.1: square is not written yet: replace `raise NotImplementedError(...)` with your code"
+
+
+def solution_notebook(setup_source: str = SETUP_SOURCE, solution_source: str = SOLUTION_SOURCE):
+    """A chapter in miniature: text, the set-up, one exercise (a solution cell with two functions, a check cell)."""
     notebook = new_notebook()
     notebook.cells = [
-        new_markdown_cell("# Norms\nWrite `square` and `scaled_norm`."),
-        new_code_cell(import_source),
+        new_markdown_cell("# Exercises 10 · Norms\nWrite `square` and `scaled_norm`."),
+        new_code_cell(setup_source),
+        new_markdown_cell("## Exercise 10.1 · Two norms"),
         new_code_cell(solution_source, metadata={"tags": ["solution"]}),
         new_code_cell(CHECK_SOURCE, metadata={"tags": ["check"]}),
     ]
@@ -147,9 +160,9 @@ def test_stub_of_a_cuda_kernel_keeps_its_decorator_and_indentation() -> None:
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ("import math\nx = math.pi\n", "solution cells must define functions; cell 2 of .* has none"),
+        ("import math\nx = math.pi\n", "solution cells must define functions; cell 3 of .* has none"),
         ("def f(x): return x\n", "put the body of f on its own line"),
-        ("def f(x:\n", "cell 2 of .*10_bad.ipynb is tagged solution but is not valid Python"),
+        ("def f(x:\n", "cell 3 of .*10_bad.ipynb is tagged solution but is not valid Python"),
     ],
 )
 def test_solution_cells_that_cannot_be_stubbed_are_rejected(tmp_path: Path, source: str, message: str):
@@ -167,13 +180,13 @@ def test_generated_exercise_is_stripped_stubbed_and_keeps_ids_and_tags(tmp_path:
     tool.generate(tmp_path / "solutions", tmp_path / "exercises")
     exercise = nbformat.read(tmp_path / "exercises" / "10_norms.ipynb", as_version=4)
     source = nbformat.read(solution, as_version=4)
-    for cell in exercise.cells[1:]:
+    for cell in (cell for cell in exercise.cells if cell.cell_type == "code"):
         assert (cell.outputs, cell.execution_count) == ([], None)
         assert "execution" not in cell.metadata
     assert [cell.id for cell in exercise.cells] == [cell.id for cell in source.cells]
-    assert [cell.metadata.get("tags") for cell in exercise.cells] == [None, None, ["solution"], ["check"]]
+    assert [cell.metadata.get("tags") for cell in exercise.cells] == [None, None, None, ["solution"], ["check"]]
     assert exercise.cells[SOLUTION_CELL].source == EXPECTED_STUB
-    assert exercise.cells[1].source == "import math"
+    assert exercise.cells[SETUP_CELL].source == SETUP_SOURCE
 
 
 def test_generate_is_idempotent(tmp_path: Path) -> None:
@@ -272,61 +285,70 @@ def test_command_line_works_from_any_directory(course: Path) -> None:
 def unsolved_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """Execute three exercise notebooks once: a good one, one broken before its check, one solved."""
     folder = tmp_path_factory.mktemp("verify")
-    write(solution_notebook(), folder / "solutions" / "good.ipynb")
+    write(solution_notebook(), folder / "solutions" / "10_good.ipynb")
     tool.generate(folder / "solutions", folder / "exercises")
-    broken = nbformat.read(folder / "exercises" / "good.ipynb", as_version=4)
-    broken.cells[1].source = "import a_module_that_does_not_exist"
-    write(broken, folder / "exercises" / "broken.ipynb")
-    write(solution_notebook(), folder / "exercises" / "solved.ipynb")
+    broken = nbformat.read(folder / "exercises" / "10_good.ipynb", as_version=4)
+    broken.cells[SETUP_CELL].source = "import a_module_that_does_not_exist"
+    write(broken, folder / "exercises" / "10_broken.ipynb")
+    write(solution_notebook(), folder / "exercises" / "10_solved.ipynb")
     runs = tool.verify_unsolved(folder / "exercises", timeout=60)
     return {Path(run.notebook).stem: run for run in runs}
 
 
 def test_verify_unsolved_passes_a_generated_exercise(unsolved_runs: dict) -> None:
-    run = unsolved_runs["good"]
+    run = unsolved_runs["10_good"]
     assert run.problems == []
-    assert run.summary().endswith(
-        "good.ipynb: 1 check cell fails as it should (cell 3 NotImplementedError)"
-    )
+    assert run.summary().endswith("10_good.ipynb: 1 check cell fails as it should (cell 4 NotWrittenYet)")
 
 
 def test_verify_unsolved_flags_an_error_outside_the_check_cells(unsolved_runs: dict) -> None:
-    [problem] = unsolved_runs["broken"].problems
-    assert "cell 1 raised ModuleNotFoundError: No module named 'a_module_that_does_not_exist'" in problem
-    assert problem.endswith("but it is not a check cell: an exercise may fail only at its check cells")
+    problems = unsolved_runs["10_broken"].problems
+    assert "cell 1 raised ModuleNotFoundError: No module named 'a_module_that_does_not_exist'" in problems[0]
+    assert problems[0].endswith("but it is not a check cell: an exercise may fail only at its check cells")
 
 
 def test_verify_unsolved_flags_a_check_cell_that_does_not_fail(unsolved_runs: dict) -> None:
-    [problem] = unsolved_runs["solved"].problems
-    assert "cell 3 is a check cell but did not fail" in problem
+    [problem] = unsolved_runs["10_solved"].problems
+    assert "cell 4 is a check cell but did not fail" in problem
 
 
 def failed_with(ename: str, evalue: str) -> list[nbformat.NotebookNode]:
     return [new_output("error", ename=ename, evalue=evalue, traceback=[])]
 
 
-def test_a_check_cell_must_fail_because_of_a_stub() -> None:
+@pytest.mark.parametrize(
+    ("ename", "evalue"),
+    [
+        ("NameError", "name 'squre' is not defined"),
+        ("NotImplementedError", "Exercise: write square; see the text above"),
+        ("CheckFailed", "Exercise 10.1: square failed: square(3) must be 9"),
+        ("NotWrittenYet", UNWRITTEN.replace("10.1", "10.2")),
+    ],
+)
+def test_a_check_cell_must_fail_with_its_exercises_one_line(ename: str, evalue: str) -> None:
     notebook = solution_notebook()
-    notebook.cells[CHECK_CELL].outputs = failed_with("NameError", "name 'squre' is not defined")
-    problems = tool.judge_unsolved_run(notebook, "typo.ipynb").problems
-    assert problems == [
-        "typo.ipynb cell 3 is a check cell that failed with NameError: name 'squre' is not defined; "
-        "the failure must come from an unsolved stub (NotImplementedError or CheckFailed)"
-    ]
-    notebook.cells[CHECK_CELL].outputs = failed_with("CheckFailed", "square(3) returned 6, expected 9")
-    assert tool.judge_unsolved_run(notebook, "wrong.ipynb").check_failures == ["cell 3 CheckFailed"]
+    notebook.cells[CHECK_CELL].outputs = failed_with(ename, evalue)
+    [problem] = tool.judge_unsolved_run(notebook, "10_wrong.ipynb").problems
+    assert problem.startswith(f"10_wrong.ipynb cell 4 is a check cell that failed with {ename}: ")
+    assert problem.endswith(f"an unsolved exercise must fail with the one line NotWrittenYet: {UNWRITTEN}")
+    notebook.cells[CHECK_CELL].outputs = failed_with("NotWrittenYet", UNWRITTEN)
+    assert tool.judge_unsolved_run(notebook, "10_unsolved.ipynb").check_failures == ["cell 4 NotWrittenYet"]
 
 
-def test_a_notebook_without_check_cells_is_a_problem() -> None:
+def test_a_notebook_that_breaks_the_exercise_layout_is_a_problem(course: Path, capsys: pytest.CaptureFixture) -> None:
     notebook = solution_notebook()
     notebook.cells = notebook.cells[:CHECK_CELL]
-    assert tool.judge_unsolved_run(notebook, "unchecked.ipynb").problems == [
-        "unchecked.ipynb has no cell tagged check: nothing checks the learner's code"
+    assert tool.judge_unsolved_run(notebook, "10_unchecked.ipynb").problems == [
+        "10_unchecked.ipynb: exercise 10.1 has 0 cells tagged check; it needs exactly one"
     ]
+    write(notebook, course / "solutions" / "10_norms.ipynb")
+    tool.generate(course / "solutions", course / "exercises")
+    assert run_check(course) == 1
+    assert "exercise 10.1 has 0 cells tagged check; it needs exactly one" in capsys.readouterr().err
 
 
 def test_verify_unsolved_command_line(course: Path, capsys: pytest.CaptureFixture) -> None:
     assert tool.main(["verify-unsolved", "--exercises", str(course / "exercises"), "--timeout", "60"]) == 0
     out = capsys.readouterr().out
-    assert "10_norms.ipynb: 1 check cell fails as it should (cell 3 NotImplementedError)" in out
+    assert "10_norms.ipynb: 1 check cell fails as it should (cell 4 NotWrittenYet)" in out
     assert out.endswith("OK: 1 exercise notebook verified: each fails at its checks and nowhere else\n")

@@ -12,6 +12,7 @@ from course_lib import backend
 from course_lib.bench.roofline import achieved_gbps as reference_gbps
 from course_lib.bench.roofline import roofline_time as reference_roofline_time
 from course_lib.check.compare import assert_close
+from course_lib.check.exercise import checks_an_exercise
 from course_lib.check.failure import CheckFailed
 from course_lib.check.inputs import nonzero_float32
 from course_lib.check.learner import call_learner, launch_learner_kernel
@@ -78,6 +79,7 @@ ACHIEVED_GBPS_MISTAKES = (
 )
 
 
+@checks_an_exercise
 def check_achieved_gbps(achieved_gbps: Callable[[int, int, float], float]) -> None:
     """Check ``achieved_gbps(bytes_read, bytes_written, seconds)`` = (read + written) / seconds / 1e9."""
     __tracebackhide__ = True
@@ -116,6 +118,7 @@ ROOFLINE_TIME_MISTAKES = (
 )
 
 
+@checks_an_exercise
 def check_roofline_time(roofline_time: Callable[[float, float, float, float], float]) -> None:
     """Check ``roofline_time(flops, bytes_moved, peak_flops_per_s, peak_bytes_per_s)``: the larger of the two times.
 
@@ -202,6 +205,7 @@ def _require_nothing_written_past(buffer: np.ndarray, n: int) -> None:
     raise CheckFailed(f"your kernel wrote past the end of out (size {n}), up to out[{n + written[-1]}]: {GUARD}")
 
 
+@checks_an_exercise
 def check_vector_add(vector_add: Any) -> None:
     """Check the kernel ``vector_add(a, b, out)``: out[i] = a[i] + b[i], one thread per element.
 

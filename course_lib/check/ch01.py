@@ -16,12 +16,15 @@ import numpy as np
 from course_lib import backend
 from course_lib.check.compare import assert_close
 from course_lib.check.cuda_source import (
+    builds_source,
     cannot_compile_here,
     compile_learner_source,
     launch_learner_source_kernel,
+    learner_source,
     load_learner_kernel,
     report_compiled_only,
 )
+from course_lib.check.exercise import checks_an_exercise
 from course_lib.check.inputs import nonzero_float32, size_past
 from course_lib.check.learner import launch_learner_kernel
 from course_lib.check.mistakes import Mistake
@@ -145,6 +148,7 @@ def _check_saxpy_in_place(kernel: Any, run: CheckRun, n: int, blocks: int, threa
     assert_close(y.copy_to_host(), expected, np.float32, what="y", mistakes=(several_threads,))
 
 
+@checks_an_exercise
 def check_saxpy(saxpy: Any) -> None:
     """Check the kernel ``saxpy(a, x, y, out)``: out[i] = a * x[i] + y[i] with a grid-stride loop.
 
@@ -247,6 +251,7 @@ def _block_sum_sizes(rng: np.random.Generator) -> list[int]:
     return [blocks * THREADS + int(rng.integers(3, THREADS - 1)) for blocks in full_blocks]
 
 
+@checks_an_exercise
 def check_block_sum(block_sum: Any) -> None:
     """Check the kernel ``block_sum(x, partial)``: partial[b] = the sum of block b's 128 elements of x.
 
@@ -448,17 +453,18 @@ def _check_rms_norm_source(run: CheckRun, source: str) -> None:
     _check_rms_norm_cases(run, _source_launcher(function), SOURCE_ROW_THREADS, "CUDA C")
 
 
+@checks_an_exercise
 def check_rms_norm(rms_norm: Any) -> None:
     """Check an RMSNorm kernel, one block per row: out = x / sqrt(mean(x * x over the row) + eps) * weight.
 
     ``rms_norm`` is either a Numba kernel ``rms_norm(x, weight, out, eps)``, launched with 64 threads
-    per row in both modes, or CUDA C source (a str) defining ``rms_norm(x, weight, out, eps, hidden)``,
-    compiled in both modes and run, 128 threads per row, on a GPU only. x is float32 of shape
-    [rows, hidden], hidden never a multiple of the block size.
+    per row in both modes, or CUDA C source defining ``rms_norm(x, weight, out, eps, hidden)`` (a str, or
+    a function of no arguments that returns it), compiled in both modes and run, 128 threads per row, on
+    a GPU only. x is float32 of shape [rows, hidden], hidden never a multiple of the block size.
     """
     __tracebackhide__ = True
     with CheckRun("rms_norm") as run:
-        if isinstance(rms_norm, str):
-            _check_rms_norm_source(run, rms_norm)
+        if builds_source(rms_norm):
+            _check_rms_norm_source(run, learner_source(rms_norm, "rms_norm"))
         else:
             _check_rms_norm_cases(run, _numba_launcher(rms_norm), ROW_THREADS, "Numba kernel")

@@ -26,10 +26,11 @@ from course_lib.check.cuda_source import (
     code_without_comments,
     compile_learner_source,
     launch_learner_source_kernel,
+    learner_source,
     load_learner_kernel,
     report_compiled_only,
-    require_source_text,
 )
+from course_lib.check.exercise import checks_an_exercise
 from course_lib.check.failure import CheckFailed
 from course_lib.check.inputs import nonzero_float32
 from course_lib.check.mistakes import Mistake
@@ -241,8 +242,11 @@ def _require_tensor_cores_and_zeroing(compiled: CompiledSource, source: str) -> 
         raise CheckFailed(NEVER_ZEROED)
 
 
-def check_wmma_gemm(source: str) -> None:
+@checks_an_exercise
+def check_wmma_gemm(source: str | Callable[[], str]) -> None:
     """Check CUDA C ``source`` defining ``wmma_gemm(a, b, c, M, N, K)``: c = a @ b on the tensor cores.
+
+    ``source`` is the str, or the learner's function of no arguments that returns it.
 
     a [M, K] and b [K, N] are row-major fp16, c [M, N] row-major fp32, and M, N, K are multiples of 16.
     In both modes the source is compiled for sm_75 and must issue mma.sync and zero its accumulator;
@@ -252,7 +256,7 @@ def check_wmma_gemm(source: str) -> None:
     """
     __tracebackhide__ = True
     with CheckRun(KERNEL) as run:
-        require_source_text(source, KERNEL)
+        source = learner_source(source, KERNEL)
         if cannot_compile_here(KERNEL):
             return
         compiled = compile_learner_source(source, KERNEL, ARCH, SIGNATURE)

@@ -18,6 +18,7 @@ import numpy as np
 
 from course_lib import backend
 from course_lib.check.compare import assert_close
+from course_lib.check.exercise import checks_an_exercise
 from course_lib.check.failure import learner_line
 from course_lib.check.inputs import nonzero_float32, size_past
 from course_lib.check.learner import launch_learner_kernel
@@ -132,6 +133,7 @@ def _check_case(kernel: Any, run: CheckRun, m: int, n: int, k: int) -> None:
                  mistakes=_gemm_mistakes(m, n), inputs=(a_buffer, b_buffer, m))
 
 
+@checks_an_exercise
 def check_tiled_gemm(tiled_gemm: Any) -> None:
     """Check the kernel ``tiled_gemm(a, b, c)``: c = a @ b in float32, one TILE x TILE tile of C per block.
 

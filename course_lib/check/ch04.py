@@ -20,6 +20,7 @@ import numpy as np
 
 from course_lib import backend
 from course_lib.check.compare import assert_close
+from course_lib.check.exercise import checks_an_exercise
 from course_lib.check.failure import CheckFailed
 from course_lib.check.inputs import nonzero_float32, size_past
 from course_lib.check.learner import ErrorExplainer, call_learner, launch_learner_kernel
@@ -129,6 +130,7 @@ def _require_whole_numbers(slots: Any) -> None:
                           "division) and %, not /")
 
 
+@checks_an_exercise
 def check_slot_mapping(slot_mapping: Callable[[np.ndarray, np.ndarray, int], Any]) -> None:
     """Check ``slot_mapping(block_table, positions, block_size)``: one slot per position, exactly.
 
@@ -370,6 +372,7 @@ def _require_finite_with_large_logits(out: np.ndarray) -> None:
         raise CheckFailed(f"with logits near {LARGE_LOGIT:g}, out[{index}] = {out[tuple(bad[0])]}\nHint: {MAX_HINT}")
 
 
+@checks_an_exercise
 def check_paged_decode(paged_decode: Any) -> None:
     """Check the kernel ``paged_decode(out, query, key_cache, value_cache, block_tables, context_lens, scale)``.
 
@@ -478,6 +481,7 @@ def _hash_token_counts(rng: np.random.Generator, block_size: int) -> list[int]:
             int(rng.integers(1, block_size))]
 
 
+@checks_an_exercise
 def check_block_hashes(block_hashes: Callable[[list[int], int], Any]) -> None:
     """Check ``block_hashes(token_ids, block_size)``: the chained hash of each full block, as ``hash_full_blocks``.
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from course_lib.check.compare import assert_close
+from course_lib.check.exercise import checks_an_exercise
 from course_lib.check.failure import CheckFailed
 from course_lib.check.inputs import size_past
 from course_lib.check.learner import _require_signature, call_learner, run_with_time_limit
@@ -202,6 +203,7 @@ def _ring_hint(ring_all_reduce: Callable[[Any, np.ndarray], Any], inputs: np.nda
             f"steps, p - 1 a phase) is off. {SEGMENT_RULES}")
 
 
+@checks_an_exercise
 def check_ring_all_reduce(ring_all_reduce: Callable[[Any, np.ndarray], Any]) -> None:
     """Check ``ring_all_reduce(comm, x)``: on every rank, a new array holding the element-wise sum of every rank's
     ``x`` (1-D), built from ``comm.send``, ``comm.recv`` and ``comm.sendrecv`` alone.
@@ -373,6 +375,7 @@ def _explain_dispatch_error(error: BaseException) -> str | None:
     return None
 
 
+@checks_an_exercise
 def check_dispatch_order(dispatch_order: Callable[[np.ndarray, int, int], Any]) -> None:
     """Check ``dispatch_order(expert_ids, experts_per_rank, size) -> (order, send_counts)``.
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from course_lib.check.compare import assert_close
+from course_lib.check.exercise import checks_an_exercise
 from course_lib.check.failure import CheckFailed
 from course_lib.check.learner import call_learner
 from course_lib.check.mistakes import Mistake, hint_for
@@ -184,6 +185,7 @@ def _call_text(name: str, names: Sequence[str], args: Sequence[Any]) -> str:
     return f"{name}({', '.join(f'{key}={value:g}' for key, value in zip(names, args, strict=True))})"
 
 
+@checks_an_exercise
 def check_decode_step_seconds(decode_step_seconds: Callable[..., float]) -> None:
     """Check ``decode_step_seconds(params, layers, kv_heads, head_dim, batch, context, bytes_per_value,
     hbm_bytes_per_s, flops_per_s)``: the roofline of one decode step, within a relative 1e-6.
@@ -368,6 +370,7 @@ def _compare_choice(out: Any, candidates: Sequence[Candidate], target: float) ->
     raise CheckFailed(f"{message}\nHint: {hint}" if hint else message)
 
 
+@checks_an_exercise
 def check_best_layout(best_layout: Callable[[list[Any], float], Any]) -> None:
     """Check ``best_layout(candidates, tpot_target_s)``: of the candidates with ``tpot_s <= tpot_target_s``, the
     one with the most ``tokens_per_s_per_gpu``; None when none meets the target.

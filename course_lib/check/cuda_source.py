@@ -7,23 +7,44 @@ mode a checker says so plainly ("NOT CHECKED numerically") instead of printing a
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
 from course_lib import backend
 from course_lib.check.failure import CheckFailed, describe_learner_error
-from course_lib.check.learner import run_with_time_limit
+from course_lib.check.learner import call_learner, is_cuda_kernel, run_with_time_limit
 from course_lib.check.run import mode_phrase
 from course_lib.compile import CompiledSource, CompileError, compile_cuda, load_module, nvrtc_problem
 
 MAX_LOG_LINES = 12  # a compiler's first errors say what is wrong; the rest usually follow from them
 COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+COMPILED, NOT_CHECKED = "COMPILED", "NOT CHECKED"  # how a CPU-mode report starts, where a pass says PASSED
 RUN_ON_A_GPU = "On this machine the check stops at compilation: run it on a GPU to check the results."
 
 
-def require_source_text(source: Any, kernel: str) -> str:
-    """The learner's CUDA C must arrive as a str; None usually means a function that forgot to return it."""
+def builds_source(candidate: Any) -> bool:
+    """True for what a learner hands in as CUDA C: a str, or a plain function of no arguments that returns one."""
+    if isinstance(candidate, str):
+        return True
+    if not callable(candidate) or is_cuda_kernel(candidate):
+        return False
+    try:
+        return not inspect.signature(candidate).parameters
+    except (TypeError, ValueError):  # a built-in that does not describe its parameters builds no source
+        return False
+
+
+def learner_source(source: Any, kernel: str) -> str:
+    """The learner's CUDA C for ``kernel``: the str itself, or what the function that builds it returns.
+
+    The function is called like any learner code, so an unwritten one fails as NotWrittenYet, in the checker,
+    rather than with a traceback in the check cell. None usually means a function that forgot to return.
+    """
     __tracebackhide__ = True
+    if callable(source):
+        name = getattr(source, "__name__", "your function")
+        source = call_learner(source, name=name, expected_signature=f"{name}()")
     if not isinstance(source, str):
         raise CheckFailed(f"expected the CUDA C source of {kernel} as a str, got {type(source).__name__}: "
                           "does the function that builds it `return` the string?")
@@ -39,7 +60,7 @@ def cannot_compile_here(kernel: str) -> bool:
     """True, after saying so, where NVRTC is missing: the check then stops without claiming anything."""
     problem = nvrtc_problem()
     if problem:
-        print(f"NOT CHECKED {kernel} (CUDA C): it cannot even be compiled here: {problem}")
+        print(f"{NOT_CHECKED} {kernel} (CUDA C): it cannot even be compiled here: {problem}")
     return problem is not None
 
 
@@ -72,8 +93,8 @@ def report_compiled_only(
 ) -> None:
     """CPU mode: say what compiling showed, that the numerical check did not run, and ``next_step``."""
     found = f"; {finding}" if finding else ""
-    print(f"COMPILED {kernel} (CUDA C) for {compiled.arch}{resource_summary(compiled, kernel)}{found}.\n"
-          f"NOT CHECKED numerically: running CUDA C needs a GPU, and this runs {mode_phrase()}. {next_step}")
+    print(f"{COMPILED} {kernel} (CUDA C) for {compiled.arch}{resource_summary(compiled, kernel)}{found}.\n"
+          f"{NOT_CHECKED} numerically: running CUDA C needs a GPU, and this runs {mode_phrase()}. {next_step}")
 
 
 def load_learner_kernel(source: str, kernel: str) -> Any:

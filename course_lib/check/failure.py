@@ -31,6 +31,17 @@ class CheckFailed(AssertionError):
         return [f"{type(self).__name__}: {self}"]
 
 
+class NotWrittenYet(CheckFailed):
+    """The learner's code still raises the exercise's ``NotImplementedError``: there is nothing to check yet.
+
+    Every unsolved exercise fails with this one line, the same in every notebook and with no seed (no input
+    was tried), so that a learner who runs a whole notebook sees at a glance which exercises are still to do.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name} is not written yet: replace `raise NotImplementedError(...)` with your code")
+
+
 def _library_roots() -> tuple[str, ...]:
     """Folders whose code is not the learner's: the standard library, installed packages, course_lib."""
     paths = sysconfig.get_paths()
@@ -70,10 +81,16 @@ def learner_line(error: BaseException) -> str | None:
     return None
 
 
+def learner_failure(name: str, error: BaseException, hint: str | None = None) -> CheckFailed:
+    """What to raise for an exception from learner code: NotWrittenYet for the exercise's stub, else a
+    CheckFailed that describes the exception."""
+    if isinstance(error, NotImplementedError):
+        return NotWrittenYet(name)
+    return CheckFailed(describe_learner_error(name, error, hint))
+
+
 def describe_learner_error(name: str, error: BaseException, hint: str | None = None) -> str:
     """The message for an exception raised by learner code: type, text, their line, and a hint."""
-    if isinstance(error, NotImplementedError):
-        return f"{name} is not implemented yet: replace the `raise NotImplementedError` with your code"
     text = re.sub(r"\n\s*\n", "\n", TERMINAL_COLOURS.sub("", str(error))).strip()
     if len(text) > MAX_EXCEPTION_TEXT:
         text = text[:MAX_EXCEPTION_TEXT] + " [...]"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from course_lib import backend
-from course_lib.check.failure import CheckFailed, describe_learner_error
+from course_lib.check.failure import CheckFailed, NotWrittenYet, learner_failure
 
 Result = TypeVar("Result")
 ErrorExplainer = Callable[[BaseException], str | None]  # exception -> hint, or None
@@ -91,7 +91,7 @@ def launch_learner_kernel(
         raise CheckFailed(f"{name} should be a @cuda.jit kernel, got {type(kernel).__name__}")
     if "NotImplementedError" in _python_function(kernel).__code__.co_names:
         # Checked before launching: on a GPU a `raise` inside a kernel is silently dropped.
-        raise CheckFailed(describe_learner_error(name, NotImplementedError()))
+        raise NotWrittenYet(name)
     _require_signature(_python_function(kernel), args, name, expected_signature)
 
     def launch() -> None:
@@ -160,7 +160,7 @@ def run_with_time_limit(
     if "error" in outcome:
         error = outcome.pop("error")
         hint = explain_error(error) if explain_error else None
-        raise CheckFailed(describe_learner_error(name, error, hint)) from None  # described, not chained
+        raise learner_failure(name, error, hint) from None  # described, not chained
     return outcome.get("value")
 
 
