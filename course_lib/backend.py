@@ -21,12 +21,16 @@ import ctypes
 import functools
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 OLDEST_SUPPORTED_CC = (7, 5)  # CUDA 13 compiles for sm_75 and newer
 COURSE_ARCHS = ("sm_75", "sm_80", "sm_90", "sm_90a")
+# The widest line a chapter prints: what a code cell's output box shows in the book (a 1400-pixel window) without a
+# scrollbar. A longer line is cut off at the box's edge, so the mode line and the environment report wrap at it.
+OUTPUT_COLUMNS = 88
 
 # CUresult codes the driver may answer with, and what they mean for a learner.
 _DRIVER_ERRORS = {
@@ -212,10 +216,19 @@ def has_gpu() -> bool:
 
 
 def mode_line() -> str:
-    """The visible line every chapter prints: which mode produced the outputs below it."""
-    if has_gpu():
-        return f"Mode: GPU ({DECISION.reason})"
-    return f"Mode: CPU (NumPy + Numba CUDA simulator) - {DECISION.reason}"
+    """The visible line every chapter prints: which mode produced the outputs below it.
+
+    When mode and reason do not fit in ``OUTPUT_COLUMNS``, the reason (a CuPy error can be long) goes on indented
+    lines of its own under the mode, so that the book shows all of it instead of cutting it off. Joined back into
+    one line (as a figure's caption does), the two forms read the same.
+    """
+    mode = "GPU" if has_gpu() else "CPU (NumPy + Numba CUDA simulator)"
+    line = f"Mode: {mode} - {DECISION.reason}"
+    if len(line) <= OUTPUT_COLUMNS:
+        return line
+    reason = textwrap.fill(DECISION.reason, OUTPUT_COLUMNS, initial_indent="  ", subsequent_indent="  ",
+                           break_on_hyphens=False)
+    return f"Mode: {mode} -\n{reason}"
 
 
 @functools.cache

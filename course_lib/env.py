@@ -13,6 +13,7 @@ import platform
 import re
 import shutil
 import sys
+import textwrap
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ BOOK_DIR = Path(__file__).resolve().parent.parent / "book"
 SHOWN_PREFIXES = ("COURSE_", "CUDA_", "NCCL_", "NUMBA_", "CUPY_", "OMPI_", "MPICH_", "HYDRA_", "LD_LIBRARY_PATH", "HF_")
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASS|PSK|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
 NEWEST_NUMPY_FOR_NUMBA_CUDA = (2, 4)
+LABEL_COLUMNS = len("Environment ")  # the report's first column: its longest label and a space
 
 
 @dataclass
@@ -264,39 +266,70 @@ def _gpu_problem_advice(decision: backend.Decision, driver: dict[str, Any], libs
 
 
 def render(report: Report) -> str:
-    """The report as text, the way the command prints it."""
-    lines = [f"Mode: {report.mode.upper()} ({report.mode_reason})", ""]
+    """The report as text, the way the command prints it, in lines of at most ``backend.OUTPUT_COLUMNS``.
+
+    Chapter 00 prints it into an output box that cuts off longer lines, so every entry wraps under its own
+    column: a label, then the text; a chapter's title, then what runs of it, indented below.
+    """
+    lines = [*_wrapped(f"Mode: {report.mode.upper()} ({report.mode_reason})", "", "  "), ""]
     system = report.system
-    lines.append(f"System   {system['os']} {system['machine']}, {system['cpu']}, {system['cpu_count']} cores, "
-                 f"{system['memory_gb']} GB RAM; Python {system['python']}")
+    lines += _field("System", f"{system['os']} {system['machine']}, {system['cpu']}, {system['cpu_count']} cores, "
+                              f"{system['memory_gb']} GB RAM; Python {system['python']}")
     driver = report.driver
     if report.gpu and "name" in report.gpu:
         g = report.gpu
         driver_cuda = cuda_version(g["driver_cuda_version"])
         runtime_cuda = cuda_version(g["runtime_cuda_version"])
-        lines.append(f"GPU      {g['name']} (sm_{g['compute_capability'].replace('.', '')}), {g['sm_count']} SMs, "
-                     f"{g['memory_bytes'] / 2**30:.1f} GiB, driver CUDA {driver_cuda}, runtime CUDA {runtime_cuda}")
+        lines += _field("GPU", f"{g['name']} (sm_{g['compute_capability'].replace('.', '')}), {g['sm_count']} SMs, "
+                               f"{g['memory_bytes'] / 2**30:.1f} GiB, driver CUDA {driver_cuda}, "
+                               f"runtime CUDA {runtime_cuda}")
         if "measured" in g:
-            lines.append(f"Measured {_figures(g['measured'])}")
+            lines += _field("Measured", _figures(g["measured"]))
     else:
-        lines.append(f"GPU      none usable: {driver.get('error') or report.mode_reason}")
-    lines.append(f"NCCL     {report.nccl}")
-    lines += [f"         {line}" for line in nccl_env.render(report.nccl_environment).splitlines()]
+        lines += _field("GPU", f"none usable: {driver.get('error') or report.mode_reason}")
+    lines += _field("NCCL", report.nccl)
+    indent = " " * LABEL_COLUMNS
+    for line in nccl_env.render(report.nccl_environment).splitlines():
+        lines += _wrapped(line, indent, indent)
     mpi = report.mpi
-    lines.append(f"MPI      {mpi.get('library', mpi.get('error'))}; mpiexec: {mpi.get('mpiexec')}")
-    lines.append("Compile  " + ", ".join(f"{arch}: {status}" for arch, status in report.compile_check.items()))
-    lines.append("Libraries " + ", ".join(f"{k} {v}" for k, v in report.libraries.items()))
+    lines += _field("MPI", f"{mpi.get('library', mpi.get('error'))}; mpiexec: {mpi.get('mpiexec')}")
+    lines += _field("Compile", [f"{arch}: {status}" for arch, status in report.compile_check.items()])
+    lines += _field("Libraries", [f"{k} {v}" for k, v in report.libraries.items()])
     if report.environment:
-        lines.append("Environment " + ", ".join(f"{k}={v}" for k, v in report.environment.items()))
+        lines += _field("Environment", [f"{k}={v}" for k, v in report.environment.items()])
     if report.chapters:
-        lines += ["", "Chapters in this mode:"]
-        lines += [f"  {c['chapter']:<36}{c['mode']}: {c['here']}" for c in report.chapters]
-    lines += ["", "Advice:"] + [f"  [{a.level}] {a.text}" for a in report.advice]
+        lines += ["", f"Chapters in {report.mode.upper()} mode:"]
+        for chapter in report.chapters:
+            lines += [f"  {chapter['chapter']}", *_wrapped(chapter["here"], "      ", "      ")]
+    lines += ["", "Advice:"]
+    for advice in report.advice:
+        first = f"  [{advice.level}] "
+        lines += _wrapped(advice.text, first, " " * len(first))
     return "\n".join(lines)
 
 
-def _figures(measured: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in measured.items())
+def _field(label: str, text: str | list[str]) -> list[str]:
+    """One entry of the report: ``label`` in the first column, ``text`` wrapped in the second.
+
+    A list breaks between its items only, so that ``numpy 2.4.6`` or ``sm_90: ok (12 registers)`` stays whole.
+    """
+    if isinstance(text, list):
+        # textwrap breaks lines at whitespace only: the spaces inside each item become NULs until it is done.
+        keep = "\0"
+        wrapped = _wrapped(", ".join(item.replace(" ", keep) for item in text), label.ljust(LABEL_COLUMNS),
+                           " " * LABEL_COLUMNS)
+        return [line.replace(keep, " ") for line in wrapped]
+    return _wrapped(text, label.ljust(LABEL_COLUMNS), " " * LABEL_COLUMNS)
+
+
+def _wrapped(text: str, first: str, rest: str) -> list[str]:
+    """``text`` in lines of at most ``backend.OUTPUT_COLUMNS``, the first after ``first``, the others after ``rest``."""
+    return textwrap.wrap(" ".join(text.split()), backend.OUTPUT_COLUMNS, initial_indent=first, subsequent_indent=rest,
+                         break_on_hyphens=False)
+
+
+def _figures(measured: dict[str, Any]) -> list[str]:
+    return [f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in measured.items()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,17 @@ def test_mode_line_names_the_mode():
     assert backend.mode_line().startswith("Mode: GPU" if backend.has_gpu() else "Mode: CPU")
 
 
+def test_a_long_mode_line_wraps_to_fit_a_notebook_output_box(monkeypatch):
+    reason = "CuPy could not use the GPU: CUDARuntimeError: " + "a very long error message " * 8
+    monkeypatch.setattr(backend, "DECISION", backend.decide(None, probe(error=reason)))
+    lines = backend.mode_line().splitlines()
+    assert lines[0] == "Mode: CPU (NumPy + Numba CUDA simulator) -"
+    assert max(len(line) for line in lines) <= backend.OUTPUT_COLUMNS
+    assert " ".join(backend.mode_line().split()) == f"Mode: CPU (NumPy + Numba CUDA simulator) - {reason.strip()}"
+    monkeypatch.setattr(backend, "DECISION", backend.decide(None, probe(error="no driver")))
+    assert backend.mode_line() == "Mode: CPU (NumPy + Numba CUDA simulator) - no driver"
+
+
 def test_cpu_mode_uses_numpy_and_the_simulator():
     if backend.has_gpu():
         pytest.skip("this machine runs in GPU mode; the CPU-mode check runs in a subprocess below")

@@ -101,3 +101,20 @@ def test_gpu_ceilings_are_plausible():
     headline = run_suite("env", quick=True, progress=False)["headline"]
     assert headline["copy_gbps"] > 100
     assert headline["matmul_fp16_tflops"] > 5
+
+
+def test_a_caption_sits_below_the_x_axis_labels_of_a_figure_made_without_a_layout():
+    import matplotlib.pyplot as plt
+
+    from course_lib.bench import plots
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))  # a plain figure, as a chapter may make one
+    for ax in axes:
+        ax.plot([1, 2, 4], [1, 2, 3])
+        ax.set_xlabel("batch size")
+    plots.caption(fig, "where the numbers came from " * 8)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (caption,) = fig.texts
+    assert caption.get_window_extent(renderer).y1 < min(ax.xaxis.label.get_window_extent(renderer).y0 for ax in axes)
+    plt.close(fig)

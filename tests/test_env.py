@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,11 @@ def run_env(*args, **extra_env):
     environment.pop("NUMBA_ENABLE_CUDASIM", None)
     return subprocess.run([sys.executable, "-m", "course_lib.env", *args], env=environment,
                           capture_output=True, text=True, timeout=120)
+
+
+def flowing(text: str) -> str:
+    """The report as one line: it wraps at ``backend.OUTPUT_COLUMNS``, so a phrase may span two of its lines."""
+    return " ".join(text.split())
 
 
 def test_report_names_mode_compile_check_and_advice():
@@ -43,12 +49,13 @@ def test_secrets_are_never_printed():
 def test_report_explains_the_nccl_variables_set_and_the_courses_nvls_setting():
     out = run_env(NCCL_DEBUG="INFO", NCCL_NVLS_ENABLE="0", NCCL_PROTO="LL129", NCCL_DEBUG_SUBSYTEM="INIT",
                   NCCL_PSK="psk_value_789_that_is_long_enough_for_nccl")
+    text = flowing(out.stdout)
     assert out.returncode == 0
-    assert "NVLink SHARP off: NCCL_NVLS_ENABLE=0, as the course keeps it" in out.stdout
-    assert "NCCL_DEBUG=INFO: how much NCCL prints" in out.stdout
-    assert "[warning] NCCL_PROTO=LL129: NCCL does not document 'LL129'" in out.stdout
+    assert "NVLink SHARP off: NCCL_NVLS_ENABLE=0, as the course keeps it" in text
+    assert "NCCL_DEBUG=INFO: how much NCCL prints" in text
+    assert "[warning] NCCL_PROTO=LL129: NCCL does not document 'LL129'" in text
     assert "[info] NCCL_DEBUG_SUBSYTEM=INIT: not in the course's catalogue; check the spelling (did you mean " \
-           "NCCL_DEBUG_SUBSYS?)" in out.stdout
+           "NCCL_DEBUG_SUBSYS?)" in text
     assert "psk_value_789" not in out.stdout and "NCCL_PSK=<hidden>" in out.stdout
 
 
@@ -61,14 +68,14 @@ def test_json_report_says_when_nvls_is_not_off():
 
 def test_a_bad_course_device_value_is_advice_not_a_crash():
     out = run_env(COURSE_DEVICE="tpu")
-    assert out.returncode == 0 and "[problem] COURSE_DEVICE must be 'cpu' or 'gpu'" in out.stdout
+    assert out.returncode == 0 and "[problem] COURSE_DEVICE must be 'cpu' or 'gpu'" in flowing(out.stdout)
 
 
 def test_forcing_a_missing_gpu_is_advice_not_a_crash():
     if backend.has_gpu():
         pytest.skip("this machine has a GPU")
     out = run_env(COURSE_DEVICE="gpu")
-    assert out.returncode == 0 and "[problem] COURSE_DEVICE=gpu, but no usable GPU" in out.stdout
+    assert out.returncode == 0 and "[problem] COURSE_DEVICE=gpu, but no usable GPU" in flowing(out.stdout)
 
 
 FAKE_DRIVER = r"""
@@ -97,15 +104,17 @@ def broken_driver(tmp_path):
 
 def test_a_driver_that_fails_to_initialise_is_explained(broken_driver):
     out = run_env(**broken_driver(999, 13000))
+    text = flowing(out.stdout)
     assert out.returncode == 0
-    assert "An NVIDIA driver is installed" in out.stdout and "CUDA_ERROR_UNKNOWN" in out.stdout
-    assert "nvidia-smi" in out.stdout
+    assert "An NVIDIA driver is installed" in text and "CUDA_ERROR_UNKNOWN" in text
+    assert "nvidia-smi" in text
 
 
 def test_a_driver_too_old_for_cupy_suggests_the_cuda12_wheel(broken_driver):
     out = run_env(**broken_driver(35, 12020))
+    text = flowing(out.stdout)
     assert out.returncode == 0
-    assert "CUDA 12.2" in out.stdout and "pip install cupy-cuda12x" in out.stdout
+    assert "CUDA 12.2" in text and "pip install cupy-cuda12x" in text
 
 
 def test_numpy_too_new_for_numba_cuda_is_flagged():
@@ -127,7 +136,21 @@ def test_chapter_table_comes_from_the_notebooks():
     assert "00 Environment check" in titles
 
 
+def test_every_line_of_the_report_fits_a_notebook_output_box():
+    report = env.collect()
+    long_title = "Lab 99 A chapter whose title is longer than any column of a table would be"
+    report.chapters.append({"chapter": long_title, "mode": "CPU", "here": "what runs here, " * 12})
+    report.environment["LD_LIBRARY_PATH"] = ":".join(f"/opt/library/number_{i}/lib64" for i in range(8))
+    report.advice.append(env.Advice("warning", "a long piece of advice " * 10))
+    lines = env.render(report).splitlines()
+    assert max(len(line) for line in lines) <= backend.OUTPUT_COLUMNS
+    assert f"  {long_title}" in lines  # a title has a line of its own: it cannot run into the next column
+    numpy = f"numpy {report.libraries['numpy']}"
+    assert any(numpy in line for line in lines)  # a list breaks between its items, never inside one
+
+
 @pytest.mark.gpu
 def test_measured_figures_on_the_gpu():
     out = run_env("--measure")
-    assert "Measured copy_gbps" in out.stdout and "NCCL     2." in out.stdout
+    assert re.search(r"^Measured +copy_gbps", out.stdout, re.MULTILINE)
+    assert re.search(r"^NCCL +2\.", out.stdout, re.MULTILINE)

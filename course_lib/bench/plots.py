@@ -21,8 +21,14 @@ def figure(title: str, width: float = 7.0, height: float = 4.0) -> tuple[plt.Fig
 
 
 def caption(fig: plt.Figure, text: str) -> None:
-    """Where the numbers came from, in small print along the bottom (card, date, versions, mode)."""
-    fig.supxlabel(textwrap.fill(text, 140), fontsize=7, color="0.35")
+    """Where the numbers came from, in small print along the bottom (card, date, versions, mode).
+
+    Only constrained layout makes room for the caption below the axes' labels; a figure without it (a plain
+    ``plt.subplots``) would print the caption over the x-axis labels, so the caption switches it on.
+    """
+    fig.set_layout_engine("constrained")
+    one_line = " ".join(text.split())  # text that arrives wrapped for an output box (a mode line) is refilled here
+    fig.supxlabel(textwrap.fill(one_line, 140), fontsize=7, color="0.35")
 
 
 def bar_chart(ax: plt.Axes, labels: Sequence[str], values: Sequence[float], unit: str, log: bool = False) -> None:
