@@ -8,6 +8,7 @@ tile by tile in plain Python, so that the checker's own model of them is checked
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 from checker_testing import SEEDS, rejected_with
@@ -15,9 +16,18 @@ from checker_testing import SEEDS, rejected_with
 from course_lib import backend
 from course_lib.check import check_wmma_gemm
 from course_lib.check.ch02 import FRAGMENT, case_shapes, judge_case, padding, product_as_loaded
+from course_lib.check.ch02_fragments import (
+    check_fp8_block_quantize,
+    check_fragment_element,
+    check_ldmatrix_x4_row,
+    check_swizzle,
+    fragment_map,
+    ldmatrix_wavefronts,
+)
 from course_lib.check.inputs import nonzero_float32
 from course_lib.check.run import CheckRun
 from course_lib.compile import nvrtc_problem
+from course_lib.labs.tensor_core_fragments import FRAGMENTS
 
 needs_gpu = pytest.mark.gpu  # tests/conftest.py skips these, saying why, where there is no GPU
 on_cpu_only = pytest.mark.skipif(backend.has_gpu(), reason="on a GPU the checker runs the kernel")
@@ -277,3 +287,149 @@ def test_gpu_solution_passes(capsys):
 )
 def test_gpu_known_mistakes_are_rejected_with_their_hint(seed, wrong, hint):
     assert hint in rejected_with(check_wmma_gemm, wrong)
+
+
+# --- the exercises below WMMA (ch02_fragments): fragments, ldmatrix, the swizzle, fp8 -----------------
+
+
+def fragment_element(operand, lane, i):
+    group, thread = lane >> 2, lane % 4
+    if operand == "A":
+        return group + 8 * ((i // 2) % 2), 2 * thread + (i % 2) + 8 * (i // 4)
+    if operand == "B":
+        return 2 * thread + (i % 2) + 8 * (i // 2), group
+    return group + 8 * (i // 2), 2 * thread + (i % 2)
+
+
+def only(operand, wrong):
+    """fragment_element with ``wrong(lane, i)`` for one operand."""
+    return lambda name, lane, i: wrong(lane, i) if name == operand else fragment_element(name, lane, i)
+
+
+def test_fragment_element_accepts_the_solution(capsys):
+    assert check_fragment_element(fragment_element) is None
+    assert capsys.readouterr().out.startswith("PASSED fragment_element: 3 random cases (A, B and C")
+
+
+@pytest.mark.parametrize(
+    ("wrong", "hint"),
+    [
+        (lambda name, lane, i: fragment_element(name, (lane % 4) * 8 + (lane >> 2), i), "group and place were swapped"),
+        (only("A", lambda lane, i: fragment_element("A", lane, [0, 1, 4, 5, 2, 3, 6, 7][i])),
+         "the row moves before the column"),
+        (only("B", lambda lane, i: fragment_element("B", lane, i)[::-1]), "B is K x N = 16 x 8, so its row is k"),
+        (only("C", lambda lane, i: ((lane >> 2) + 8 * (i % 2), 2 * (lane % 4) + i // 2)), "c0 c1 are neighbours"),
+        (only("C", lambda lane, i: (lane >> 2, 2 * (lane % 4) + i % 2)), "is held by 2 registers of the warp"),
+        (only("B", lambda lane, i: (lane, i)), "outside the 16 x 8 tile of B"),
+    ],
+    ids=["groups-swapped", "a-registers-in-column-order", "b-transposed", "c-row-from-i", "c-twice", "outside"],
+)
+def test_fragment_element_rejects_known_mistakes(seed, wrong, hint):
+    assert hint in rejected_with(check_fragment_element, wrong)
+
+
+def test_fragment_element_rejects_what_is_not_a_pair():
+    assert "return the pair (row, col)" in rejected_with(check_fragment_element, lambda name, lane, i: lane)
+
+
+def test_fragment_maps_cover_each_element_once():
+    for element, shape, per_lane in FRAGMENTS.values():
+        held = fragment_map(element, per_lane).reshape(-1, 2)
+        assert len({tuple(place) for place in held}) == held.shape[0] == shape[0] * shape[1]
+
+
+def test_ldmatrix_x4_row_accepts_the_solution(capsys):
+    assert check_ldmatrix_x4_row(lambda lane: (lane % 16, 8 * (lane // 16))) is None
+    assert capsys.readouterr().out.startswith("PASSED ldmatrix_x4_row: 1 random cases")
+
+
+@pytest.mark.parametrize(
+    ("wrong", "hint"),
+    [
+        (lambda lane: (lane % 8 + 8 * (lane // 16), 8 * (lane // 8 % 2)), "lanes 8-15 point at rows 8-15"),
+        (lambda lane: (lane % 16, 0), "lanes 16-31 supply matrices 2 and 3"),
+        (lambda lane: (lane, 0), "row is 0-15 and col is 0 or 8"),
+        (lambda lane: lane, "return (row, col)"),
+    ],
+    ids=["matrices-in-reading-order", "columns-8-15-never-read", "row-is-lane", "not-a-pair"],
+)
+def test_ldmatrix_x4_row_rejects_known_mistakes(seed, wrong, hint):
+    assert hint in rejected_with(check_ldmatrix_x4_row, wrong)
+
+
+def test_ldmatrix_wavefronts_counts_bank_conflicts():
+    assert ldmatrix_wavefronts(np.arange(8) * 16) == 1  # 128 contiguous bytes: 32 banks, one pass
+    assert ldmatrix_wavefronts(np.arange(8) * 128) == 8  # one chunk column of 128-byte rows: the same 4 banks
+    assert ldmatrix_wavefronts(np.zeros(8, dtype=np.int64)) == 1  # the same 16 bytes eight times: a broadcast
+
+
+def swizzle(offsets):
+    return offsets ^ (((offsets >> 7) & 7) << 4)
+
+
+def test_swizzle_accepts_the_solution(capsys):
+    assert check_swizzle(swizzle) is None
+    assert "every ldmatrix read in one pass, 8 without a swizzle" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("wrong", "hint"),
+    [
+        (lambda offsets: offsets, "8 passes (8-way bank conflicts"),
+        (lambda offsets: offsets ^ (((offsets >> 7) & 3) << 4), "2 passes (2-way bank conflicts"),
+        (lambda offsets: offsets ^ ((offsets >> 7) << 4), "into row"),
+        (lambda offsets: offsets ^ ((offsets >> 7) & 7), "splits a 16-byte chunk"),
+        (lambda offsets: offsets & ~np.int64(16), "must be a permutation of the tile"),
+        (lambda offsets: offsets / 1, "return whole numbers"),
+    ],
+    ids=["no-swizzle", "two-bits", "whole-row-index", "xor-into-the-bytes", "not-a-permutation", "floats"],
+)
+def test_swizzle_rejects_known_mistakes(seed, wrong, hint):
+    message = rejected_with(check_swizzle, wrong)
+    assert hint in message
+
+
+def fp8_block_quantize(x, block):
+    blocks = x.reshape(x.shape[0], -1, block)
+    scales = (np.abs(blocks).max(axis=-1) / 448).astype(np.float32)
+    return (blocks / scales[..., None]).astype(ml_dtypes.float8_e4m3fn).reshape(x.shape), scales
+
+
+def with_scales(scales_of, quantise=lambda blocks, scales: blocks / scales[..., None]):
+    """A quantiser whose scales (and quantise step) are another function of the blocks."""
+    def wrong(x, block):
+        blocks = x.reshape(x.shape[0], -1, block)
+        scales = np.asarray(scales_of(blocks), dtype=np.float32)
+        return quantise(blocks, scales).astype(ml_dtypes.float8_e4m3fn).reshape(x.shape), scales
+
+    return wrong
+
+
+def test_fp8_block_quantize_accepts_the_solution(capsys):
+    assert check_fp8_block_quantize(fp8_block_quantize) is None
+    assert capsys.readouterr().out.startswith("PASSED fp8_block_quantize: 3 random cases (blocks of 16, 32, 128")
+
+
+@pytest.mark.parametrize(
+    ("wrong", "hint"),
+    [
+        (with_scales(lambda b: np.broadcast_to(np.abs(b).max() / 448, b.shape[:2])), "one scale for the whole"),
+        (with_scales(lambda b: b.max(axis=-1) / 448), "largest |x| of the block (np.abs first)"),
+        (with_scales(lambda b: 448 / np.abs(b).max(axis=-1)), "not 448 / amax"),
+        (with_scales(lambda b: np.abs(b).max(axis=-1) / 127), "the largest value of int8"),
+        (with_scales(lambda b: np.abs(b).max(axis=-1) / 240), "the largest value of e4m3fnuz"),
+        (with_scales(lambda b: np.abs(b).max(axis=-1) / 448, lambda b, s: b * s[..., None]), "(x / scale)"),
+        (with_scales(lambda b: np.abs(b).max(axis=-1) / 448, lambda b, s: np.round(b / s[..., None] / 4) * 4),
+         "further than e4m3's rounding allows"),
+    ],
+    ids=["one-scale", "max-not-amax", "inverted", "int8-range", "fnuz-range", "multiplied", "rounded-coarsely"],
+)
+def test_fp8_block_quantize_rejects_known_mistakes(seed, wrong, hint):
+    assert hint in rejected_with(check_fp8_block_quantize, wrong)
+
+
+def test_fp8_block_quantize_needs_fp8_values_and_float32_scales():
+    assert "expected float8_e4m3fn" in rejected_with(check_fp8_block_quantize, lambda x, block: (
+        x, fp8_block_quantize(x, block)[1]))
+    assert "expected float32 of shape" in rejected_with(check_fp8_block_quantize, lambda x, block: (
+        fp8_block_quantize(x, block)[0], fp8_block_quantize(x, block)[1].astype(np.float64)))

@@ -17,9 +17,11 @@ from numba import float32
 from course_lib import backend
 from course_lib.check import check_block_hashes, check_paged_decode, check_slot_mapping
 from course_lib.check.ch04 import DecodeShape, decode_as_read, decode_case
+from course_lib.check.ch04_softmax import check_merge_partials, check_online_decode, merge_case, online_as_computed
 from course_lib.engine.block_pool import hash_block_tokens
 from course_lib.kernels.paged_attention import MAX_HEAD_DIM
 from course_lib.kernels.paged_attention_numba import THREADS, block_reduce
+from course_lib.kernels.paged_attention_reference import merge_partials
 
 cuda = backend.numba_cuda()
 
@@ -265,3 +267,162 @@ def test_block_hashes_rejects_known_mistakes(seed, wrong, hint):
 )
 def test_block_hashes_rejects_what_is_not_a_list_of_hashes(wrong, message):
     assert message in rejected_with(check_block_hashes, wrong)
+
+
+# --- merge_partials (ch04_softmax) -----------------------------------------------------------------
+
+
+def merge(max_logits, exp_sums, outputs):
+    weights = exp_sums * np.exp(max_logits - max_logits.max(axis=0))
+    return np.einsum("ph,phd->hd", weights, outputs) / weights.sum(axis=0)[:, None]
+
+
+def test_merge_case_partials_rebuild_the_full_softmax(rng):
+    partials, reference, _ = merge_case(rng)
+    assert np.isneginf(partials.max_logits).any() and (partials.exp_sums == 0).any()
+    np.testing.assert_allclose(merge_partials(partials), reference, rtol=1e-12)
+
+
+def test_merge_partials_accepts_the_solution(capsys):
+    assert check_merge_partials(merge) is None
+    assert capsys.readouterr().out.startswith("PASSED merge_partials: 4 random cases (empty partitions and logits")
+
+
+def weighted(weights_of, divide=True):
+    """A merge that weighs each partition by ``weights_of(max_logits, exp_sums)``."""
+    def wrong(max_logits, exp_sums, outputs):
+        weights = weights_of(max_logits, exp_sums)
+        total = np.einsum("ph,phd->hd", weights, outputs)
+        return total / weights.sum(axis=0)[:, None] if divide else total
+
+    return wrong
+
+
+def rescaled(max_logits, exp_sums):
+    return np.exp(max_logits - max_logits.max(axis=0))
+
+
+@pytest.mark.parametrize(
+    ("wrong", "hint"),
+    [
+        (weighted(lambda m, s: s), "the sums are on different scales"),
+        (weighted(rescaled), "the exp_sums belong in the weights too"),
+        (weighted(lambda m, s: s * rescaled(m, s), divide=False), "must be divided by the sum of the weights"),
+        (lambda m, s, o: o.sum(axis=0), "added without weights"),
+        (lambda m, s, o: o.mean(axis=0), "averaged, each partition counting the same"),
+        (weighted(lambda m, s: s * np.exp(m)), "exp(max_logit) overflows"),
+        (weighted(lambda m, s: s * np.exp(m.max(axis=0) - m)), "an empty partition"),
+        (lambda m, s, o: np.einsum("ph,phd->hd", s * rescaled(m, s), o / s[..., None]) / (s * rescaled(m, s)).sum(0)[
+            :, None], "an empty partition"),
+    ],
+    ids=["not-rescaled", "no-exp-sums", "not-divided", "summed", "averaged", "exp-of-max", "rescaled-backwards",
+         "divided-by-exp-sum"],
+)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflows and NaNs of the mistakes themselves
+def test_merge_partials_rejects_known_mistakes(seed, wrong, hint):
+    assert hint in rejected_with(check_merge_partials, wrong)
+
+
+def test_merge_partials_stub_is_not_written_yet():
+    def merge_partials(max_logits, exp_sums, outputs):
+        raise NotImplementedError
+
+    assert unwritten(check_merge_partials, merge_partials).startswith("merge_partials is not written")
+
+
+# --- online_decode (ch04_softmax) ------------------------------------------------------------------
+
+
+def make_online_decode(rescale_acc=True, rescale_sum=True, exp_before_max=False):
+    """The solution's one-pass kernel, or a known mistake when one of the arguments is changed."""
+
+    @cuda.jit
+    def online_decode(out, query, key_cache, value_cache, block_tables, context_lens, scale):
+        head, seq = cuda.blockIdx.x, cuda.blockIdx.y
+        t = cuda.threadIdx.x
+        head_dim, block_size = query.shape[2], key_cache.shape[2]
+        kv_head = grouped(head, query.shape[1], key_cache.shape[1])
+        context_len = context_lens[seq]
+        q = cuda.shared.array(MAX_HEAD_DIM, float32)
+        acc = cuda.shared.array(MAX_HEAD_DIM, float32)
+        weights = cuda.shared.array(THREADS, float32)
+        partials = cuda.shared.array(THREADS, float32)
+        for d in range(t, head_dim, THREADS):
+            q[d] = query[seq, head, d] * scale
+            acc[d] = 0
+        cuda.syncthreads()
+        running_max, running_sum = float32(-math.inf), float32(0)
+        for start in range(0, context_len, THREADS):
+            token = start + t
+            logit = float32(-math.inf)
+            if token < context_len:
+                block = block_tables[seq, token // block_size]
+                logit = float32(0)
+                for d in range(head_dim):
+                    logit += q[d] * key_cache[block, kv_head, token % block_size, d]
+            if exp_before_max:  # exp of the raw logit; the "max" is then taken of the weights
+                weights[t] = math.exp(logit)
+                new_max = float32(0)
+            else:
+                new_max = max(running_max, block_reduce(partials, logit, True))
+                weights[t] = math.exp(logit - new_max)
+            rescale = math.exp(running_max - new_max) if not exp_before_max else float32(1)
+            running_sum = running_sum * (rescale if rescale_sum else 1) + block_reduce(partials, weights[t], False)
+            for d in range(t, head_dim, THREADS):
+                total = acc[d] * (rescale if rescale_acc else 1)
+                for j in range(min(THREADS, context_len - start)):
+                    tile_token = start + j
+                    block = block_tables[seq, tile_token // block_size]
+                    total += weights[j] * value_cache[block, kv_head, tile_token % block_size, d]
+                acc[d] = total
+            running_max = new_max
+            cuda.syncthreads()
+        for d in range(t, head_dim, THREADS):
+            out[seq, head, d] = acc[d] / running_sum
+
+    return online_decode
+
+
+def test_online_model_with_both_rescales_is_the_reference():
+    case = decode_case(np.random.default_rng(5), DecodeShape((70, 9), 4, 2, 8, 8))
+    np.testing.assert_allclose(online_as_computed(case), case.reference(), rtol=1e-12)
+    assert not np.allclose(online_as_computed(case, rescale_acc=False), case.reference(), rtol=1e-5)
+
+
+def test_online_decode_accepts_the_solution(capsys):
+    assert check_online_decode(make_online_decode()) is None
+    line = capsys.readouterr().out
+    assert line.startswith("PASSED online_decode: ") and "tiles of 32" in line and "mode" in line
+
+
+@pytest.mark.parametrize(
+    ("wrong", "hint"),
+    [
+        (make_online_decode(rescale_acc=False), "the accumulator was not rescaled when the max grew"),
+        (make_online_decode(rescale_sum=False), "the running sum was not rescaled when the max grew"),
+        (make_online_decode(rescale_acc=False, rescale_sum=False), "neither the running sum nor the accumulator"),
+    ],
+    ids=["accumulator-not-rescaled", "sum-not-rescaled", "neither-rescaled"],
+)
+def test_online_decode_rejects_known_mistakes(seed, wrong, hint):
+    assert hint in rejected_with(check_online_decode, wrong)
+
+
+@on_cpu_only
+def test_online_decode_simulator_names_an_exp_before_the_max():
+    message = rejected_with(check_online_decode, make_online_decode(exp_before_max=True))
+    assert "OverflowError" in message and "take the max of the logits first" in message
+
+
+@needs_gpu
+def test_gpu_online_decode_names_an_exp_before_the_max():
+    assert "subtract the largest logit first" in rejected_with(check_online_decode, make_online_decode(
+        exp_before_max=True))
+
+
+def test_online_decode_stub_is_not_written_yet():
+    @cuda.jit
+    def online_decode(out, query, key_cache, value_cache, block_tables, context_lens, scale):
+        raise NotImplementedError
+
+    assert unwritten(check_online_decode, online_decode).startswith("online_decode is not written")
