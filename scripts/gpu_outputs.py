@@ -32,7 +32,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "course_lib" / "results"
 STAMP = "course_outputs"  # the notebook metadata key execute_notebook.py --stamp writes
-BOOK_FILES = ("_config.yml", "_toc.yml", "book", "_static")  # what a book build reads (_static: if present)
+# What a book build reads: the configuration, the pages, the CSS (if any), the exercises the pages offer to download
+BOOK_FILES = ("_config.yml", "_toc.yml", "book", "_static", "exercises")
 
 
 class StageError(Exception):
