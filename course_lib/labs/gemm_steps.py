@@ -55,6 +55,28 @@ def blocks_per_sm(registers: int, threads: int, shared_bytes: int) -> dict[str, 
     return limits
 
 
+WARP = 32  # threads are scheduled, and counted against an SM's limits, a warp at a time
+REGISTER_UNIT = 256  # registers are handed to a warp in units of 256 (8 per thread)
+
+
+def occupancy(threads: int, registers_per_thread: int, shared_bytes: int, limits: Mapping[str, int] = SM_LIMITS,
+              *, warp: int = WARP, register_unit: int = REGISTER_UNIT) -> dict[str, int]:
+    """How many blocks each resource lets one SM with ``limits`` (``SM_LIMITS``' keys) hold; the minimum is the
+    occupancy, its key the resource that sets it.
+
+    A block takes whole warps, so its threads round up to a multiple of ``warp``, and each warp takes its registers
+    in units of ``register_unit``; a block without shared memory is not limited by it. (``warp=1`` or
+    ``register_unit=1`` model an SM that did not round: what an occupancy estimate that forgets it computes.)
+    """
+    warps = math.ceil(threads / warp)
+    warp_registers = math.ceil(registers_per_thread * warp / register_unit) * register_unit
+    fits = {"registers": limits["registers"] // (warp_registers * warps),
+            "threads": limits["threads"] // (warps * warp), "the block limit": limits["blocks"]}
+    if shared_bytes:
+        fits["shared memory"] = limits["shared_bytes"] // shared_bytes
+    return fits
+
+
 def resident_blocks(step: str, resources: Mapping[str, cuda_compile.KernelResources], n: int) -> int | None:
     """Blocks of ``step``'s bf16 kernel (on an n^3 product) that one SM holds at once; None without a report."""
     kernel, _, block, dynamic = gemm.launch_config(step, gemm.Product("bfloat16", n, n, n))
