@@ -8,6 +8,7 @@ also defines ``result_name() -> str``, the file's name (``tensor_parallel``: one
 SUITES = {
     "basics": "course_lib.bench.suites.basics",
     "coalescing": "course_lib.bench.suites.coalescing",
+    "copy_sizes": "course_lib.bench.suites.copy_sizes",
     "collectives": "course_lib.bench.suites.collectives",
     "engine": "course_lib.bench.suites.engine",
     "env": "course_lib.bench.suites.env",
