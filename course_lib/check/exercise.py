@@ -16,7 +16,7 @@ from typing import Any
 
 from course_lib.check.failure import CheckFailed, NotWrittenYet
 
-EXERCISE_NUMBER = re.compile(r"\d{2}\.\d+")  # "04.1": the chapter, a dot, the task in its notebook
+EXERCISE_NUMBER = re.compile(r"\d{2}[a-z]?\.\d+")  # "04.1" or "00b.1": the chapter, a dot, the task in its notebook
 Checker = Callable[[Any], None]  # check_x(learner's function): raises CheckFailed or prints a pass
 
 

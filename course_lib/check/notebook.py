@@ -5,8 +5,8 @@ Every notebook in solutions/ and exercises/ has this layout (``scripts/exercises
 * the code cells before the first exercise are the set-up: the imports and constants every exercise needs,
   so that any one exercise runs after the set-up alone;
 * an exercise starts at a markdown heading ``## Exercise 04.1 · Slot mapping`` (04 is the notebook's own
-  number, the two digits its file name starts with; 1, 2, 3 ... in order) and runs to the next heading of
-  level 1 or 2;
+  number, the two digits its file name starts with, and the letter after them for a chapter such as 00b;
+  1, 2, 3 ... in order) and runs to the next heading of level 1 or 2;
 * it holds one code cell tagged ``check``, whose first line is ``# Exercise 04.1: slot_mapping`` (the
   function the learner writes) and which passes ``exercise="04.1"`` to its checker, so that a failure
   names the exercise the way its heading does.
@@ -26,8 +26,9 @@ from course_lib.check.exercise import exercise_title
 
 CHECK_TAG = "check"
 SOLUTION_TAG = "solution"
-HEADING = re.compile(r"## Exercise (?P<number>\d{2}\.\d+) · (?P<heading>\S.*)")
-CHECK_COMMENT = re.compile(r"# Exercise (?P<number>\d{2}\.\d+): (?P<name>[A-Za-z_]\w*)")
+CHAPTER = r"\d{2}[a-z]?"  # "04", or "00b" for a chapter that follows 00
+HEADING = re.compile(rf"## Exercise (?P<number>{CHAPTER}\.\d+) · (?P<heading>\S.*)")
+CHECK_COMMENT = re.compile(rf"# Exercise (?P<number>{CHAPTER}\.\d+): (?P<name>[A-Za-z_]\w*)")
 SECTION_END = re.compile(r"#{1,2} ")  # a heading of level 1 or 2 ends an exercise
 STUB = re.compile(r"\braise NotImplementedError\b")  # what scripts/exercises.py leaves in a solution cell
 
@@ -94,7 +95,7 @@ def read_exercise_notebook(path: Path) -> ExerciseNotebook:
 
 def exercise_notebook(notebook: Mapping[str, Any], path: Path) -> ExerciseNotebook:
     """The layout of a notebook already read (as JSON, or by nbformat); NotebookLayoutError if it breaks it."""
-    chapter = re.match(r"\d{2}(?=_)", path.name)
+    chapter = re.match(rf"{CHAPTER}(?=_)", path.name)
     if not chapter:
         raise NotebookLayoutError(f"{path}: an exercise notebook's name starts with its chapter, e.g. 04_name.ipynb")
     setup: list[CodeCell] = []
