@@ -215,20 +215,25 @@ def has_gpu() -> bool:
     return DECISION.mode == "gpu"
 
 
+def mode_text() -> str:
+    """The mode and why, on one line: for error messages, records and captions, which wrap on their own."""
+    mode = "GPU" if has_gpu() else "CPU (NumPy + Numba CUDA simulator)"
+    return f"Mode: {mode} - {DECISION.reason}"
+
+
 def mode_line() -> str:
     """The visible line every chapter prints: which mode produced the outputs below it.
 
     When mode and reason do not fit in ``OUTPUT_COLUMNS``, the reason (a CuPy error can be long) goes on indented
     lines of its own under the mode, so that the book shows all of it instead of cutting it off. Joined back into
-    one line (as a figure's caption does), the two forms read the same.
+    one line, it reads as ``mode_text()``.
     """
-    mode = "GPU" if has_gpu() else "CPU (NumPy + Numba CUDA simulator)"
-    line = f"Mode: {mode} - {DECISION.reason}"
+    line = mode_text()
     if len(line) <= OUTPUT_COLUMNS:
         return line
-    reason = textwrap.fill(DECISION.reason, OUTPUT_COLUMNS, initial_indent="  ", subsequent_indent="  ",
-                           break_on_hyphens=False)
-    return f"Mode: {mode} -\n{reason}"
+    head, _, reason = line.partition(" - ")
+    return f"{head} -\n" + textwrap.fill(reason, OUTPUT_COLUMNS, initial_indent="  ", subsequent_indent="  ",
+                                         break_on_hyphens=False)
 
 
 @functools.cache

@@ -268,7 +268,7 @@ def load_module(source: str, *, arch: str | None = None, options: tuple[str, ...
     """
     if not backend.has_gpu():
         raise RuntimeError(
-            f"running a CUDA C kernel needs a GPU ({backend.mode_line()}); "
+            f"running a CUDA C kernel needs a GPU ({backend.mode_text()}); "
             "compile_cuda() checks the same source on this machine"
         )
     import cupy

@@ -25,7 +25,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 def engine_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
     """The parsed options as ``LLM`` keyword arguments; a usage error (exit 2) for ones this machine cannot run."""
     if args.cuda_graphs and not backend.has_gpu():
-        parser.error(f"--cuda-graphs needs an NVIDIA GPU: {backend.mode_line()}")
+        parser.error(f"--cuda-graphs needs an NVIDIA GPU: {backend.mode_text()}")
     if args.decode_steps < 1:
         parser.error(f"--decode-steps must be >= 1, got {args.decode_steps}")
     return {"dtype": args.dtype, "cuda_graphs": args.cuda_graphs, "decode_steps": args.decode_steps}

@@ -70,7 +70,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     left.legend(fontsize=8)
-    fig.suptitle(f"{result['parameters']['model']} model, {backend.mode_line()}", fontsize=9)
+    fig.suptitle(f"{result['parameters']['model']} model, {backend.mode_text()}", fontsize=9)
     fig.text(0.01, 0.01, provenance(result), fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)

@@ -136,7 +136,7 @@ def stream_and_report(args: argparse.Namespace, llm: LLM, prompt: list[int], sta
                "tpot_s": (times[-1] - times[0]) / max(1, len(times) - 1),
                "tokens_per_s": len(times) / (times[-1] - began)}
     if args.json:
-        report = {"mode": backend.mode_line(), "prompt_token_ids": [int(t) for t in prompt], "output_token_ids": tokens,
+        report = {"mode": backend.mode_text(), "prompt_token_ids": [int(t) for t in prompt], "output_token_ids": tokens,
                   "text": llm.tokenizer.decode(tokens, skip_special_tokens=True) if llm.tokenizer else None,
                   **timings}
         if args.logprobs is not None:  # JSON keys are strings: token id -> log-probability

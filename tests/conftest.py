@@ -25,7 +25,7 @@ def rng() -> np.random.Generator:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if backend.has_gpu():
         return
-    skip_gpu = pytest.mark.skip(reason=f"needs an NVIDIA GPU: {backend.mode_line()}")
+    skip_gpu = pytest.mark.skip(reason=f"needs an NVIDIA GPU: {backend.mode_text()}")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)

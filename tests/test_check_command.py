@@ -109,7 +109,8 @@ def test_a_wrong_task_names_the_valid_ones(capsys: pytest.CaptureFixture):
     assert main([str(PAGED), "--task", "7"]) == 2
     assert capsys.readouterr().err == (
         f"error: {PAGED} has no exercise '7'; choose --task 1 (Exercise 04.1: slot_mapping), "
-        "2 (Exercise 04.2: paged_decode), 3 (Exercise 04.3: block_hashes)\n")
+        "2 (Exercise 04.2: paged_decode), 3 (Exercise 04.3: block_hashes), 4 (Exercise 04.4: merge_partials), "
+        "5 (Exercise 04.5: online_decode)\n")
 
 
 def test_a_missing_notebook_is_named(tmp_path: Path, capsys: pytest.CaptureFixture):

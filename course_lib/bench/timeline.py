@@ -31,7 +31,7 @@ HOST_CALLS = ("Launch", "Memcpy")  # the API calls a host lane shows: launches (
 def record_timeline(run: Callable[[], Any], calls: int = 1) -> list[dict[str, Any]]:
     """Host launch and GPU kernel intervals of ``calls`` calls of ``run`` (after one untimed warm-up call)."""
     if not backend.has_gpu():
-        raise RuntimeError(f"a kernel timeline records GPU work, and there is no GPU here ({backend.mode_line()}). "
+        raise RuntimeError(f"a kernel timeline records GPU work, and there is no GPU here ({backend.mode_text()}). "
                            "In CPU mode, plot recorded records, or the capture model's "
                            "(course_lib.labs.graph_capture.Device.timeline).")
     run()

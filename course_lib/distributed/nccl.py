@@ -32,7 +32,7 @@ from typing import Any
 
 from mpi4py import MPI
 
-from course_lib.backend import has_gpu, mode_line
+from course_lib.backend import has_gpu, mode_text
 from course_lib.distributed.communicator import (
     COLLECTIVE_HINT,
     DEFAULT_TIMEOUT_S,
@@ -79,7 +79,7 @@ class NcclCommunicator(Communicator):
         os.environ["NCCL_NVLS_ENABLE"] = "0"
         if not has_gpu():
             raise RuntimeError(f"the NCCL backend needs a GPU for each rank; this process runs in CPU mode "
-                               f"({mode_line()}): use the MPI backend, connect('mpi')")
+                               f"({mode_text()}): use the MPI backend, connect('mpi')")
         import cupy
         from cupy.cuda import nccl
 

@@ -92,7 +92,7 @@ class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, batch_sizes: Sequence[int] = BATCH_SIZES,
                  max_context_len: int | None = None) -> None:
         if not backend.has_gpu():
-            raise RuntimeError(f"CUDA graphs record GPU work: {backend.mode_line()}")
+            raise RuntimeError(f"CUDA graphs record GPU work: {backend.mode_text()}")
         if not batch_sizes or min(batch_sizes) < 1:
             raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
         self.model, self.kv_cache = model, kv_cache

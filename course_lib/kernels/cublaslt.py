@@ -152,7 +152,7 @@ class LtMatmul:
             raise RuntimeError("this LtMatmul is closed; build a new one")
         if self._matmul is None:
             raise RuntimeError(f"{what} needs cuBLASLt on a GPU; here LtMatmul computes with NumPy "
-                               f"({backend.mode_line()})")
+                               f"({backend.mode_text()})")
 
     def plan(self, limit: int = CANDIDATES) -> tuple[Any, ...]:
         """Ask cuBLASLt's heuristic for up to ``limit`` algorithms for this problem, best-ranked first."""

@@ -56,7 +56,7 @@ class KernelGraph:
 
     def __init__(self) -> None:
         if not backend.has_gpu():
-            raise RuntimeError(f"a CUDA graph holds GPU work: {backend.mode_line()}")
+            raise RuntimeError(f"a CUDA graph holds GPU work: {backend.mode_text()}")
         from cuda.bindings import driver
 
         self.graph = _driver_call(driver.cuGraphCreate(0), "cuGraphCreate")

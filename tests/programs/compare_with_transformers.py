@@ -107,7 +107,7 @@ def main(variant: str = "gqa") -> int:
     [output] = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=GREEDY, ignore_eos=True))
     positions = [PROMPT - 1 + i for i in range(DECODED)]
     print(json.dumps({
-        "variant": variant, "mode": backend.mode_line(),
+        "variant": variant, "mode": backend.mode_text(),
         "rope_fields_written": {key: config_json[key] for key in ("rope_parameters", "rope_theta", "rope_scaling")
                                 if key in config_json},
         "config_read": {"rope_theta": config.rope_theta, "rope_scaling": str(config.rope_scaling),

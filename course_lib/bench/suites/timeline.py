@@ -33,7 +33,7 @@ PARAMETERS = {"model": "LLAMA_1B_SHAPED (random weights)", "dtype": DTYPE, "bloc
 
 def steps(quick: bool) -> list[Step]:
     if not backend.has_gpu():
-        raise RuntimeError(f"the timeline suite records GPU kernels with CUPTI: {backend.mode_line()}")
+        raise RuntimeError(f"the timeline suite records GPU kernels with CUPTI: {backend.mode_text()}")
     return [Step(f"decode batch 1 timeline, {how}", functools.partial(measure_timeline, how))
             for how in ("eager", "graph")]
 
