@@ -334,9 +334,9 @@ def test_tile_intensity_reference_is_the_labs_and_bk_cancels():
         assert intensity_as_computed(128, 64, bk, 2) == pytest.approx(gemm_steps.tile_intensity(128, 64, 2))
 
 
-def test_occupancy_agrees_with_the_chapters_blocks_per_sm_for_whole_warps():
-    for threads, registers, shared in [(128, 255, 96 * 1024), (256, 40, 0), (384, 64, 48 * 1024)]:
-        assert gemm_steps.occupancy(threads, registers, shared) == gemm_steps.blocks_per_sm(registers, threads, shared)
+def test_occupancy_rounds_threads_to_warps_and_registers_to_units():
+    assert gemm_steps.occupancy(256, 40, 0)["registers"] == 65536 // (40 * 256)  # 40 registers: 1280 a warp
+    assert gemm_steps.occupancy(256, 37, 0)["registers"] == 65536 // (40 * 256)  # 37 round up to 40 (256 a warp)
     assert gemm_steps.occupancy(100, 37, 0)["threads"] == 2048 // 128  # 100 threads are 4 warps
 
 

@@ -52,7 +52,7 @@ def test_intensities_and_the_knee():
 
 
 def test_occupancy_names_the_resource_that_limits_it():
-    limits = gemm_steps.blocks_per_sm(registers=255, threads=128, shared_bytes=96 * 1024)
+    limits = gemm_steps.occupancy(threads=128, registers_per_thread=255, shared_bytes=96 * 1024)
     assert limits == {"registers": 2, "threads": 16, "the block limit": 32, "shared memory": 2}
     assert gemm_steps.resource_lines("wmma", {}) == ["gemm_wmma<__nv_bfloat16>: no compiler report on this machine"]
     assert gemm_steps.resident_blocks("wmma", {}, 4096) is None

@@ -43,18 +43,6 @@ def knee(h: int, ridge: float) -> float:
     return ridge * h / (h - 2 * ridge)
 
 
-def blocks_per_sm(registers: int, threads: int, shared_bytes: int) -> dict[str, int]:
-    """How many blocks each resource lets one SM hold (registers are handed out 8 per thread at a time).
-
-    The smallest value is the occupancy; its key names the resource that sets it.
-    """
-    limits = {"registers": SM_LIMITS["registers"] // (math.ceil(registers / 8) * 8 * threads),
-              "threads": SM_LIMITS["threads"] // threads, "the block limit": SM_LIMITS["blocks"]}
-    if shared_bytes:
-        limits["shared memory"] = SM_LIMITS["shared_bytes"] // shared_bytes
-    return limits
-
-
 WARP = 32  # threads are scheduled, and counted against an SM's limits, a warp at a time
 REGISTER_UNIT = 256  # registers are handed to a warp in units of 256 (8 per thread)
 
@@ -83,7 +71,7 @@ def resident_blocks(step: str, resources: Mapping[str, cuda_compile.KernelResour
     if kernel not in resources:
         return None
     report = resources[kernel]
-    return min(blocks_per_sm(report.registers, math.prod(block), report.shared_bytes + dynamic).values())
+    return min(occupancy(math.prod(block), report.registers, report.shared_bytes + dynamic).values())
 
 
 def resource_lines(step: str, resources: Mapping[str, cuda_compile.KernelResources]) -> list[str]:
@@ -97,7 +85,7 @@ def resource_lines(step: str, resources: Mapping[str, cuda_compile.KernelResourc
     report, threads = resources[kernel], math.prod(block)
     shared = report.shared_bytes + dynamic
     spilled = report.spill_store_bytes + report.spill_load_bytes
-    limits = blocks_per_sm(report.registers, threads, shared)
+    limits = occupancy(threads, report.registers, shared)
     blocks = min(limits.values())
     fits = ", ".join(f"{count} by {why}" for why, count in limits.items())
     return [f"{kernel}: {report.registers} registers a thread, {shared:,} B of shared memory a block, "

@@ -5,7 +5,7 @@
   ``branch_kernel`` records which side every thread took (it runs in Numba's simulator in CPU mode, compiled
   on a GPU); :func:`warp_passes` counts the sides each warp had to run: the passes it makes through the branch.
 * **Occupancy.** How many blocks of a kernel one SM holds at once, set by whichever runs out first: registers,
-  shared memory, threads or the block limit (``course_lib.labs.gemm_steps.blocks_per_sm``, with an H100's
+  shared memory, threads or the block limit (``course_lib.labs.gemm_steps.occupancy``, with an H100's
   limits), computed from the compiler's report; on a GPU the CUDA driver answers the same question
   (:func:`driver_blocks_per_sm`).
 """
@@ -19,7 +19,7 @@ import numpy as np
 
 from course_lib import backend
 from course_lib import compile as cuda_compile
-from course_lib.labs.gemm_steps import SM_LIMITS, blocks_per_sm
+from course_lib.labs.gemm_steps import SM_LIMITS, occupancy
 
 cuda = backend.numba_cuda()
 
@@ -101,7 +101,7 @@ MAX_WARPS = SM_LIMITS["threads"] // WARP  # 64 resident warps on an H100 SM
 
 def occupancy_row(report: cuda_compile.KernelResources, threads: int, dynamic_shared: int = 0) -> dict[str, Any]:
     """Blocks of ``threads`` per SM by each limit, the resident blocks and warps, and the occupancy they make."""
-    limits = blocks_per_sm(report.registers, threads, report.shared_bytes + dynamic_shared)
+    limits = occupancy(threads, report.registers, report.shared_bytes + dynamic_shared)
     blocks = min(limits.values())
     warps = blocks * (threads // WARP)
     return {"kernel": report.kernel, "registers": report.registers, "shared": report.shared_bytes + dynamic_shared,
@@ -123,7 +123,7 @@ def registers_sweep(threads: int, registers: tuple[int, ...] = (32, 40, 64, 96, 
     lines = [f"{threads} threads a block, no shared memory; an H100 SM: {SM_LIMITS['registers']:,} registers, "
              f"{SM_LIMITS['threads']:,} threads"]
     for count in registers:
-        limits = blocks_per_sm(count, threads, 0)
+        limits = occupancy(threads, count, 0)
         blocks = min(limits.values())
         fit = f"{blocks} block{'s' if blocks > 1 else ''}"
         share = blocks * threads / SM_LIMITS["threads"]
