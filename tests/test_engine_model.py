@@ -57,9 +57,15 @@ def run_step(model: LlamaModel, cache: KVCache, steps: list[tuple[np.ndarray, in
     return backend.to_numpy(model.forward(token_ids, attention.positions, cache, attention))
 
 
+# A whole model's logits in bfloat16 carry the roundings of every layer's activations, not one operation's: on
+# TINY they land 0.006-0.009 from the float64 model, and 0.0105 has been seen, so twice the one-operation
+# tolerance. A wrong kernel misses by far more (errors of order 1).
+WHOLE_MODEL_SLACK = {"bfloat16": 2.0}
+
+
 def assert_matches(logits: np.ndarray, reference: np.ndarray, dtype: str = "float32") -> None:
-    error = relative_error(logits, reference)
-    assert error < tolerance_for(dtype), f"relative error {error:.3g} over {tolerance_for(dtype)} for {dtype}"
+    error, tolerance = relative_error(logits, reference), tolerance_for(dtype) * WHOLE_MODEL_SLACK.get(dtype, 1.0)
+    assert error < tolerance, f"relative error {error:.3g} over {tolerance} for {dtype}"
 
 
 # ---- the forward pass against the dense reference ------------------------------------------------------
