@@ -15,6 +15,7 @@ SUITES = {
     "gemm": "course_lib.bench.suites.gemm",
     "norm": "course_lib.bench.suites.norm",
     "paged_attention": "course_lib.bench.suites.paged_attention",
+    "profile": "course_lib.bench.suites.profile",
     "tensor_parallel": "course_lib.bench.suites.tensor_parallel",
     "timeline": "course_lib.bench.suites.timeline",
 }
