@@ -14,5 +14,7 @@ The runtime lives in ``course_lib.engine``; this package holds what a reader use
 * ``gemm_sources``, ``gemm_steps``, ``gemm_records``, ``gemm_figures``: the GEMM steps' sources, arithmetic,
   recorded speeds and figures (chapters 02, 03, 03b);
 * ``copy_pipeline``: the schedule of a multi-stage copy pipeline (chapter 03);
-* ``latency``: time to first token, time per output token and throughput of one batch (lab 20).
+* ``latency``: time to first token, time per output token and throughput of one batch (lab 20);
+* ``prefill_intensity``, ``online_softmax``: attention's FLOP per byte for decode and prefill, and the running state
+  of an online softmax (chapter 04b).
 """
