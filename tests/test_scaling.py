@@ -402,10 +402,13 @@ def test_published_runs_are_predicted_with_their_source_and_error():
     assert len({(row["model"], row["gpu"]) for row in rows}) >= 3  # three models or GPUs, not one run three times
     for row, run in zip(rows, PUBLISHED_RUNS, strict=True):
         assert row["source"]["url"].startswith("https://") and row["source"]["read"]
-        assert row["batch"] == memory(shape(run.model), Hardware.datasheet(run.gpu), Layout.split(run.tp, tp=run.tp),
-                                      Assumptions(weights=run.weights)).max_batch(run.prompt + run.output)
+        room = memory(shape(run.model), Hardware.datasheet(run.gpu), Layout.split(run.tp, tp=run.tp),
+                      Assumptions(weights=run.weights, kv_cache=run.kv_cache))
+        assert row["batch"] == room.max_batch(run.prompt + run.output)
         assert row["error"] == pytest.approx(run.output_tokens_per_s / row["predicted_tokens_per_s"] - 1)
-        assert abs(row["error"]) < 0.5, f"{row['label']}: the chapter explains errors up to a third, not {row['error']}"
+        assert -0.6 < row["error"] < 0, f"{row['label']}: the chapter explains a plain model 29-54 % optimistic"
+    eight_b = rows[0]  # the premise of FP8 keys and values: bf16 ones could not reach the published figure
+    assert eight_b["bf16_kv_bound_tokens_per_s"] < eight_b["published_tokens_per_s"] < eight_b["predicted_tokens_per_s"]
 
 
 def test_a_published_run_that_cannot_fit_is_refused_with_a_reason():

@@ -72,9 +72,16 @@ CAVEATS = (
     "model's GPU time, so it absorbs whatever the model misses on that run, and that run's prefill.",
     "The model knows the engine's algorithms (prefill through the decode kernel, the kernel counts of its code): "
     "the errors measure the roofline and the named terms, not a blind guess of an unknown engine.",
-    "The published comparisons use datasheet peaks and a guessed batch (the most requests whose whole length "
-    "fits); their errors are dominated by that guess and by how far a tuned engine's kernels stay from the peaks.",
 )
+
+
+def published_caveat(published: list[dict[str, Any]]) -> str:
+    """What the published comparisons assume, and how far off the plain model lands there."""
+    errors = sorted(-row["error"] for row in published)
+    return ("The published comparisons use the plain model at datasheet peaks, the batch that memory allows, and FP8 "
+            "keys and values (the published Llama 3.1 8B figure exceeds what bf16 keys and values allow at any "
+            f"batch). As against the course's engine before its named terms, it is optimistic there: it predicts "
+            f"{errors[0]:.0%} to {errors[-1]:.0%} less time than the engine took.")
 
 
 def _measurement(result: dict[str, Any], **match: Any) -> dict[str, Any]:
@@ -143,6 +150,7 @@ def calibration_report(card: str = CARD) -> dict[str, Any]:
     run_s = {name: sum(run) for name, run in runs.items()}
     run_s["calibrated"] += (output - 1) * host_s
 
+    published = published_comparison()
     small = shape("smollm2-135m")
     small_step = _measurement(engine, role="graph smollm2")
     small_s = step_cost(small, hw, layout, Batch(1, 1, small_step["parameters"]["context"]),
@@ -165,7 +173,7 @@ def calibration_report(card: str = CARD) -> dict[str, Any]:
                         "calibrated_host_s": (output - 1) * host_s}
         | {f"{name}_s": seconds for name, seconds in run_s.items()}
         | {f"{name}_tokens_per_s": requests * output / seconds for name, seconds in run_s.items()},
-        "caveats": list(CAVEATS), "published": published_comparison(),
+        "caveats": [*CAVEATS, published_caveat(published)], "published": published,
         "cross_checks": {"smollm2_decode_b1": {"measured_s": small_step["timing"]["median_s"],
                                                "kernel_floor_s": small_s,
                                                "error": small_s / small_step["timing"]["median_s"] - 1}},
