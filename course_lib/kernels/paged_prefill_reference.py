@@ -77,7 +77,8 @@ def key_tiles_for(query_start: int, query_stop: int, key_tile: int) -> list[KeyT
 
     Keys past the last query (``query_stop - 1``) are masked for every row, so they are never loaded. A tile needs
     the mask when its last key lies after the tile's first query: that is the diagonal, one or two tiles per query
-    tile. Every tile before it is visible to every row and runs without a mask.
+    tile when key tiles are at least as long as query tiles (more when they are shorter). Every tile before it is
+    visible to every row and runs without a mask.
     """
     tiles = []
     for start in range(0, query_stop, key_tile):

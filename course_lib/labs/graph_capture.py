@@ -5,9 +5,10 @@ GPU, so that they can be tried and broken in CPU mode:
 
 * **capture records, it does not run.** Between ``begin_capture`` and ``end_capture`` a stream's launches
   and asynchronous copies become nodes of a graph; nothing is computed until the graph is launched;
-* **capture refuses what would wait.** Inside a capture, ``synchronize()``, a read back to ordinary
-  (pageable) host memory (CuPy's ``.get()``), an asynchronous copy from pageable memory and a ``cudaMalloc``
-  all fail, as CUDA fails them, with ``cudaErrorStreamCaptureUnsupported``; the capture is then broken,
+* **capture refuses what would wait.** Inside a capture in CUDA's default (global) mode, ``synchronize()``, a
+  read back to ordinary (pageable) host memory (CuPy's ``.get()``), an asynchronous copy from pageable memory
+  and a ``cudaMalloc`` (a "potentially unsafe" call: allowed, but not recorded, in relaxed mode) all fail, as
+  CUDA fails them, with ``cudaErrorStreamCaptureUnsupported``; the capture is then broken,
   and ``end_capture`` fails with ``cudaErrorStreamCaptureInvalidated``. An asynchronous copy between pinned
   host memory and the device is allowed: it becomes a copy node;
 * **a replay reuses the captured addresses.** A kernel node holds the pointers it was captured with. New
@@ -142,7 +143,7 @@ class Device:
         self._capturing: set[Stream] = set()
 
     def malloc(self, name: str, shape: int | Sequence[int], dtype: Any = np.float32) -> Buffer:
-        """Device memory, as ``cudaMalloc``: refused while a stream captures (it may synchronise the device)."""
+        """Device memory, as ``cudaMalloc``: refused while a stream captures, as in CUDA's default capture mode."""
         return self._allocate(name, shape, dtype, "device")
 
     def host_alloc(self, name: str, shape: int | Sequence[int], dtype: Any = np.float32, pinned: bool = True) -> Buffer:
@@ -169,7 +170,8 @@ class Device:
 
     def _refuse_while_capturing(self, call: str) -> None:
         for stream in self._capturing:
-            stream.invalidate(f"{call} while a stream is capturing: it may synchronise the whole device")
+            stream.invalidate(f"{call} while a stream is capturing: an unsafe call in the default capture mode "
+                              "(allocate before capturing, or use cudaMallocAsync, which becomes a graph node)")
 
     def _record(self, lane: str, name: str, start_s: float, seconds: float) -> float:
         self.timeline.append({"lane": lane, "name": name, "start_us": start_s * 1e6,

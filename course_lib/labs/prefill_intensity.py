@@ -1,4 +1,4 @@
-"""Arithmetic intensity of attention: why decode is memory-bound and a tiled prefill compute-bound (chapter 04b).
+"""Arithmetic intensity of attention: why decode is memory-bound, and when a tiled prefill is compute-bound (ch. 04b).
 
 Intensity is FLOP per byte moved to or from memory. A kernel whose intensity lies below a card's *ridge* (its
 FLOP/s over its bytes/s) waits on memory; above it, on arithmetic. Attention over ``n`` keys costs, per query row

@@ -4,10 +4,10 @@ Four recorded figures answer it, all from one run on one card: the eager step's 
 wall time, the host cost of one eager launch (an empty kernel launched from Python), and the GPU time of the
 graphed step's kernels (read with the profiler, group by group). Two are derived:
 
-* **launch costs**: the graph's node count times one eager launch. An upper bound on what the eager step
-  spends launching: the nodes include copies, memsets and allocations, which cost the host less than a
-  kernel launch;
-* **other host work**: the eager step minus that bound. Python between the launches, building the step's
+* **launch costs**: the graph's node count times one eager launch of an empty kernel. An estimate of what the
+  eager step spends launching: the nodes include copies and memsets, which cost the host less than a kernel
+  launch, and real kernels with many arguments cost more than an empty one;
+* **other host work**: the eager step minus that estimate. Python between the launches, building the step's
   metadata and sending it to the GPU, checking the token ids (a read back to the host, which waits for the
   GPU). This, not the launches, is most of an eager step.
 """
@@ -36,7 +36,7 @@ class StepTime:
 
     @property
     def launches_s(self) -> float:
-        """Upper bound on the eager step's launch costs: one launch per node of the captured step."""
+        """The eager step's launch costs, estimated as one empty-kernel launch per node of the captured step."""
         return self.graph_nodes * self.launch_s
 
     @property
@@ -65,7 +65,7 @@ def plot_step_time(budget: StepTime, source: str) -> plt.Figure:
     ms = 1e3
     rows = ["eager step", "graphed step (replay)", "GPU kernel time"]
     ax.barh(0, budget.launches_s * ms, color="tab:blue",
-            label=f"launch costs, at most {budget.graph_nodes} x {budget.launch_s * 1e6:.1f} us")
+            label=f"launch costs, about {budget.graph_nodes} x {budget.launch_s * 1e6:.1f} us")
     ax.barh(0, budget.other_host_s * ms, left=budget.launches_s * ms, color="tab:gray",
             label="other host work (Python, metadata, checks, copies)")
     ax.barh(1, budget.graph_s * ms, color="tab:green", label="one graph replay")
