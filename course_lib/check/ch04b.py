@@ -85,6 +85,9 @@ def update_case(rng: np.random.Generator, shift: float = 0.0) -> tuple[list[np.n
     logits[:, keys - tile:] -= 6.0 * tiles  # the last tile's max does not grow: alpha is 1
     logits[rng.random((rows, keys)) < 0.1] = -np.inf  # masked keys weigh exp(-inf) = 0
     logits[:, 0] = rng.normal(0.0, 1.0, rows)
+    for start in range(tile, keys - tile, tile):  # each middle tile raises every row's max: the rescale matters
+        raised = logits[:, :start].max(axis=1) + rng.uniform(0.5, 1.5, rows)
+        logits[np.arange(rows), start + rng.integers(0, tile, rows)] = raised
     values = rng.normal(0.0, 1.0, (keys, head_dim))
     return list(np.split(logits + shift, tiles, axis=1)), values, tile, tiles
 
