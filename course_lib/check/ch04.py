@@ -349,7 +349,9 @@ def _decode_shapes(rng: np.random.Generator) -> list[DecodeShape]:
     return shapes
 
 
-def _run_decode(kernel: Any, shape: DecodeShape, case: DecodeCase) -> np.ndarray:
+def _run_decode(
+    kernel: Any, name: str, shape: DecodeShape, case: DecodeCase, explain_error: ErrorExplainer
+) -> np.ndarray:
     """Launch on a (num_heads, num_seqs) grid of THREADS threads into a poisoned out; return out on the host."""
     __tracebackhide__ = True
     out = poison(case.query.shape, np.float32)
@@ -357,10 +359,30 @@ def _run_decode(kernel: Any, shape: DecodeShape, case: DecodeCase) -> np.ndarray
     launch_learner_kernel(
         kernel, (shape.num_heads, len(shape.context_lens)), THREADS,
         out, query, key_cache, value_cache, block_tables, context_lens, np.float32(case.scale),
-        name="paged_decode", expected_signature=DECODE_SIGNATURE,
-        explain_error=_explain_decode_error(shape, case.table_buffer.shape[1]),
+        name=name, expected_signature=DECODE_SIGNATURE.replace("paged_decode", name), explain_error=explain_error,
     )
     return backend.to_numpy(out)
+
+
+def run_decode_cases(
+    run: CheckRun,
+    kernel: Any,
+    name: str,
+    shapes: list[DecodeShape],
+    explain: Callable[[DecodeShape, int], ErrorExplainer],
+    mistakes: Callable[[DecodeCase], Sequence[Mistake]],
+) -> None:
+    """Launch a learner's decode kernel (``paged_decode``'s arguments and grid) on a fresh case of each shape and
+    compare it with the float64 reference; ``explain`` and ``mistakes`` name what this exercise's errors mean."""
+    __tracebackhide__ = True
+    for shape in shapes:
+        run.case = shape.describe()
+        case = decode_case(run.rng, shape)
+        out = _run_decode(kernel, name, shape, case, explain(shape, case.table_buffer.shape[1]))
+        if shape.logit_shift:
+            _require_finite_with_large_logits(out)
+        rtol = LARGE_LOGIT_RTOL if shape.logit_shift else None
+        assert_close(out, case.reference(), np.float32, what="out", rtol=rtol, mistakes=mistakes(case))
 
 
 def _require_finite_with_large_logits(out: np.ndarray) -> None:
@@ -384,14 +406,7 @@ def check_paged_decode(paged_decode: Any) -> None:
     __tracebackhide__ = True
     with CheckRun("paged_decode") as run:
         shapes = _decode_shapes(run.rng)
-        for shape in shapes:
-            run.case = shape.describe()
-            case = decode_case(run.rng, shape)
-            out = _run_decode(paged_decode, shape, case)
-            if shape.logit_shift:
-                _require_finite_with_large_logits(out)
-            rtol = LARGE_LOGIT_RTOL if shape.logit_shift else None
-            assert_close(out, case.reference(), np.float32, what="out", rtol=rtol, mistakes=_decode_mistakes(case))
+        run_decode_cases(run, paged_decode, "paged_decode", shapes, _explain_decode_error, _decode_mistakes)
         longest = max(max(shape.context_lens) for shape in shapes)
         run.passed(len(shapes), detail=f"contexts up to {longest} tokens, grouped-query heads", show_mode=True)
 

@@ -21,22 +21,18 @@ import numpy as np
 
 from course_lib import backend
 from course_lib.check.ch04 import (
-    DECODE_SIGNATURE,
     LARGE_LOGIT,
-    LARGE_LOGIT_RTOL,
     DecodeCase,
     DecodeShape,
     _decode_mistakes,
     _explain_decode_error,
-    _require_finite_with_large_logits,
-    decode_case,
+    run_decode_cases,
 )
 from course_lib.check.compare import assert_close
 from course_lib.check.exercise import checks_an_exercise
 from course_lib.check.inputs import nonzero_float32, size_past
-from course_lib.check.learner import ErrorExplainer, call_learner, launch_learner_kernel
+from course_lib.check.learner import ErrorExplainer, call_learner
 from course_lib.check.mistakes import Mistake
-from course_lib.check.poison import poison
 from course_lib.check.run import CheckRun
 from course_lib.kernels.paged_attention_numba import THREADS
 from course_lib.kernels.paged_attention_reference import (
@@ -218,20 +214,6 @@ def check_online_decode(online_decode: Any) -> None:
     __tracebackhide__ = True
     with CheckRun("online_decode") as run:
         shapes = _online_shapes(run.rng)
-        for shape in shapes:
-            run.case = shape.describe()
-            case = decode_case(run.rng, shape)
-            out = poison(case.query.shape, np.float32)
-            launch_learner_kernel(
-                online_decode, (shape.num_heads, len(shape.context_lens)), THREADS, out, *case.device_arrays(),
-                np.float32(case.scale), name="online_decode", expected_signature=DECODE_SIGNATURE.replace(
-                    "paged_decode", "online_decode"),
-                explain_error=_explain_online_error(shape, case.table_buffer.shape[1]),
-            )
-            out = backend.to_numpy(out)
-            if shape.logit_shift:
-                _require_finite_with_large_logits(out)
-            rtol = LARGE_LOGIT_RTOL if shape.logit_shift else None
-            assert_close(out, case.reference(), np.float32, what="out", rtol=rtol, mistakes=_online_mistakes(case))
+        run_decode_cases(run, online_decode, "online_decode", shapes, _explain_online_error, _online_mistakes)
         longest = max(max(shape.context_lens) for shape in shapes)
         run.passed(len(shapes), detail=f"contexts up to {longest} tokens in tiles of {ONLINE_TILE}", show_mode=True)
