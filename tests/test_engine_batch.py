@@ -60,3 +60,9 @@ def test_a_batch_needs_a_sequence_and_a_block_size():
         StepBatch.build([], BLOCK_SIZE)
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         StepBatch.build([(1, 1, [0])], 0)
+
+
+@pytest.mark.parametrize(("new_tokens", "leading"), [([1, 1, 5, 1], 2), ([1, 1], 2), ([3, 1], 0), ([1], 1)])
+def test_the_leading_one_token_sequences_are_the_decode_kernels_rows(new_tokens, leading):
+    batch = StepBatch.build([(n, n + 4, [0, 1, 2]) for n in new_tokens], block_size=4)
+    assert batch.num_leading_decodes == leading

@@ -129,6 +129,55 @@ def test_tied_embeddings_and_bfloat16(rng):
 
 
 @pytest.fixture
+def attention_calls(monkeypatch) -> list[tuple[str, int]]:
+    """(kernel, rows) of every attention launch the model makes, in order."""
+    from course_lib.engine import model as model_module
+
+    calls: list[tuple[str, int]] = []
+    for module, name in ((model_module.paged_attention, "decode_unchecked"),
+                         (model_module.paged_prefill, "prefill_unchecked")):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            rows = args[1] if _name == "decode_unchecked" else args[2]  # the query, after the plan (and out)
+            calls.append((_name, int(rows.shape[0])))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_mixed_step_sends_decodes_to_the_decode_kernel_and_prompts_to_the_prefill_kernel(
+        weights, rng, dtype, attention_calls):
+    """Two decodes first (as the scheduler orders them), then a prompt chunk after a prefix that ends mid-block, a
+    whole prompt, and one more decode, which the prefill kernel takes as a one-token chunk: every row matches the
+    dense model. TINY's head_dim 64 in fp16/bf16 is what the prefill kernel is built for."""
+    model = LlamaModel(TINY, weights, dtype)
+    cache = KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE, dtype)
+    lengths = (10, 7, 21, 9, 14)
+    sequences = [rng.integers(0, TINY.vocab_size, n) for n in lengths]
+    tables = scattered_tables(rng, *lengths)
+    cached = (9, 6, 11, 0, 13)  # tokens already in the cache before the mixed step
+    run_step(model, cache, [(tokens[:n], n, table) for tokens, n, table in zip(sequences, cached, tables, strict=True)
+                            if n])
+    attention_calls.clear()
+    logits = run_step(model, cache, [(tokens[n:], len(tokens), table)
+                                     for tokens, n, table in zip(sequences, cached, tables, strict=True)])
+    for row, tokens in enumerate(sequences):
+        assert_matches(logits[row], dense_forward(TINY, weights, tokens)[-1], dtype)
+    new_tokens = 1 + 1 + 10 + 9 + 1
+    assert attention_calls == [("decode_unchecked", 2), ("prefill_unchecked", new_tokens - 2)] * TINY.num_layers
+
+
+def test_a_float32_model_attends_row_by_row(model, rng, attention_calls):
+    """The prefill kernel takes fp16 and bf16 (tensor-core inputs): a float32 step runs every token as a row."""
+    run_step(model, KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE), [(rng.integers(0, 50, 12), 12,
+                                                                      scattered_tables(rng, 12)[0])])
+    assert attention_calls == [("decode_unchecked", 12)] * TINY.num_layers
+
+
+@pytest.fixture
 def matvec_calls(monkeypatch) -> list[str]:
     """The names of the fused matrix-vector products the model calls, in order."""
     from course_lib.engine import model as model_module

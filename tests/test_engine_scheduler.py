@@ -41,6 +41,8 @@ class FakeModel:
         for copy in output.block_copies:
             self.kv_cache[self._block_slots(copy.dst)] = self.kv_cache[self._block_slots(copy.src)]
         batch = output.batch
+        one_token = batch.query_lens == 1
+        assert batch.num_leading_decodes == int(one_token.sum()), f"one-token sequences come first: {batch.query_lens}"
         self.kv_cache[batch.slots] = batch.token_ids
         sampled = []
         for step, table in zip(output.scheduled, batch.block_tables, strict=True):
@@ -250,6 +252,19 @@ def test_a_chunk_short_of_the_prompt_end_samples_nothing():
     ]
     assert chunks == [(0, 4, False), (4, 4, False), (8, 2, True), (10, 1, True)]
     assert sequence.output_token_ids == expected_outputs(list(range(10)), 2)
+
+
+def test_a_step_lists_its_decodes_before_its_prompt_chunks():
+    """A sequence decoding and a new request's first chunk: the decode row leads, for the model's decode kernel
+    (``FakeModel.run`` checks the same order on every step of every other test)."""
+    scheduler = make_scheduler(max_num_batched_tokens=8)
+    first = scheduler.add_request(list(range(6)), SamplingParams(max_tokens=4))
+    prompt_step = scheduler.schedule()
+    scheduler.update(prompt_step, FakeModel(scheduler.block_pool).run(prompt_step))  # first's whole prompt
+    second = scheduler.add_request(list(range(30, 50)), SamplingParams(max_tokens=2))
+    output = scheduler.schedule()
+    assert [step.sequence for step in output.scheduled] == [first, second]  # admission order: decode, then chunk
+    assert output.batch.query_lens.tolist() == [1, 7] and output.batch.num_leading_decodes == 1
 
 
 # --- preemption ------------------------------------------------------------------------------------

@@ -65,6 +65,13 @@ class StepBatch:
         return self.num_tokens == self.num_sequences
 
     @cached_property
+    def num_leading_decodes(self) -> int:
+        """How many sequences at the front of the batch compute one token each (the scheduler puts decodes first):
+        their rows go to the decode kernel, the rest of a step with prompt tokens to the prefill kernel."""
+        single = self.query_lens == 1
+        return self.num_sequences if single.all() else int(single.argmin())
+
+    @cached_property
     def positions(self) -> np.ndarray:
         """[tokens] int32: a sequence's new tokens sit at the end of its context."""
         return np.concatenate([np.arange(context - new, context, dtype=np.int32)

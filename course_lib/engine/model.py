@@ -10,12 +10,15 @@ Attention is where sequences differ, and ``AttentionMetadata`` tells it how:
 * the *slot* of every new token: where in the paged cache its key and value are written;
 * for every new token, the block table and the context length it attends over. A decode token attends
   to its whole context. The i-th new token of a prompt chunk attends to the cached prefix and the chunk's
-  first i + 1 tokens: causal masking is a shorter context. So one batched paged-attention launch
-  (``paged_attention.decode_unchecked``, a row per token) serves a step of prefills and decodes alike.
+  first i + 1 tokens: causal masking is a shorter context.
 
-That last choice keeps the host's work per layer to one launch. Its price is on the GPU: each prompt token
-reads its whole prefix again (from L2 mostly), where a flash-attention prefill kernel loads each key and
-value tile once for a tile of queries.
+Attention runs two kernels. A step of decodes alone (one new token per sequence, the step a CUDA graph
+replays) is one launch of the decode kernel (``paged_attention.decode_unchecked``, a row per token). A step
+with prompt tokens sends its leading one-token sequences (the scheduler lists decodes first) to the decode
+kernel and every sequence after them to the prefill kernel (``paged_prefill``), which loads each key and
+value tile once for a tile of 64 queries and multiplies on the tensor cores: a prompt token read as a decode
+row would re-read its whole prefix. The prefill kernel takes fp16 and bf16 with head_dim 64 or 128; a step
+it is not built for (float32, other head sizes) runs every token as a decode row, which computes the same.
 
 All arrays live in ``course_lib.backend.xp``: CuPy and cuBLAS on a GPU, NumPy in CPU mode, one code path.
 Element types: float32, float16 and bfloat16. CuPy has no bfloat16 arithmetic, so on a GPU bf16 tensors are uint16
@@ -38,7 +41,7 @@ from course_lib.engine import tensor_parallel
 from course_lib.engine.batch import StepBatch
 from course_lib.engine.block_pool import BlockCopy
 from course_lib.engine.linear import linear
-from course_lib.kernels import matvec, paged_attention
+from course_lib.kernels import matvec, paged_attention, paged_prefill
 from course_lib.kernels.fused import rope_write_kv_unchecked, silu_mul
 from course_lib.kernels.matvec import add_matvec, normed_matvec
 from course_lib.kernels.norm import add_rms_norm, rms_norm
@@ -65,6 +68,15 @@ class AttentionMetadata:
         # How the step's attention runs (v2's partition size and scratch), decided by its first layer (a CUDA
         # graph's warm-up) and kept for the others and for the graph's replays, which use the same scratch.
         self.decode_plan: paged_attention.DecodePlan | None = None
+        # A step with prompt tokens: the sequences after its leading one-token ones, as the prefill kernel reads
+        # them (one table and context length per sequence, where their rows start); its shape, decided once.
+        self.num_decode_rows = batch.num_leading_decodes  # one row each: the leading sequences are one token each
+        if not batch.is_decode:
+            rest = slice(self.num_decode_rows, None)
+            self.prefill_tables = xp.asarray(batch.block_tables[rest])
+            self.prefill_starts = xp.asarray(np.concatenate([[0], np.cumsum(batch.query_lens[rest])]).astype(np.int32))
+            self.prefill_context_lens = xp.asarray(batch.context_lens[rest])
+        self.prefill_plan: paged_prefill.Prefill | None = None
 
     @classmethod
     def build(cls, sequences: Iterable[tuple[int, int, Sequence[int]]], block_size: int) -> AttentionMetadata:
@@ -245,13 +257,38 @@ class LlamaModel:
         keys, values, kind = kv_cache.keys[i], kv_cache.values[i], self.dtype
         query = rope_write_kv_unchecked(qkv, positions, self.frequencies, self.shard_config.num_heads, keys, values,
                                         attention.slot_mapping, kind)  # the new keys and values go into the cache
-        if attention.decode_plan is None:
-            problem = paged_attention.decode_problem(query, keys, values, attention.block_tables,
-                                                     int(attention.batch.context_lens.max()), dtype=kind)
-            attention.decode_plan = paged_attention.plan_decode(problem, partition_size="auto")
-        attended = paged_attention.decode_unchecked(attention.decode_plan, query, keys, values, attention.block_tables,
-                                                    attention.context_lens)
+        if attention.batch.is_decode or not paged_prefill.supports(kind, self.config.head_dim):
+            attended = self._attend_rows(query, keys, values, attention, attention.num_tokens)
+        else:
+            attended = self._attend_prompts(query, keys, values, attention)
         return attended.reshape(qkv.shape[0], -1)  # [tokens, heads * head_dim]
+
+    def _attend_rows(self, query: Any, keys: Any, values: Any, attention: AttentionMetadata, rows: int,
+                     out: Any = None) -> Any:
+        """The decode kernel over the step's first ``rows`` tokens, a row each: every decode token, or every token
+        of a step the prefill kernel is not built for (a prompt token is a row whose context ends at itself)."""
+        if attention.decode_plan is None:
+            problem = paged_attention.decode_problem(query[:rows], keys, values, attention.block_tables[:rows],
+                                                     int(attention.batch.context_lens.max()), dtype=self.dtype)
+            attention.decode_plan = paged_attention.plan_decode(problem, partition_size="auto")
+        return paged_attention.decode_unchecked(attention.decode_plan, query[:rows], keys, values,
+                                                attention.block_tables[:rows], attention.context_lens[:rows], out=out)
+
+    def _attend_prompts(self, query: Any, keys: Any, values: Any, attention: AttentionMetadata) -> Any:
+        """A step with prompt tokens: its leading decode rows through the decode kernel, the sequences after them
+        through the prefill kernel, which reads each key tile once for a tile of queries (tensor cores)."""
+        out = dtypes.empty(tuple(query.shape), self.dtype)
+        decode_rows = attention.num_decode_rows
+        if decode_rows:
+            self._attend_rows(query, keys, values, attention, decode_rows, out=out[:decode_rows])
+        if attention.prefill_plan is None:
+            attention.prefill_plan = paged_prefill.prefill_problem(
+                query[decode_rows:], keys, values, attention.batch.query_lens[attention.num_decode_rows:],
+                int(attention.prefill_tables.shape[1]), dtype=self.dtype)
+        paged_prefill.prefill_unchecked(attention.prefill_plan, out[decode_rows:], query[decode_rows:], keys, values,
+                                        attention.prefill_tables, attention.prefill_starts,
+                                        attention.prefill_context_lens)
+        return out
 
     def mlp(self, i: int, x: Any) -> Any:
         """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up from one stacked projection."""

@@ -5,7 +5,8 @@ This is vLLM v1's scheduler, small. There is no separate "prefill phase": every 
 of the rest under a budget of ``max_num_batched_tokens``:
 
 1. Running sequences first, in the order they were admitted. One in decode computes 1 token; one still
-   in prefill computes the next chunk of its prompt that fits the budget (chunked prefill).
+   in prefill computes the next chunk of its prompt that fits the budget (chunked prefill). (The step's
+   record then lists its one-token sequences first, for the model's two attention kernels.)
 2. Then waiting sequences, first come first served, while the budget, ``max_num_seqs`` and the free
    blocks allow. Admitting one gives it the blocks for all its tokens; those the prefix cache already
    holds count as computed from the start.
@@ -121,12 +122,14 @@ class _StepPlan:
         self.token_budget -= num_new
 
     def output(self, block_size: int) -> SchedulerOutput:
-        """The plan as the step record the engine runs."""
+        """The plan as the step record the engine runs, its one-token sequences first: the model hands those rows to
+        the decode kernel and the prompt chunks after them to the prefill kernel (the order is otherwise free)."""
+        scheduled = sorted(self.scheduled, key=lambda step: step.num_new_tokens > 1)  # stable: admission order kept
         batch = StepBatch.build(((step.num_new_tokens, step.context_len, step.sequence.block_table)
-                                 for step in self.scheduled), block_size,
-                                [token for step in self.scheduled
+                                 for step in scheduled), block_size,
+                                [token for step in scheduled
                                  for token in step.sequence.token_ids_between(step.first_position, step.context_len)])
-        return SchedulerOutput(tuple(self.scheduled), batch, tuple(self.block_copies), tuple(self.preempted))
+        return SchedulerOutput(tuple(scheduled), batch, tuple(self.block_copies), tuple(self.preempted))
 
 
 class Scheduler:

@@ -7,7 +7,7 @@ tiles of 64 positions through shared memory with ``cp.async``, and runs ``S = Q 
 
 STATUS: the kernel compiles for sm_80 and sm_90 (its resource report is tested on any machine), but as of writing it
 has NOT YET RUN ON A GPU: its GPU tests (``tests/test_paged_prefill_kernel.py``, marked ``gpu``) are the first
-judge. Nothing in the engine calls it yet.
+judge. The engine's steps with prompt tokens call it (``engine.model.LlamaModel.attend``).
 
 The layout is ``paged_attention``'s (caches ``[num_blocks, num_kv_heads, block_size, head_dim]``, int32 block
 tables) and the batch is flat as in ``paged_prefill_reference``: ``query [total_new_tokens, num_heads, head_dim]``,
@@ -81,6 +81,24 @@ def check_prefill_problem(query: Any, key_cache: Any, value_cache: Any, block_ta
     pa.require_device_arrays({"query": query, "key_cache": key_cache, "value_cache": value_cache,
                               "block_tables": block_tables, "query_start_loc": query_start_loc,
                               "context_lens": context_lens})
+    if str(getattr(query_start_loc, "dtype", None)) != "int32" or query_start_loc.ndim != 1:
+        raise TypeError(f"query_start_loc must be a 1-D int32 array [num_seqs + 1], got "
+                        f"{getattr(query_start_loc, 'dtype', type(query_start_loc).__name__)} of shape "
+                        f"{getattr(query_start_loc, 'shape', None)}")
+    problem = prefill_problem(query, key_cache, value_cache, np.diff(backend.to_numpy(query_start_loc)),
+                              int(block_tables.shape[1]), scale, dtype)
+    # The index arrays are small: one host copy each serves both checks (a device-to-host copy on a GPU).
+    tables, starts, lens = (backend.to_numpy(a) for a in (block_tables, query_start_loc, context_lens))
+    pa.validate_block_tables(tables, lens, problem.cache.num_blocks, problem.cache.block_size)
+    reference.check_prefill_inputs(query, key_cache, value_cache, tables, starts, lens)
+    return problem
+
+
+def prefill_problem(query: Any, key_cache: Any, value_cache: Any, query_lens: np.ndarray, max_blocks_per_seq: int,
+                    scale: float | None = None, dtype: str | None = None) -> Prefill:
+    """The shape of a prefill step whose index arrays the caller has checked (an engine's ``StepBatch.check``):
+    types and shapes are checked here, from the host's ``query_lens`` (new tokens per sequence), and nothing is
+    read back from the device."""
     cache = pa.check_cache(key_cache, value_cache, dtype)
     if cache.dtype not in ELEMENT_TYPES:
         raise TypeError(f"the prefill kernel feeds the tensor cores, which take {' or '.join(ELEMENT_TYPES)} "
@@ -88,24 +106,22 @@ def check_prefill_problem(query: Any, key_cache: Any, value_cache: Any, block_ta
     if cache.head_dim not in HEAD_DIMS:
         raise ValueError(f"paged_prefill.cu is built for head_dim in {HEAD_DIMS}, got {cache.head_dim}")
     num_heads = pa.check_heads("query", query, cache, dtype)
-    if str(getattr(query_start_loc, "dtype", None)) != "int32" or query_start_loc.ndim != 1:
-        raise TypeError(f"query_start_loc must be a 1-D int32 array [num_seqs + 1], got "
-                        f"{getattr(query_start_loc, 'dtype', type(query_start_loc).__name__)} of shape "
-                        f"{getattr(query_start_loc, 'shape', None)}")
-    # The index arrays are small: one host copy each serves both checks (a device-to-host copy on a GPU).
-    tables, starts, lens = (backend.to_numpy(a) for a in (block_tables, query_start_loc, context_lens))
-    pa.validate_block_tables(tables, lens, cache.num_blocks, cache.block_size)
-    reference.check_prefill_inputs(query, key_cache, value_cache, tables, starts, lens)
-    num_seqs = int(lens.shape[0])
-    if num_seqs > MAX_GRID_YZ or cache.num_kv_heads > MAX_GRID_YZ:
-        raise ValueError(f"one launch takes at most {MAX_GRID_YZ} sequences and kv heads (the grid's y and z), got "
-                         f"{num_seqs} sequences and {cache.num_kv_heads} kv heads")
-    max_query_len = int(np.diff(starts.astype(np.int64)).max())
+    query_lens = np.asarray(query_lens, dtype=np.int64)
+    num_seqs = int(query_lens.size)
+    if num_seqs < 1 or num_seqs > MAX_GRID_YZ or cache.num_kv_heads > MAX_GRID_YZ:
+        raise ValueError(f"one launch takes 1 to {MAX_GRID_YZ} sequences and at most {MAX_GRID_YZ} kv heads (the "
+                         f"grid's z and y), got {num_seqs} sequences and {cache.num_kv_heads} kv heads")
+    max_query_len = int(query_lens.max())
     group = num_heads // cache.num_kv_heads
     if max_query_len * group > pa.MAX_INT32 or int(query.shape[0]) * num_heads > pa.MAX_INT32:
         raise ValueError(f"rows of (token, head) must fit an int32: {query.shape[0]} tokens x {num_heads} heads")
-    return Prefill(cache, num_heads, num_seqs, int(query.shape[0]), max_query_len, int(tables.shape[1]),
+    return Prefill(cache, num_heads, num_seqs, int(query.shape[0]), max_query_len, max_blocks_per_seq,
                    pa.check_scale(scale, cache.head_dim))
+
+
+def supports(dtype: str, head_dim: int) -> bool:
+    """Whether the kernel is built for this element type and head size (an engine falls back to decode rows)."""
+    return dtype in ELEMENT_TYPES and head_dim in HEAD_DIMS
 
 
 def unsupported_reason() -> str | None:
@@ -174,19 +190,26 @@ def paged_prefill(query: Any, key_cache: Any, value_cache: Any, block_tables: An
     """Causal attention of a flat batch of new tokens over the paged cache: ``[total_new_tokens, num_heads,
     head_dim]`` in the query's type.
 
-    Every input is checked first (:func:`check_prefill_problem`). On a GPU the tensor-core kernel runs (untested on
-    a GPU as of writing: see the module's docstring); in CPU mode ``tiled_prefill`` computes the same tiles in
-    float32. ``out`` (default: a new array) must be C-contiguous, of the query's shape and type.
+    Every input is checked first (:func:`check_prefill_problem`), then :func:`prefill_unchecked` runs.
+    ``out`` (default: a new array) must be C-contiguous, of the query's shape and type.
     """
     problem = check_prefill_problem(query, key_cache, value_cache, block_tables, query_start_loc, context_lens,
                                     scale, dtype)
-    kind = problem.cache.dtype
-    out = pa.output_buffer(out, tuple(query.shape), kind, dtype)
+    out = pa.output_buffer(out, tuple(query.shape), problem.cache.dtype, dtype)
+    prefill_unchecked(problem, out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens)
+    return out
+
+
+def prefill_unchecked(problem: Prefill, out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
+                      query_start_loc: Any, context_lens: Any) -> None:
+    """Prefill attention of a checked ``problem`` into ``out``: the tensor-core kernel on a GPU; in CPU mode
+    ``tiled_prefill``, the same tiles in NumPy in float32 (the kernel's accumulators), rounded to the inputs' type.
+    Nothing is checked or read back: the caller vouches for every index."""
     if backend.has_gpu():
         launch_prefill(problem, out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens)
-    else:
-        out[...] = reference.tiled_prefill(dtypes.widen(query, kind), dtypes.widen(key_cache, kind),
-                                           dtypes.widen(value_cache, kind), block_tables, query_start_loc,
-                                           context_lens, problem.scale, query_tile=ROWS // problem.group or 1,
-                                           key_tile=KEY_TILE).astype(out.dtype)
-    return out
+        return
+    kind = problem.cache.dtype
+    out[...] = reference.tiled_prefill(dtypes.widen(query, kind), dtypes.widen(key_cache, kind),
+                                       dtypes.widen(value_cache, kind), block_tables, query_start_loc, context_lens,
+                                       problem.scale, query_tile=ROWS // problem.group or 1,
+                                       key_tile=KEY_TILE).astype(out.dtype)

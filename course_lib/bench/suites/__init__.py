@@ -14,6 +14,7 @@ SUITES = {
     "env": "course_lib.bench.suites.env",
     "gemm": "course_lib.bench.suites.gemm",
     "norm": "course_lib.bench.suites.norm",
+    "prefill": "course_lib.bench.suites.prefill",
     "paged_attention": "course_lib.bench.suites.paged_attention",
     "profile": "course_lib.bench.suites.profile",
     "tensor_parallel": "course_lib.bench.suites.tensor_parallel",

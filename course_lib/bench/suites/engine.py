@@ -16,6 +16,18 @@ CUDA graphs against eager launches, and serving throughput against Hugging Face 
   of wall time, both in the same run: the median of SERVING_RUNS runs after a warm-up run (which compiles
   and fills caches). The engine gets fresh random prompts each run, so its prefix cache has nothing to reuse.
 
+* **time to first token, 4096 tokens**: one prompt of TTFT_PROMPT random tokens through ``LLM.generate`` with one
+  output token (the whole prompt in one step: a token budget of TTFT_BUDGET), wall time; the median of
+  SERVING_RUNS after a warm-up. Its **compute roofline** is the step's FLOPs (2 x the projections' parameters per
+  token, the output projection of the sampled row, causal attention's products) over the bf16 cuBLAS rate
+  (``torch.matmul`` at MATMUL_SIZE^3) measured in the same run.
+* **serving roofline, 64 requests**: ``course_lib.bench.serving_roofline``: for every step the workload needs
+  (the prompts in steps of SERVING_TOKEN_BUDGET tokens, then one decode step per further output token), the
+  larger of its bytes over the copy bandwidth and its FLOPs over the cuBLAS rate, summed. The engine's time
+  is measured against that sum. One more run of the workload records where its time goes
+  (``course_lib.bench.phase_timer``): scheduling, the model on prefill steps, decode runs, sampling and the
+  scheduler's update, each call ended by a device synchronisation.
+
 * **SmolLM2-135M-Instruct**, the course's real model (its GGUF, dequantized to bf16): the batch-1 decode step
   replayed from a CUDA graph, and end to end, 64 chat requests through ``LLM.chat`` (chat template,
   tokenizer, continuous batching, stopping at the model's end-of-sequence token, detokenized text), output
@@ -38,7 +50,10 @@ import numpy as np
 
 from course_lib import backend
 from course_lib.bench.baselines import copy_bandwidth, require_torch
+from course_lib.bench.phase_timer import PhaseTimer
 from course_lib.bench.runner import Step, measurement
+from course_lib.bench.serving_roofline import roofline_seconds, step_cost, workload_steps
+from course_lib.bench.suites.env import torch_bf16_matmul_rate
 from course_lib.bench.timing import Timing
 from course_lib.checkpoint.config import LLAMA_1B_SHAPED, TINY, ModelConfig
 from course_lib.checkpoint.gguf import GGUFCheckpoint, load_gguf
@@ -66,6 +81,8 @@ KERNEL_GROUPS = (("projections", ("nvjet", "gemm", "cublas", "matvec")), ("atten
                  ("norms", ("rms_norm",)), ("rotary_cache_write", ("rope_write_kv",)), ("activation", ("silu_mul",)))
 SERVING_DECODE_STEPS = 16  # the engine's decode steps per round trip to the host while every request decodes
 SERVING_TOKEN_BUDGET = 16384  # max_num_batched_tokens: 32 prompts of 512 tokens prefilled per step
+TTFT_PROMPT, TTFT_BUDGET = 4096, 8192  # the time-to-first-token prompt, and a budget that takes it in one step
+MATMUL_SIZE = 8192  # the cuBLAS rate of the compute rooflines: a bf16 MATMUL_SIZE^3 product
 SERVING_RUNS = 3  # timed runs of each server after its warm-up: the figure is their median (the host is noisy)
 CHAT_REQUESTS, CHAT_MAX_TOKENS = 64, 256  # SmolLM2 serving: chat requests, and the most tokens an answer may take
 CHAT_TOPICS = ("the moon", "volcanoes", "honey bees", "the printing press", "photosynthesis", "the Roman empire",
@@ -76,6 +93,8 @@ CHAT_ASKS = ("Tell me three facts about {}.", "Explain {} to a ten-year-old.", "
 PARAMETERS = {"model": "LLAMA_1B_SHAPED (random weights); SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
               "dtype": DTYPE, "block_size": BLOCK_SIZE,
               "decode_context": DECODE_CONTEXT, "requests": REQUESTS, "prompt": PROMPT, "output": OUTPUT,
+              "ttft_prompt": TTFT_PROMPT, "ttft_budget": TTFT_BUDGET, "serving_token_budget": SERVING_TOKEN_BUDGET,
+              "serving_roofline": "sum over the workload's steps of max(bytes / copy GB/s, FLOPs / cuBLAS bf16 rate)",
               "timing": "wall clock, device synchronised at the end"}
 
 
@@ -95,8 +114,13 @@ def steps(quick: bool) -> list[Step]:
                                                                  DECODE_REPEATS)),
             Step("decode batch 1, CUDA graph, unfused", functools.partial(
                 measure_decode, LLAMA_1B_SHAPED, "graph", DECODE_REPEATS, one_token_matvec=False)),
+            Step(f"matmul bf16 {MATMUL_SIZE}^3 (cuBLAS)", measure_matmul),
+            Step(f"time to first token, {TTFT_PROMPT} tokens", functools.partial(measure_ttft, LLAMA_1B_SHAPED,
+                                                                                   TTFT_PROMPT)),
             Step(f"engine serving {requests} requests", functools.partial(measure_engine, LLAMA_1B_SHAPED, requests,
                                                                            PROMPT, output)),
+            Step(f"engine serving {requests} requests, where the time goes", functools.partial(
+                measure_engine, LLAMA_1B_SHAPED, requests, PROMPT, output, breakdown=True)),
             Step(f"transformers generate, {requests} requests", functools.partial(measure_transformers, requests,
                                                                                    output)),
             Step("SmolLM2 decode batch 1, CUDA graph", functools.partial(measure_decode, "smollm2", "graph",
@@ -239,31 +263,79 @@ def kernel_breakdown(run: Callable[[], Any], calls: int) -> dict[str, float]:
     return {f"us_{group}": micros for group, micros in totals.items()}
 
 
-def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int) -> dict[str, Any]:
-    """The engine serving ``requests`` prompts at once: output tokens per second of wall time."""
+def serving_llm(config: ModelConfig, requests: int, context: int, budget: int) -> LLM:
+    """The engine as the serving measurements run it: bf16 on a GPU, CUDA graphs and multi-step decode."""
     gpu = backend.has_gpu()
-    blocks = requests * blocks_for(prompt + output, BLOCK_SIZE) + 64
-    budget = max(prompt, SERVING_TOKEN_BUDGET)  # a whole prompt fits in one step
-    llm = LLM(config, host_weights(config), dtype=DTYPE if gpu else "float32", num_blocks=blocks,
-              block_size=BLOCK_SIZE, max_num_seqs=requests, max_num_batched_tokens=budget,
-              max_model_len=prompt + output + 1, cuda_graphs=gpu, decode_steps=SERVING_DECODE_STEPS)
+    return LLM(config, host_weights(config), dtype=DTYPE if gpu else "float32",
+               num_blocks=requests * blocks_for(context, BLOCK_SIZE) + 64, block_size=BLOCK_SIZE,
+               max_num_seqs=requests, max_num_batched_tokens=budget, max_model_len=context + 1, cuda_graphs=gpu,
+               decode_steps=SERVING_DECODE_STEPS)
+
+
+def _timed_generations(llm: LLM, config: ModelConfig, requests: int, prompt: int, output: int,
+                       runs: int = SERVING_RUNS, warmup: bool = True) -> Timing:
+    """Wall seconds of ``llm.generate`` on fresh random prompts (no prefix-cache hits), after a warm-up run."""
     params = SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True)
-    seconds = []
+    seconds = [] if warmup else [0.0]
+    for seed in range(len(seconds), runs + 1):  # run 0 is the warm-up, as transformers gets one
+        prompts = _prompts(config, requests, prompt, seed)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        seconds.append(time.perf_counter() - start)
+        generated = sum(len(out.output_token_ids) for out in outputs)
+        if generated != requests * output:
+            raise RuntimeError(f"the engine generated {generated} tokens, expected {requests * output}")
+    return Timing.from_samples(np.array(seconds[1:]), "perf_counter")
+
+
+def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int,
+                   breakdown: bool = False) -> dict[str, Any]:
+    """The engine serving ``requests`` prompts at once: output tokens per second of wall time. With ``breakdown``,
+    one timed run, then one more with every phase timed to its end on the device (``PhaseTimer``): seconds per
+    phase, ``s_other`` the rest of that run (the generate loop itself, detokenizing, copy-on-writes)."""
+    budget = max(prompt, SERVING_TOKEN_BUDGET)  # a whole prompt fits in one step
+    llm = serving_llm(config, requests, prompt + output, budget)
+    phases: dict[str, float] = {}
     try:
-        for seed in range(SERVING_RUNS + 1):  # run 0 is the warm-up, as transformers gets one
-            prompts = _prompts(config, requests, prompt, seed)  # fresh random tokens: no prefix-cache hits
-            start = time.perf_counter()
-            outputs = llm.generate(prompts, params)
-            seconds.append(time.perf_counter() - start)
-            generated = sum(len(out.output_token_ids) for out in outputs)
-            if generated != requests * output:
-                raise RuntimeError(f"the engine generated {generated} tokens, expected {requests * output}")
+        timing = _timed_generations(llm, config, requests, prompt, output, runs=1 if breakdown else SERVING_RUNS)
+        if breakdown:
+            with PhaseTimer() as timer:
+                for owner, method, phase in ((llm.scheduler, "schedule", "scheduling"),
+                                             (llm.scheduler, "schedule_decode_run", "scheduling"),
+                                             (llm, "_run_model", "model_prefill_steps"),
+                                             (llm, "_decode_run", "decode_runs"), (llm, "_sample", "sampling"),
+                                             (llm.scheduler, "update", "scheduler_update")):
+                    timer.wrap(owner, method, phase)
+                phased = _timed_generations(llm, config, requests, prompt, output, runs=1, warmup=False)
+            phases = {f"s_{phase}": seconds for phase, seconds in timer.seconds.items()}
+            phases["s_other"] = phased.median_s - sum(phases.values())
+            phases["s_phased_run"] = phased.median_s
     finally:
         llm.close()
-    timing = Timing.from_samples(np.array(seconds[1:]), "perf_counter")
-    params = {"role": "engine", "requests": requests, "prompt": prompt, "output": output, "cuda_graphs": gpu,
-              "decode_steps": SERVING_DECODE_STEPS, "max_num_batched_tokens": budget}
-    return measurement(f"engine {requests} requests", timing, params, tokens_per_s=generated / timing.median_s)
+    params = {"role": "engine breakdown" if breakdown else "engine", "requests": requests, "prompt": prompt,
+              "output": output, "cuda_graphs": backend.has_gpu(), "decode_steps": SERVING_DECODE_STEPS,
+              "max_num_batched_tokens": budget}
+    label = f"engine {requests} requests" + (", phases timed" if breakdown else "")
+    return measurement(label, timing, params, tokens_per_s=requests * output / timing.median_s, **phases)
+
+
+def measure_ttft(config: ModelConfig, prompt: int) -> dict[str, Any]:
+    """Time to first token of one ``prompt``-token prompt, taken in one step; with the step's FLOPs for the roofline."""
+    llm = serving_llm(config, 1, prompt + 1, max(prompt, TTFT_BUDGET))
+    try:
+        timing = _timed_generations(llm, config, 1, prompt, 1)
+    finally:
+        llm.close()
+    flops = step_cost(config, 2, [(prompt, prompt)]).flops
+    params = {"role": "ttft", "prompt": prompt, "max_num_batched_tokens": max(prompt, TTFT_BUDGET), "flops": flops}
+    return measurement(f"time to first token, {prompt} tokens", timing, params, ms=timing.median_s * 1e3)
+
+
+def measure_matmul() -> dict[str, Any]:
+    """The bf16 cuBLAS rate of the compute rooflines (``torch.matmul``), measured in this run."""
+    result = torch_bf16_matmul_rate(MATMUL_SIZE)
+    result["parameters"]["role"] = "cublas"
+    return result
 
 
 def measure_chat(requests: int, max_tokens: int) -> dict[str, Any]:
@@ -350,10 +422,18 @@ def headline(measurements: list[dict[str, Any]]) -> dict[str, float]:
         figures["graph_speedup_b1"] = eager["timing"]["median_s"] / graph["timing"]["median_s"]
     if graph and (unfused := found.get("graph unfused")):
         figures["matvec_fusion_speedup_b1"] = unfused["timing"]["median_s"] / graph["timing"]["median_s"]
-    engine, baseline = found.get("engine"), found.get("transformers")
+    engine, baseline, cublas = found.get("engine"), found.get("transformers"), found.get("cublas")
     if engine and baseline:
         figures[f"throughput_vs_transformers_b{engine['parameters']['requests']}"] = (
             engine["derived"]["tokens_per_s"] / baseline["derived"]["tokens_per_s"])
+    if (ttft := found.get("ttft")) and cublas:
+        roofline_s = ttft["parameters"]["flops"] / (cublas["derived"]["tflops"] * 1e12)
+        figures[f"ttft_{ttft['parameters']['prompt']}_vs_roofline"] = roofline_s / ttft["timing"]["median_s"]
+    if engine and cublas and copy:
+        p = engine["parameters"]
+        steps = workload_steps(LLAMA_1B_SHAPED, 2, p["requests"], p["prompt"], p["output"], p["max_num_batched_tokens"])
+        roofline_s = roofline_seconds(steps, copy["derived"]["gbps"], cublas["derived"]["tflops"])
+        figures[f"serving_vs_roofline_b{p['requests']}"] = roofline_s / engine["timing"]["median_s"]
     if small := found.get("graph smollm2"):
         figures["smollm2_decode_b1_tokens_per_s"] = small["derived"]["tokens_per_s"]
     if chat := found.get("smollm2 chat"):
