@@ -1,6 +1,7 @@
 """The KV-cache block pool: example tests for each rule, then a state machine against a plain model."""
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import pytest
@@ -46,7 +47,9 @@ def computed(pool: BlockPool, seq_id: int, prompt) -> Sequence:
 
 
 def test_block_hash_is_stable_across_processes():
-    assert hash_block_tokens(None, [1, 2, 3]) == "3771fbf9c448d81cc7788dac56014ed2c33fcf6e1408098ae141c5a22365a475"
+    """SHA-256 of the tokens as little-endian int64 (after the parent's hex digest): no process-salted hash()."""
+    assert hash_block_tokens(None, [1, 2, 3]) == "e2e2033ae7e19d680599d4eb0a1359a2b48ec5baac75066c317fbf85159c54ef"
+    assert hash_block_tokens("ab", [1]) == hashlib.sha256(b"ab" + (1).to_bytes(8, "little")).hexdigest()
     assert hash_block_tokens(None, np.array([1, 2, 3])) == hash_block_tokens(None, (1, 2, 3))
 
 
