@@ -60,3 +60,14 @@ def test_the_phase_timer_adds_up_each_phase_and_puts_the_methods_back():
         assert loop.work(0.01) == 0.01 and loop.work(0.02) == 0.02
     assert phases.calls == {"working": 2} and phases.seconds["working"] >= 0.03
     assert "work" not in vars(loop)  # the class's method shows through again
+
+
+def test_a_serving_breakdown_names_every_phase_and_accounts_for_the_whole_run():
+    from course_lib.bench.suites import engine
+
+    derived = engine.measure_engine(TINY, requests=4, prompt=16, output=8, breakdown=True)["derived"]
+    phases = {phase for _, _, phase in engine.SERVING_PHASES} | {"other"}
+    assert {f"s_{phase}" for phase in phases} <= set(derived)
+    assert derived["s_decode_runs_gpu"] > 0 and derived["s_model_prefill_steps"] > 0  # runs and prefills happened
+    total = sum(derived[f"s_{phase}"] for phase in phases)
+    assert total == pytest.approx(derived["s_phased_run"])

@@ -104,8 +104,8 @@ def record_runs(engine: LLM) -> list:
     """The runs the engine's scheduler plans from now on (None where it falls back to a single step)."""
     runs, schedule_run = [], engine.scheduler.schedule_decode_run
 
-    def recording(max_steps):
-        runs.append(schedule_run(max_steps))
+    def recording(max_steps, after=None):
+        runs.append(schedule_run(max_steps, after=after))
         return runs[-1]
 
     engine.scheduler.schedule_decode_run = recording
@@ -120,6 +120,7 @@ def test_multi_step_decoding_generates_the_same_tokens():
     runs = record_runs(multi)
     assert tokens_of(multi.generate(batch, params)) == tokens_of(single.generate(batch, params))
     assert any(run is not None and run.num_steps == 4 for run in runs)  # the runs did happen
+    assert any(run is not None and run.first_token_ids is None for run in runs)  # one followed a run in flight
     assert multi.block_pool.num_free_blocks == multi.block_pool.num_blocks  # reserved blocks came back
 
 

@@ -52,12 +52,15 @@ class FakeModel:
                 sampled.append(next_token(context[-1]))
         return sampled
 
-    def run_decode(self, run: DecodeRun) -> np.ndarray:
-        """A run of decode steps as the engine runs it: each step fed what the step before sampled."""
+    def run_decode(self, run: DecodeRun, before: np.ndarray | None = None) -> np.ndarray:
+        """A run of decode steps as the engine runs it: each step fed what the step before sampled. ``before``: what
+        the run it follows sampled, not yet recorded on the host (its last row feeds this run's first step)."""
         for copy in run.block_copies:
             self.kv_cache[self._block_slots(copy.dst)] = self.kv_cache[self._block_slots(copy.src)]
         contexts = [list(seq.all_token_ids) for seq in run.sequences]  # what each sequence holds at the start
-        fed, sampled = list(run.first_token_ids), []
+        if before is not None:
+            contexts = [context + before[:, row].tolist() for row, context in enumerate(contexts)]
+        fed, sampled = list(run.first_token_ids) if before is None else before[-1].tolist(), []
         for step in range(run.num_steps):
             for row, table in enumerate(run.block_tables):
                 position = run.first_positions[row] + step
@@ -492,6 +495,56 @@ def test_blocks_filled_in_a_run_serve_later_prefix_hits():
     run_with_decode_runs(scheduler, 4, model)  # the fake model checks every context it reads back
     assert again.num_cached_tokens == 8  # tokens 3 to 7 were written through slots reserved by the runs
     assert again.output_token_ids == first.output_token_ids[6:]
+
+
+def test_a_run_planned_while_another_is_in_flight_continues_it():
+    """Asynchronous scheduling: run 2 is planned and computed before run 1 is recorded; the outputs are those of
+    single steps, runs are recorded oldest first, and nothing else is scheduled while a run is in flight."""
+    prompts, max_tokens = some_prompts(3, seed=11), [9, 9, 9]
+    expected, _ = generate(prompts, max_tokens)
+    scheduler = make_scheduler()
+    sequences = [scheduler.add_request(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, max_tokens,
+                                                                                       strict=True)]
+    model = FakeModel(scheduler.block_pool)
+    first = scheduler.schedule()
+    scheduler.update(first, model.run(first))  # the prompts, and each request's first token
+    run = scheduler.schedule_decode_run(3)
+    following = scheduler.schedule_decode_run(3, after=run)
+    assert following.first_token_ids is None
+    assert following.first_positions == tuple(p + 3 for p in run.first_positions)
+    with pytest.raises(RuntimeError, match="still in flight"):
+        scheduler.schedule()
+    with pytest.raises(ValueError, match="only the one run in flight"):
+        scheduler.schedule_decode_run(3, after=following)
+    sampled = model.run_decode(run)
+    sampled_after = model.run_decode(following, before=sampled)
+    with pytest.raises(ValueError, match="oldest run"):
+        scheduler.finish_decode_run(following, sampled_after)
+    scheduler.finish_decode_run(run, sampled)
+    scheduler.finish_decode_run(following, sampled_after)
+    run_to_completion(scheduler, model)
+    assert [s.output_token_ids for s in sequences] == [s.output_token_ids for s in expected]
+
+
+def test_a_sequence_stopped_in_the_run_in_flight_drops_what_the_following_run_computed():
+    scheduler = make_scheduler()
+    prompt = [5, 6, 7]
+    stop = expected_outputs(prompt, 3)[2]  # the third token ends the request, inside the first run
+    sequence = scheduler.add_request(prompt, SamplingParams(max_tokens=12, stop_token_ids=(stop,)))
+    other = scheduler.add_request([8, 9], SamplingParams(max_tokens=12))
+    model = FakeModel(scheduler.block_pool)
+    first = scheduler.schedule()
+    scheduler.update(first, model.run(first))
+    run = scheduler.schedule_decode_run(4)
+    following = scheduler.schedule_decode_run(4, after=run)
+    sampled = model.run_decode(run)
+    sampled_after = model.run_decode(following, before=sampled)
+    assert scheduler.finish_decode_run(run, sampled) == [sequence]
+    assert scheduler.has_unfinished()  # the following run is still to be recorded
+    scheduler.finish_decode_run(following, sampled_after)
+    assert sequence.output_token_ids == expected_outputs(prompt, 3)
+    assert scheduler.schedule_decode_run(4) is not None  # the other request goes on alone
+    assert other.status is SequenceStatus.RUNNING
 
 
 def test_runs_give_way_when_blocks_are_short_or_a_step_is_pending():

@@ -78,6 +78,16 @@ class TokenEvent:
     logprobs: TokenLogprobs | None = None  # when the request's SamplingParams ask for them
 
 
+@dataclass(frozen=True)
+class _LaunchedRun:
+    """A decode run whose steps are launched: per step, the sampled tokens and whether every logit row was finite,
+    on the device, not yet read."""
+
+    run: DecodeRun
+    sampled: list[Any]
+    finite: list[Any]
+
+
 class LLM:
     """A small paged-attention engine: a Llama model, a KV-cache block pool, a scheduler and a sampler.
 
@@ -88,6 +98,8 @@ class LLM:
     With ``decode_steps`` > 1, while every running request decodes greedily and no waiting one could join, it runs
     up to that many decode steps at a time, the GPU feeding each step's arg-max to the next
     (``Scheduler.schedule_decode_run``); the tokens are the same, and the host waits for the GPU once a run.
+    While such runs follow one another, the next is launched before the host reads the last one's tokens, so the
+    GPU computes while the host records (asynchronous scheduling).
 
     With ``comm`` (``course_lib.distributed``) of several ranks the model is split over them (tensor
     parallelism, ``engine.tensor_parallel``): every rank builds the same ``LLM``; rank 0 runs the engine loop
@@ -118,6 +130,7 @@ class LLM:
                                    max_model_len or config.max_position_embeddings, eos_token_ids)
         self.runner = ModelRunner(self.model, self.kv_cache, cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs,
                                   max_model_len=self.scheduler.max_model_len)
+        self._run_in_flight: _LaunchedRun | None = None  # a decode run launched and not yet recorded
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, **options: object) -> LLM:
@@ -210,10 +223,13 @@ class LLM:
 
     def step(self) -> list[tuple[sequences.Sequence, int]]:
         """One engine step, or a run of decode steps; returns the (sequence, token) pairs sampled, in order."""
+        if self._run_in_flight is not None:
+            return self._record_run_in_flight()
         if self.decode_steps > 1 and all(_only_arg_max(seq.sampling_params) for seq in self.scheduler.running):
             run = self.scheduler.schedule_decode_run(self.decode_steps)
             if run is not None:
-                return self._decode_run(run)
+                self._run_in_flight = self._launch_run(run)
+                return self._record_run_in_flight()
         plan = self.scheduler.schedule()                                      # 1. schedule
         if not plan.scheduled:
             raise RuntimeError("the scheduler found nothing it could run: the KV pool is too small for the "
@@ -254,20 +270,34 @@ class LLM:
     def _blocks_in_use(self) -> int:
         return self.block_pool.num_blocks - self.block_pool.num_free_blocks
 
-    def _decode_run(self, run: DecodeRun) -> list[tuple[sequences.Sequence, int]]:
-        """Launch the run's steps back to back, each fed the previous step's arg-max on the GPU; read the
-        tokens to the host once, at the end."""
+    def _launch_run(self, run: DecodeRun, fed: Any = None) -> _LaunchedRun:
+        """Launch the run's steps back to back, each fed the arg-max of the step before on the GPU (step 0: ``fed``,
+        the last tokens of the run before, or the host's tokens when None); nothing waits for the GPU."""
         xp = backend.xp
         self.runner.copy_blocks(run.block_copies)
-        token_ids, sampled, finite = None, [], []  # step 0's tokens are the run's first ones, known to the host
+        token_ids, sampled, finite = fed, [], []
         for step in range(run.num_steps):
             logits = self.runner.run(run.batch(step), token_ids=token_ids)
             token_ids = xp.argmax(logits, axis=1).astype(xp.int32)  # ties: the lower id, as greedy_tokens
             sampled.append(token_ids)
             finite.append(xp.isfinite(logits.max(axis=1)).all())
-        if not bool(xp.stack(finite).all()):
+        return _LaunchedRun(run, sampled, finite)
+
+    def _record_run_in_flight(self) -> list[tuple[sequences.Sequence, int]]:
+        """Launch the run that follows the one in flight, if the scheduler plans one; then read and record the
+        run in flight: the host's one wait for the GPU, while the GPU already computes the following run."""
+        launched, self._run_in_flight = self._run_in_flight, None
+        following = self.scheduler.schedule_decode_run(self.decode_steps, after=launched.run)
+        if following is not None:
+            self._run_in_flight = self._launch_run(following, fed=launched.sampled[-1])
+        return self._record_run(launched)
+
+    def _record_run(self, launched: _LaunchedRun) -> list[tuple[sequences.Sequence, int]]:
+        """Read a launched run's tokens to the host (waiting for its GPU work) and record them."""
+        xp, run = backend.xp, launched.run
+        if not bool(xp.stack(launched.finite).all()):
             raise ValueError("logits must be finite or -inf (a masked token), with at least one finite value per row")
-        tokens = backend.to_numpy(xp.stack(sampled))  # [steps, sequences]: the run's one wait for the GPU
+        tokens = backend.to_numpy(xp.stack(launched.sampled))  # [steps, sequences]
         kept = [(seq, len(seq.output_token_ids)) for seq in run.sequences]
         used_blocks = self._blocks_in_use()  # before finished sequences give theirs back
         self.scheduler.finish_decode_run(run, tokens)

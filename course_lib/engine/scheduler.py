@@ -17,7 +17,9 @@ of the rest under a budget of ``max_num_batched_tokens``:
 The model runs the step, the sampler picks a token for each sequence whose step reached its last token,
 and ``update`` records them, finishing sequences and freeing their blocks. When every running sequence
 decodes and no waiting request could join, ``schedule_decode_run`` can plan several decode steps at once, and
-``finish_decode_run`` records them (multi-step scheduling: one round trip to the host for the run).
+``finish_decode_run`` records them (multi-step scheduling: one round trip to the host for the run). It can plan
+the next run before the last one is recorded (``after=``), so the GPU computes one run while the host records
+the one before (asynchronous scheduling).
 
 A sequence's block table lives on the sequence; the block pool only hands blocks out and takes them back.
 After each step the scheduler tells the pool which blocks now hold keys and values
@@ -84,12 +86,13 @@ class DecodeRun:
 
     Step ``j`` feeds each sequence the token at position ``first_positions[row] + j``: at step 0 the last token
     it sampled (``first_token_ids``), later the one the step before sampled on the GPU. Its key and value go
-    to the slot of that position, and it attends over ``first_positions[row] + j + 1`` tokens.
+    to the slot of that position, and it attends over ``first_positions[row] + j + 1`` tokens. A run that
+    follows a run still in flight has no ``first_token_ids``: its first tokens are that run's last, on the GPU.
     """
 
     sequences: tuple[Sequence, ...]
     num_steps: int
-    first_token_ids: tuple[int, ...]
+    first_token_ids: tuple[int, ...] | None  # None: fed by the run before it, on the GPU
     first_positions: tuple[int, ...]
     block_tables: tuple[tuple[int, ...], ...]  # cover every step's slot
     block_copies: tuple[BlockCopy, ...]  # copy-on-write, to do before the first step
@@ -163,7 +166,8 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # in admission order: the last one is preempted first
         self._next_seq_id = 0
-        self._step_in_flight: SchedulerOutput | DecodeRun | None = None
+        self._step_in_flight: SchedulerOutput | None = None
+        self._runs_in_flight: deque[DecodeRun] = deque()  # planned, not yet recorded: at most two, oldest first
 
     @property
     def waiting(self) -> tuple[Sequence, ...]:
@@ -174,7 +178,7 @@ class Scheduler:
         return tuple(self._running)
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._runs_in_flight)
 
     def add_request(self, prompt_token_ids: Iterable[int], sampling_params: SamplingParams | None = None) -> Sequence:
         """Queue a request; returns its sequence, already finished with an error if it can never run."""
@@ -247,7 +251,7 @@ class Scheduler:
 
     # --- multi-step decoding ----------------------------------------------------------------------------
 
-    def schedule_decode_run(self, max_steps: int) -> DecodeRun | None:
+    def schedule_decode_run(self, max_steps: int, after: DecodeRun | None = None) -> DecodeRun | None:
         """Plan up to ``max_steps`` decode steps at once; None when single steps must be taken instead.
 
         An engine spends host time on every step: it plans the step, waits for the sampled tokens, records
@@ -259,39 +263,58 @@ class Scheduler:
         to the host for several steps, as vLLM's multi-step scheduling did. A run never goes past any
         sequence's ``max_tokens`` or ``max_model_len``; a stop token ends a sequence early and the tokens
         computed for it after that are dropped.
+
+        ``after``: the run in flight, not yet recorded. The new run continues it (its first tokens are that run's
+        last, sampled on the GPU), so the engine can launch it before it reads that run's tokens, and the GPU
+        computes while the host records (asynchronous scheduling, as in vLLM). The plan cannot know the stop
+        tokens that run will sample: a sequence they end computes one run too many, and its tokens are dropped.
+        None as above, and also when a sequence of ``after`` has finished since it was planned.
         """
-        self._require_no_step_in_flight()
-        running = tuple(self._running)
+        if after is None:
+            self._require_no_step_in_flight()
+            running, pending = tuple(self._running), 0
+            if any(seq.num_tokens - seq.num_computed_tokens != 1 for seq in running):
+                return None  # a prefill is unfinished: single steps
+        else:
+            if list(self._runs_in_flight) != [after]:
+                raise ValueError("a run can follow only the one run in flight, before it is recorded")
+            running, pending = after.sequences, after.num_steps  # each has `pending` tokens on the GPU only
+            if running != tuple(self._running):
+                return None  # someone finished (or the run ended a sequence): the next step is planned afresh
         could_admit = self._waiting and len(running) < self.max_num_seqs
-        if could_admit or not running or any(seq.num_tokens - seq.num_computed_tokens != 1 for seq in running):
-            return None  # someone waiting could join the batch, or a prefill is unfinished: single steps
-        steps = min(max_steps, *(seq.sampling_params.max_tokens - len(seq.output_token_ids) for seq in running),
-                    *(self.max_model_len - seq.num_tokens for seq in running))
+        if could_admit or not running:
+            return None  # someone waiting could join the batch: single steps
+        steps = min(max_steps, *(seq.sampling_params.max_tokens - len(seq.output_token_ids) - pending
+                                 for seq in running),
+                    *(self.max_model_len - seq.num_tokens - pending for seq in running))
         pool = self.block_pool
         # slots for the token each sequence sampled last, and for the steps - 1 tokens the GPU will sample
-        if steps < 2 or sum(pool.blocks_to_grow(seq, seq.num_tokens + steps - 1) for seq in running) > \
+        last = [seq.num_tokens + pending + steps - 1 for seq in running]
+        if steps < 2 or sum(pool.blocks_to_grow(seq, n) for seq, n in zip(running, last, strict=True)) > \
                 pool.num_free_blocks:
             return None
-        copies = [copy for seq in running for copy in pool.grow(seq, seq.num_tokens + steps - 1)]
-        last_tokens = tuple(seq.token_ids_between(seq.num_tokens - 1, seq.num_tokens)[0] for seq in running)
-        self._step_in_flight = DecodeRun(running, steps, last_tokens, tuple(seq.num_tokens - 1 for seq in running),
-                                         tuple(tuple(seq.block_table) for seq in running), tuple(copies),
-                                         pool.block_size)
-        return self._step_in_flight
+        copies = [copy for seq, n in zip(running, last, strict=True) for copy in pool.grow(seq, n)]
+        first_tokens = None if after else tuple(seq.token_ids_between(seq.num_tokens - 1, seq.num_tokens)[0]
+                                                for seq in running)
+        run = DecodeRun(running, steps, first_tokens, tuple(seq.num_tokens - 1 + pending for seq in running),
+                        tuple(tuple(seq.block_table) for seq in running), tuple(copies), pool.block_size)
+        self._runs_in_flight.append(run)
+        return run
 
     def finish_decode_run(self, run: DecodeRun, sampled_token_ids: np.ndarray) -> list[Sequence]:
         """Record a run: ``sampled_token_ids[j, row]`` is what step ``j`` sampled for ``run.sequences[row]``.
 
-        Each step is recorded as ``update`` records one; a sequence that finishes keeps none of the tokens
-        sampled after. Returns the sequences the run finished (their blocks, those grown for later steps
-        included, are freed).
+        Runs are recorded in the order they were planned. Each step is recorded as ``update`` records one; a
+        sequence that finishes keeps none of the tokens sampled after. Returns the sequences the run finished
+        (their blocks, those grown for later steps included, are freed: a run still in flight writes into them
+        before any later step can, in the GPU's stream order).
         """
-        if run is not self._step_in_flight:
-            raise ValueError("finish_decode_run() takes the last run schedule_decode_run() returned, once")
+        if not self._runs_in_flight or run is not self._runs_in_flight[0]:
+            raise ValueError("finish_decode_run() takes the oldest run schedule_decode_run() returned, once")
         if np.shape(sampled_token_ids) != (run.num_steps, len(run.sequences)):
             raise ValueError(f"a run of {run.num_steps} steps over {len(run.sequences)} sequences samples "
                              f"[{run.num_steps}, {len(run.sequences)}] tokens, got {np.shape(sampled_token_ids)}")
-        self._step_in_flight = None
+        self._runs_in_flight.popleft()
         return [sequence for step in range(run.num_steps)
                 for sequence, token in zip(run.sequences, sampled_token_ids[step], strict=True)
                 if not sequence.is_finished and self._record(sequence, 1, int(token))]
@@ -299,8 +322,9 @@ class Scheduler:
     # --- admitting, growing and evicting sequences ----------------------------------------------------
 
     def _require_no_step_in_flight(self) -> None:
-        if self._step_in_flight is not None:
-            raise RuntimeError("the last step is still in flight: pass its output to update() before scheduling again")
+        if self._step_in_flight is not None or self._runs_in_flight:
+            raise RuntimeError("the last step is still in flight: pass its output to update() (a run's to "
+                               "finish_decode_run()) before scheduling again")
 
     def _why_it_can_never_run(self, sequence: Sequence) -> str | None:
         prompt = sequence.prompt_token_ids

@@ -25,8 +25,9 @@ CUDA graphs against eager launches, and serving throughput against Hugging Face 
   (the prompts in steps of SERVING_TOKEN_BUDGET tokens, then one decode step per further output token), the
   larger of its bytes over the copy bandwidth and its FLOPs over the cuBLAS rate, summed. The engine's time
   is measured against that sum. One more run of the workload records where its time goes
-  (``course_lib.bench.phase_timer``): scheduling, the model on prefill steps, decode runs, sampling and the
-  scheduler's update, each call ended by a device synchronisation.
+  (``course_lib.bench.phase_timer``): scheduling, the model on prefill steps, decode runs (their launches, up to
+  the end of their GPU work, and their recording on the host), sampling and the scheduler's update, each call
+  ended by a device synchronisation (which also stops the next run from starting while one is recorded).
 
 * **SmolLM2-135M-Instruct**, the course's real model (its GGUF, dequantized to bf16): the batch-1 decode step
   replayed from a CUDA graph, and end to end, 64 chat requests through ``LLM.chat`` (chat template,
@@ -83,6 +84,11 @@ SERVING_DECODE_STEPS = 16  # the engine's decode steps per round trip to the hos
 SERVING_TOKEN_BUDGET = 16384  # max_num_batched_tokens: 32 prompts of 512 tokens prefilled per step
 TTFT_PROMPT, TTFT_BUDGET = 4096, 8192  # the time-to-first-token prompt, and a budget that takes it in one step
 MATMUL_SIZE = 8192  # the cuBLAS rate of the compute rooflines: a bf16 MATMUL_SIZE^3 product
+# Where a serving run's time goes: (the part of the LLM, "" for the LLM itself; its method; the phase it counts to)
+SERVING_PHASES = (("scheduler", "schedule", "scheduling"), ("scheduler", "schedule_decode_run", "scheduling"),
+                  ("", "_run_model", "model_prefill_steps"), ("", "_launch_run", "decode_runs_gpu"),
+                  ("", "_record_run", "decode_runs_recording"), ("", "_sample", "sampling"),
+                  ("scheduler", "update", "scheduler_update"))
 SERVING_RUNS = 3  # timed runs of each server after its warm-up: the figure is their median (the host is noisy)
 CHAT_REQUESTS, CHAT_MAX_TOKENS = 64, 256  # SmolLM2 serving: chat requests, and the most tokens an answer may take
 CHAT_TOPICS = ("the moon", "volcanoes", "honey bees", "the printing press", "photosynthesis", "the Roman empire",
@@ -300,12 +306,8 @@ def measure_engine(config: ModelConfig, requests: int, prompt: int, output: int,
         timing = _timed_generations(llm, config, requests, prompt, output, runs=1 if breakdown else SERVING_RUNS)
         if breakdown:
             with PhaseTimer() as timer:
-                for owner, method, phase in ((llm.scheduler, "schedule", "scheduling"),
-                                             (llm.scheduler, "schedule_decode_run", "scheduling"),
-                                             (llm, "_run_model", "model_prefill_steps"),
-                                             (llm, "_decode_run", "decode_runs"), (llm, "_sample", "sampling"),
-                                             (llm.scheduler, "update", "scheduler_update")):
-                    timer.wrap(owner, method, phase)
+                for part, method, phase in SERVING_PHASES:
+                    timer.wrap(getattr(llm, part) if part else llm, method, phase)
                 phased = _timed_generations(llm, config, requests, prompt, output, runs=1, warmup=False)
             phases = {f"s_{phase}": seconds for phase, seconds in timer.seconds.items()}
             phases["s_other"] = phased.median_s - sum(phases.values())
