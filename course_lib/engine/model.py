@@ -29,6 +29,7 @@ compute, and round back once (``course_lib.dtypes.widen`` and ``narrow``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -68,15 +69,18 @@ class AttentionMetadata:
         # How the step's attention runs (v2's partition size and scratch), decided by its first layer (a CUDA
         # graph's warm-up) and kept for the others and for the graph's replays, which use the same scratch.
         self.decode_plan: paged_attention.DecodePlan | None = None
-        # A step with prompt tokens: the sequences after its leading one-token ones, as the prefill kernel reads
-        # them (one table and context length per sequence, where their rows start); its shape, decided once.
-        self.num_decode_rows = batch.num_leading_decodes  # one row each: the leading sequences are one token each
-        if not batch.is_decode:
-            rest = slice(self.num_decode_rows, None)
-            self.prefill_tables = xp.asarray(batch.block_tables[rest])
-            self.prefill_starts = xp.asarray(np.concatenate([[0], np.cumsum(batch.query_lens[rest])]).astype(np.int32))
-            self.prefill_context_lens = xp.asarray(batch.context_lens[rest])
+        # The prefill kernel's shape for a step with prompt tokens, decided by its first layer, like decode_plan.
         self.prefill_plan: paged_prefill.Prefill | None = None
+
+    @cached_property
+    def prefill_inputs(self) -> tuple[Any, Any, Any]:
+        """The sequences after the step's leading one-token ones, as the prefill kernel reads them: block tables,
+        where each sequence's rows start (``query_start_loc``) and context lengths; copied to the device once, by
+        the first layer that needs them."""
+        batch, xp = self.batch, backend.xp
+        rest = slice(batch.num_leading_decodes, None)
+        starts = np.concatenate([[0], np.cumsum(batch.query_lens[rest])]).astype(np.int32)
+        return xp.asarray(batch.block_tables[rest]), xp.asarray(starts), xp.asarray(batch.context_lens[rest])
 
     @classmethod
     def build(cls, sequences: Iterable[tuple[int, int, Sequence[int]]], block_size: int) -> AttentionMetadata:
@@ -278,16 +282,16 @@ class LlamaModel:
         """A step with prompt tokens: its leading decode rows through the decode kernel, the sequences after them
         through the prefill kernel, which reads each key tile once for a tile of queries (tensor cores)."""
         out = dtypes.empty(tuple(query.shape), self.dtype)
-        decode_rows = attention.num_decode_rows
+        decode_rows = attention.batch.num_leading_decodes  # one row each
         if decode_rows:
             self._attend_rows(query, keys, values, attention, decode_rows, out=out[:decode_rows])
+        tables, starts, context_lens = attention.prefill_inputs
         if attention.prefill_plan is None:
             attention.prefill_plan = paged_prefill.prefill_problem(
-                query[decode_rows:], keys, values, attention.batch.query_lens[attention.num_decode_rows:],
-                int(attention.prefill_tables.shape[1]), dtype=self.dtype)
+                query[decode_rows:], keys, values, attention.batch.query_lens[decode_rows:], int(tables.shape[1]),
+                dtype=self.dtype)
         paged_prefill.prefill_unchecked(attention.prefill_plan, out[decode_rows:], query[decode_rows:], keys, values,
-                                        attention.prefill_tables, attention.prefill_starts,
-                                        attention.prefill_context_lens)
+                                        tables, starts, context_lens)
         return out
 
     def mlp(self, i: int, x: Any) -> Any:

@@ -85,10 +85,9 @@ def check_prefill_problem(query: Any, key_cache: Any, value_cache: Any, block_ta
         raise TypeError(f"query_start_loc must be a 1-D int32 array [num_seqs + 1], got "
                         f"{getattr(query_start_loc, 'dtype', type(query_start_loc).__name__)} of shape "
                         f"{getattr(query_start_loc, 'shape', None)}")
-    problem = prefill_problem(query, key_cache, value_cache, np.diff(backend.to_numpy(query_start_loc)),
-                              int(block_tables.shape[1]), scale, dtype)
-    # The index arrays are small: one host copy each serves both checks (a device-to-host copy on a GPU).
+    # The index arrays are small: one host copy each serves every check (a device-to-host copy on a GPU).
     tables, starts, lens = (backend.to_numpy(a) for a in (block_tables, query_start_loc, context_lens))
+    problem = prefill_problem(query, key_cache, value_cache, np.diff(starts), int(tables.shape[1]), scale, dtype)
     pa.validate_block_tables(tables, lens, problem.cache.num_blocks, problem.cache.block_size)
     reference.check_prefill_inputs(query, key_cache, value_cache, tables, starts, lens)
     return problem
