@@ -8,19 +8,22 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from course_lib import backend, dtypes
+from course_lib import backend, dtypes, emulator
 from course_lib.check import relative_error, tolerance_for
 from course_lib.check.llama_reference import dense_forward
 from course_lib.checkpoint.config import LLAMA_1B_SHAPED, TINY, ModelConfig
 from course_lib.checkpoint.weights import expected_shapes, load_checkpoint, random_weights, save_checkpoint
 from course_lib.engine.block_pool import BlockCopy
 from course_lib.engine.model import AttentionMetadata, KVCache, LlamaModel
+from course_lib.kernels import paged_prefill
 
 BLOCK_SIZE = 8
 NUM_BLOCKS = 32
@@ -147,11 +150,9 @@ def attention_calls(monkeypatch) -> list[tuple[str, int]]:
     return calls
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_a_mixed_step_sends_decodes_to_the_decode_kernel_and_prompts_to_the_prefill_kernel(
-        weights, rng, dtype, attention_calls):
+def check_mixed_step(weights: Any, rng: np.random.Generator, dtype: str, before_mixed_step: Callable[[], None]) -> None:
     """Two decodes first (as the scheduler orders them), then a prompt chunk after a prefix that ends mid-block, a
-    whole prompt, and one more decode, which the prefill kernel takes as a one-token chunk: every row matches the
+    whole prompt, and one more decode, which the prefill kernel takes as a one-token chunk: every row must match the
     dense model. TINY's head_dim 64 in fp16/bf16 is what the prefill kernel is built for."""
     model = LlamaModel(TINY, weights, dtype)
     cache = KVCache.allocate(TINY, NUM_BLOCKS, BLOCK_SIZE, dtype)
@@ -161,13 +162,41 @@ def test_a_mixed_step_sends_decodes_to_the_decode_kernel_and_prompts_to_the_pref
     cached = (9, 6, 11, 0, 13)  # tokens already in the cache before the mixed step
     run_step(model, cache, [(tokens[:n], n, table) for tokens, n, table in zip(sequences, cached, tables, strict=True)
                             if n])
-    attention_calls.clear()
+    before_mixed_step()  # the caller counts the mixed step's launches from here
     logits = run_step(model, cache, [(tokens[n:], len(tokens), table)
                                      for tokens, n, table in zip(sequences, cached, tables, strict=True)])
     for row, tokens in enumerate(sequences):
         assert_matches(logits[row], dense_forward(TINY, weights, tokens)[-1], dtype)
-    new_tokens = 1 + 1 + 10 + 9 + 1
-    assert attention_calls == [("decode_unchecked", 2), ("prefill_unchecked", new_tokens - 2)] * TINY.num_layers
+
+
+MIXED_STEP_NEW_TOKENS = 1 + 1 + 10 + 9 + 1
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_mixed_step_sends_decodes_to_the_decode_kernel_and_prompts_to_the_prefill_kernel(
+        weights, rng, dtype, attention_calls):
+    check_mixed_step(weights, rng, dtype, attention_calls.clear)
+    assert attention_calls == [("decode_unchecked", 2),
+                               ("prefill_unchecked", MIXED_STEP_NEW_TOKENS - 2)] * TINY.num_layers
+
+
+@pytest.mark.skipif(backend.has_gpu(), reason="on a GPU the test above runs the kernel itself")
+@pytest.mark.skipif(emulator.emulator_problem() is not None, reason=str(emulator.emulator_problem()))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_mixed_step_runs_the_prefill_kernel_itself_on_the_warp_emulator(weights, rng, dtype, monkeypatch):
+    """CPU mode computes prompt rows with NumPy tiles. Here they go to paged_prefill.cu, run on the CPU by the warp
+    emulator, over the very arrays the engine builds for a GPU launch: the logits still match the dense model."""
+    from course_lib.engine import model as model_module
+
+    launches: list[Any] = []
+
+    def emulated(problem: Any, *arrays: Any) -> None:
+        launches.append(problem)
+        paged_prefill.emulate_prefill(problem, *arrays)
+
+    monkeypatch.setattr(model_module.paged_prefill, "prefill_unchecked", emulated)
+    check_mixed_step(weights, rng, dtype, launches.clear)
+    assert [p.total_tokens for p in launches] == [MIXED_STEP_NEW_TOKENS - 2] * TINY.num_layers
 
 
 def test_a_float32_model_attends_row_by_row(model, rng, attention_calls):

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "course_lib"
 # The drawing in course_lib/README.md, top to bottom: each layer's top-level modules and packages.
 LAYERS = (
     ("backend", {"__init__", "backend"}),
-    ("dtypes, compile", {"dtypes", "compile"}),
+    ("dtypes, compile, emulator", {"dtypes", "compile", "emulator"}),
     ("kernels", {"kernels"}),
     ("distributed", {"distributed"}),
     ("checkpoint", {"checkpoint"}),

@@ -4,8 +4,10 @@ On any machine: the kernel compiles for sm_80 and sm_90 in both types and head s
 numbers match the kernel's, every bad input is refused before a launch could happen, CPU mode computes the tiles in
 NumPy, and the kernel's fragment plan (its ldmatrix addresses, swizzle and register packing, copied from the .cu file)
 computes attention when run lane by lane on the course's NumPy model of ldmatrix and mma.sync.
+On the CPU warp emulator (course_lib.emulator): the kernel's own source on the GPU tests' batches against the float64
+reference, with copies landing early or late, and four deliberately broken versions of it that the check must reject.
 On a GPU (marked ``gpu``): the kernel against ``prefill_reference`` in float64. As of writing the kernel has not yet
-run on a GPU, so those tests are its first judge.
+run on a GPU, so those tests are its last judge.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from course_lib import backend, dtypes
+from course_lib import backend, dtypes, emulator
 from course_lib import compile as cuda_compile
 from course_lib.check import is_poison, poison, relative_error, tolerance_for
 from course_lib.kernels import paged_prefill as pp
@@ -327,6 +329,83 @@ def test_the_kernel_matches_the_float64_reference(rng, case, head_dim, dtype):
     expected = prefill_reference(*rounded, *batch.arrays()[3:])
     error = relative_error(dtypes.to_float32(out, dtype), expected)
     assert error < tolerance_for(dtype), f"relative error {error:.3g} over {tolerance_for(dtype)} for {dtype}"
+
+
+# ---- on the CPU: the kernel itself, on the warp emulator, against the same reference --------------------------
+
+needs_emulator = pytest.mark.skipif(emulator.emulator_problem() is not None, reason=str(emulator.emulator_problem()))
+
+
+def emulated(batch: PrefillBatch, dtype: str, source: str | None = None, copies_at_issue: bool = False) -> np.ndarray:
+    """The kernel's output for ``batch`` (queries and caches rounded to ``dtype``), run on the warp emulator from
+    paged_prefill.cu or from ``source``; checks that every output row is written and nothing past them."""
+    host = dtypes.host_dtype(dtype)
+    arrays = tuple(a.astype(host) if a.dtype.kind == "f" else a for a in batch.arrays())
+    problem = pp.check_prefill_problem(*arrays)
+    total, heads, head_dim = arrays[0].shape
+    padded = np.full((total + 1, heads, head_dim), np.nan, host)  # one poisoned token row past the end
+    if source is None:
+        pp.emulate_prefill(problem, padded[:total], *arrays, copies_at_issue=copies_at_issue)
+    else:
+        name = pp.kernel_name(dtype, head_dim)
+        grid, block, arguments, shared = pp.launch_arguments(problem, padded[:total], *arrays)
+        emulator.EmulatedModule(source, (name,)).get_function(name)(grid, block, arguments, shared)
+    out = padded.astype(np.float32)
+    assert not np.isnan(out[:total]).any(), "some outputs were never written"
+    assert np.isnan(out[total]).all(), "the kernel wrote past the end of out"
+    return out[:total]
+
+
+def reference_for(batch: PrefillBatch, dtype: str) -> np.ndarray:
+    host = dtypes.host_dtype(dtype)
+    return prefill_reference(*(a.astype(host).astype(np.float64) if a.dtype.kind == "f" else a
+                               for a in batch.arrays()))
+
+
+@needs_emulator
+@pytest.mark.parametrize("dtype", pp.ELEMENT_TYPES)
+@pytest.mark.parametrize("head_dim", pp.HEAD_DIMS)
+@pytest.mark.parametrize("case", GPU_BATCHES)
+def test_the_kernel_run_by_the_warp_emulator_matches_the_float64_reference(rng, case, head_dim, dtype):
+    """The GPU test's batches, through paged_prefill.cu's own code on the CPU (course_lib.emulator)."""
+    new_lens, prefix_lens, num_heads, num_kv_heads, block_size = GPU_BATCHES[case]
+    batch = random_prefill_batch(rng, new_lens, prefix_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                 head_dim=head_dim, block_size=block_size)
+    error = relative_error(emulated(batch, dtype), reference_for(batch, dtype))
+    assert error < tolerance_for(dtype), f"relative error {error:.3g} over {tolerance_for(dtype)} for {dtype}"
+
+
+@needs_emulator
+def test_the_kernel_is_right_whether_copies_land_at_once_or_at_their_wait(rng):
+    """The two extremes a GPU may choose between: a kernel that read a stage before waiting for it would differ."""
+    batch = random_prefill_batch(rng, [130, 9], [70, 0], num_heads=8, num_kv_heads=2, head_dim=64, block_size=16)
+    expected = reference_for(batch, "float16")
+    for copies_at_issue in (False, True):
+        assert relative_error(emulated(batch, "float16", copies_at_issue=copies_at_issue), expected) < 1e-2
+
+
+BROKEN_KERNELS = {  # one slip each, of the kinds that are easy to make; the emulated check must see each
+    "accumulator not rescaled by the new max": ("o[d][0] *= rescale[0], o[d][1] *= rescale[0], "
+                                                "o[d][2] *= rescale[1], o[d][3] *= rescale[1];", ";"),
+    "V read without .trans": ("ldmatrix_x4_trans(b, smem_address(v_tile", "ldmatrix_x4(b, smem_address(v_tile"),
+    "causal mask never applied": ("const bool diagonal = tile_start + KEY_TILE - 1 > query_start;",
+                                        "const bool diagonal = false;"),
+    "no swizzle on the K/V copies": ("const int row = c / ROW_CHUNKS, chunk = c % ROW_CHUNKS, "
+                                     "at = swizzled<HEAD_DIM>(row, chunk);",
+                                     "const int row = c / ROW_CHUNKS, chunk = c % ROW_CHUNKS, "
+                                     "at = (row * ROW_CHUNKS + chunk) * CHUNK;"),
+}
+
+
+@needs_emulator
+@pytest.mark.parametrize("slip", BROKEN_KERNELS)
+def test_the_emulated_check_catches_a_broken_kernel(rng, slip):
+    original, broken = BROKEN_KERNELS[slip]
+    source = cuda_compile.kernel_path(pp.SOURCE).read_text()
+    assert source.count(original) == 1, "the line this slip changes is no longer in paged_prefill.cu"
+    batch = random_prefill_batch(rng, [100, 7], [40, 0], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16)
+    assert relative_error(emulated(batch, "float16", source.replace(original, broken)),
+                          reference_for(batch, "float16")) > 0.05
 
 
 @pytest.mark.gpu

@@ -5,9 +5,12 @@ the same loop in NumPy): a thread block owns 64 query rows of one sequence and o
 tiles of 64 positions through shared memory with ``cp.async``, and runs ``S = Q Kᵀ`` and ``O += P V`` as
 ``mma.sync`` m16n8k16 products with an online softmax in registers.
 
-STATUS: the kernel compiles for sm_80 and sm_90 (its resource report is tested on any machine), but as of writing it
-has NOT YET RUN ON A GPU: its GPU tests (``tests/test_paged_prefill_kernel.py``, marked ``gpu``) are the first
-judge. The engine's steps with prompt tokens call it (``engine.model.LlamaModel.attend``).
+STATUS: the kernel compiles for sm_80 and sm_90 (its resource report is tested on any machine), and on the CPU the
+course's warp emulator runs it (:func:`emulate_prefill`): it matches the float64 reference on every batch of its GPU
+tests there, and the engine's mixed steps give the dense model's logits through it. As of writing it has NOT YET RUN
+ON A GPU: its GPU tests (``tests/test_paged_prefill_kernel.py``, marked ``gpu``) are the last judge, since the
+emulator models neither timing nor races. The engine's steps with prompt tokens call it
+(``engine.model.LlamaModel.attend``).
 
 The layout is ``paged_attention``'s (caches ``[num_blocks, num_kv_heads, block_size, head_dim]``, int32 block
 tables) and the batch is flat as in ``paged_prefill_reference``: ``query [total_new_tokens, num_heads, head_dim]``,
@@ -32,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from course_lib import backend, dtypes
+from course_lib import backend, dtypes, emulator
 from course_lib import compile as cuda_compile
 from course_lib.kernels import paged_attention as pa
 from course_lib.kernels import paged_prefill_reference as reference
@@ -169,19 +172,36 @@ def _kernel(name: str, shared: int) -> Any:
     return cuda_compile.allow_shared_memory(module.get_function(name), shared)
 
 
-def launch_prefill(problem: Prefill, out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
-                   query_start_loc: Any, context_lens: Any) -> None:
-    """Launch the kernel on checked device arrays (outputs first, as in paged_prefill.cu)."""
+Launch = tuple[tuple[int, int, int], tuple[int], tuple[Any, ...], int]  # grid, block, kernel arguments, shared bytes
+
+
+def launch_arguments(problem: Prefill, out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
+                     query_start_loc: Any, context_lens: Any) -> Launch:
+    """(grid, block, kernel arguments, dynamic shared bytes) of one launch, outputs first as in paged_prefill.cu."""
+    cache = problem.cache
+    arguments = (out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens,
+                 np.int32(problem.num_heads), np.int32(cache.num_kv_heads), np.int32(cache.block_size),
+                 np.int32(problem.max_blocks_per_seq), np.float32(problem.scale * math.log2(math.e)))
+    return prefill_grid(problem), (THREADS,), arguments, shared_bytes(cache.head_dim, cache.dtype)
+
+
+def launch_prefill(problem: Prefill, *arrays: Any) -> None:
+    """Launch the kernel on checked device arrays (``out, query, key_cache, value_cache, block_tables,
+    query_start_loc, context_lens``)."""
     if reason := unsupported_reason():
         raise RuntimeError(f"paged_prefill cannot run here: {reason}")
-    cache = problem.cache
-    shared = shared_bytes(cache.head_dim, cache.dtype)
-    kernel = _kernel(kernel_name(cache.dtype, cache.head_dim), shared)
-    kernel(prefill_grid(problem), (THREADS,),
-           (out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens,
-            np.int32(problem.num_heads), np.int32(cache.num_kv_heads), np.int32(cache.block_size),
-            np.int32(problem.max_blocks_per_seq), np.float32(problem.scale * math.log2(math.e))),
-           shared_mem=shared)
+    grid, block, arguments, shared = launch_arguments(problem, *arrays)
+    _kernel(kernel_name(problem.cache.dtype, problem.cache.head_dim), shared)(grid, block, arguments,
+                                                                              shared_mem=shared)
+
+
+def emulate_prefill(problem: Prefill, *arrays: Any, copies_at_issue: bool = False) -> None:
+    """Run paged_prefill.cu itself on the CPU, on the course's warp emulator, over checked NumPy arrays (in the
+    order of :func:`launch_prefill`): slow, for a few thread blocks, and how the kernel is checked without a GPU."""
+    grid, block, arguments, shared = launch_arguments(problem, *arrays)
+    name = kernel_name(problem.cache.dtype, problem.cache.head_dim)
+    module = emulator.load_file(SOURCE, name_expressions=kernel_names())
+    module.get_function(name)(grid, block, arguments, shared, copies_at_issue=copies_at_issue)
 
 
 def paged_prefill(query: Any, key_cache: Any, value_cache: Any, block_tables: Any, query_start_loc: Any,

@@ -31,7 +31,9 @@ __device__ __forceinline__ void grouped_tile(int tiles_m, int tiles_n, int group
     tile_n = within / rows;
 }
 
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#if defined(COURSE_EMULATOR)
+// The CPU warp emulator (course_lib/emulator) defines these instructions in C++, by the same names.
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 // ---- cp.async: global -> shared without passing through registers (sm_80) ------------------------
 // Copies 16 bytes, or writes 16 zero bytes when `inside` is false (the source is then not read):
 // that zero fill is how the edges of A and B are padded.

@@ -1,0 +1,191 @@
+"""The CPU warp emulator (course_lib.emulator): its instructions are the hardware's, and it catches what would hang
+or read out of place on a GPU.
+
+Why trust it: ``gemm_mma_sync.cu`` passes its GPU tests on the H100 (``tests/test_gemm.py``) and uses every
+instruction the emulator models (``cp.async``, ``ldmatrix`` with and without ``.trans``, ``mma.sync`` in fp16 and
+bf16). Run unchanged on the emulator it must match float64 too; so must the lane formulas chapter 02 teaches
+(``labs/tensor_core_fragments``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from course_lib import dtypes, emulator
+from course_lib.check import relative_error, tolerance_for
+from course_lib.kernels import gemm
+from course_lib.labs import tensor_core_fragments as fragments
+
+pytestmark = pytest.mark.skipif(emulator.emulator_problem() is not None, reason=str(emulator.emulator_problem()))
+
+GEMM_NAMES = {"float16": "gemm_mma_sync<__half>", "bfloat16": "gemm_mma_sync<__nv_bfloat16>"}
+
+
+@pytest.mark.parametrize("dtype", GEMM_NAMES)
+@pytest.mark.parametrize(("m", "n", "k"), [(256, 128, 64), (130, 200, 72)], ids=["interior-tiles", "edge-tiles"])
+def test_the_gpu_checked_mma_sync_gemm_gives_the_same_product_on_the_emulator(rng, dtype, m, n, k):
+    host = dtypes.host_dtype(dtype)
+    a, b = rng.standard_normal((m, k)).astype(host), rng.standard_normal((k, n)).astype(host)
+    c = np.full((m, n), np.nan, host)
+    module = emulator.load_file("gemm_mma_sync.cu", tuple(GEMM_NAMES.values()))
+    tiles = -(-m // gemm.MMA_SYNC_TILE) * -(-n // gemm.MMA_SYNC_TILE)
+    module.get_function(GEMM_NAMES[dtype])((tiles,), (128,), (c, a, b, np.int32(m), np.int32(n), np.int32(k)),
+                                           shared_mem=gemm.MMA_SYNC_SHARED_BYTES)
+    expected = a.astype(np.float64) @ b.astype(np.float64)
+    assert not np.isnan(c.astype(np.float32)).any(), "some outputs were never written"
+    assert relative_error(c.astype(np.float32), expected) < tolerance_for(dtype)
+
+
+# ---- each instruction, lane by lane, against chapter 02's formulas ---------------------------------------------
+
+FRAGMENT_PROBE = r"""
+#include "tensor_core.cuh"
+// One warp: ldmatrix (x4, then x4.trans) from a 32 x 8 tile of 16-bit values, row r at address r * 16 bytes, each
+// lane giving row `lane`; then one mma.sync of the first load's registers as A with B = 1 everywhere.
+__global__ void probe(unsigned* plain, unsigned* transposed, float* product, const __half* tile) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int lane = threadIdx.x;
+    reinterpret_cast<uint4*>(smem)[lane] = reinterpret_cast<const uint4*>(tile)[lane];
+    __syncwarp();
+    unsigned r[4], t[4];
+    ldmatrix_x4(r, smem_address(smem + lane * 16));
+    ldmatrix_x4_trans(t, smem_address(smem + lane * 16));
+    const unsigned one = 0x3c003c00u;  // two fp16 ones
+    const unsigned b[2] = {one, one};
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_m16n8k16<__half>(d, r, b);
+    for (int i = 0; i < 4; ++i)
+        plain[lane * 4 + i] = r[i], transposed[lane * 4 + i] = t[i], product[lane * 4 + i] = d[i];
+}
+"""
+
+
+def test_ldmatrix_and_mma_sync_hand_each_lane_what_chapter_02_says(rng):
+    tile = rng.standard_normal((32, 8)).astype(np.float16)  # four 8 x 8 matrices, one above the other
+    plain, transposed = (np.zeros((32, 4), np.uint32) for _ in range(2))
+    product = np.zeros((32, 4), np.float32)
+    module = emulator.EmulatedModule(FRAGMENT_PROBE, ("probe",))
+    module.get_function("probe")((1,), (32,), (plain, transposed, product, tile), shared_mem=32 * 16)
+
+    def halves(registers: np.ndarray) -> np.ndarray:  # [32 lanes, 4 registers] -> [32, 8] fp16 values
+        return registers.astype("<u4").view(np.float16).reshape(32, 8)
+
+    for trans, registers in ((False, plain), (True, transposed)):
+        expected = fragments.ldmatrix(tile, [(lane, 0) for lane in range(32)], trans=trans)
+        np.testing.assert_array_equal(halves(registers), expected)
+    a = np.zeros((16, 16))  # A as mma.sync reads it from the first load's registers (fragments.a_element)
+    for lane in range(32):
+        for i in range(8):
+            a[fragments.a_element(lane, i)] = halves(plain)[lane, i]
+    row_sums = a.sum(axis=1)  # A times a B of ones: every column of D is A's row sums
+    expected_d = np.array([[row_sums[fragments.c_element(lane, i)[0]] for i in range(4)] for lane in range(32)])
+    np.testing.assert_allclose(product, expected_d, rtol=1e-6)
+
+
+# ---- what a GPU would do wrong silently, the emulator names ----------------------------------------------------
+
+FAULTY = r"""
+#include "tensor_core.cuh"
+__global__ void half_warp_shuffle(float* out) {  // lanes 16-31 leave; 0-15 wait for them at a full-warp shuffle
+    if (threadIdx.x < 16) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+__global__ void copy_past_the_end(float* out, const float* in) {  // every thread copies 16 bytes, one too many
+    extern __shared__ __align__(16) unsigned char smem[];
+    cp_async_16(smem_address(smem + threadIdx.x * 16), in + threadIdx.x * 4, true);
+    cp_async_commit();
+    cp_async_wait<0>();
+    out[threadIdx.x] = reinterpret_cast<float*>(smem)[threadIdx.x * 4];
+}
+__global__ void read_before_wait(float* out, const float* in) {  // the copy may not have landed when read
+    extern __shared__ __align__(16) unsigned char smem[];
+    cp_async_16(smem_address(smem + threadIdx.x * 16), in + threadIdx.x * 4, true);
+    cp_async_commit();
+    out[threadIdx.x] = reinterpret_cast<float*>(smem)[threadIdx.x * 4];
+    cp_async_wait<0>();
+}
+__global__ void mixed_instructions(float* out) {  // half a warp shuffles while the other half synchronises
+    float v = 1.0f;
+    if (threadIdx.x % 32 < 16) v = __shfl_xor_sync(0xffffffffu, v, 1); else __syncwarp();
+    out[threadIdx.x] = v;
+}
+__global__ void exit_mid_copy(const float* in) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    cp_async_16(smem_address(smem + threadIdx.x * 16), in + threadIdx.x * 4, true);
+    cp_async_commit();
+}
+"""
+FAULTY_NAMES = ("half_warp_shuffle", "copy_past_the_end", "read_before_wait", "mixed_instructions", "exit_mid_copy")
+
+
+@pytest.fixture(scope="module")
+def faulty() -> emulator.EmulatedModule:
+    return emulator.EmulatedModule(FAULTY, FAULTY_NAMES)
+
+
+def test_a_shuffle_that_half_the_warp_never_reaches_is_a_deadlock(faulty):
+    with pytest.raises(emulator.EmulatorError, match=r"deadlock: .*thread \(0, 0, 0\) at __shfl_xor_sync"):
+        faulty.get_function("half_warp_shuffle")((1,), (32,), (np.zeros(32, np.float32),))
+
+
+def test_a_copy_from_outside_every_array_is_named(faulty):
+    data = np.arange(4 * 31, dtype=np.float32)  # 31 threads' worth of 16-byte chunks, for 32 threads
+    with pytest.raises(emulator.EmulatorError, match=r"thread \(31, 0, 0\): cp.async reads 16 bytes outside"):
+        faulty.get_function("copy_past_the_end")((1,), (32,), (np.zeros(32, np.float32), data), shared_mem=512)
+
+
+def test_reading_a_copy_before_waiting_for_it_reads_garbage_unless_it_landed_early(faulty):
+    data = np.arange(4 * 32, dtype=np.float32)
+    out = np.zeros(32, np.float32)
+    faulty.get_function("read_before_wait")((1,), (32,), (out, data), shared_mem=512)
+    assert np.isnan(out).all(), "copies land at the wait: before it, shared memory holds the 0xff fill"
+    faulty.get_function("read_before_wait")((1,), (32,), (out, data), shared_mem=512, copies_at_issue=True)
+    np.testing.assert_array_equal(out, data[::4])  # the other extreme a GPU may choose: the bug hides
+
+
+def test_lanes_at_different_warp_wide_instructions_are_named(faulty):
+    with pytest.raises(emulator.EmulatorError, match="reached __syncwarp while others .* wait at __shfl_xor_sync"):
+        faulty.get_function("mixed_instructions")((1,), (32,), (np.zeros(32, np.float32),))
+
+
+def test_a_thread_leaving_with_copies_in_flight_is_named(faulty):
+    with pytest.raises(emulator.EmulatorError, match="exits with 1 cp.async copies not waited for"):
+        faulty.get_function("exit_mid_copy")((1,), (32,), (np.zeros(128, np.float32),), shared_mem=512)
+
+
+def test_a_shared_address_past_the_block_s_shared_memory_is_named(faulty):
+    with pytest.raises(emulator.EmulatorError, match="cp.async's destination at shared byte 256 .* past"):
+        faulty.get_function("copy_past_the_end")((1,), (32,), (np.zeros(32, np.float32), np.zeros(128, np.float32)),
+                                                 shared_mem=256)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((np.zeros(32, np.float32), np.zeros(128, np.float32), np.int32(1)), "takes 2 arguments, got 3"),
+    ((np.zeros(32, np.float32), 5), "NumPy scalars such as np.int32"),
+    ((np.zeros(32, np.float32), np.float32(5)), "is a pointer"),
+    ((np.zeros(32, np.float32), np.zeros((16, 16), np.float32)[:, ::2]), "C-contiguous"),
+])
+def test_arguments_are_checked_against_the_kernel_s_parameters(faulty, args, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        faulty.get_function("copy_past_the_end")((1,), (32,), args, shared_mem=512)
+
+
+def test_a_name_that_was_not_built_and_a_block_too_large_are_refused(faulty):
+    with pytest.raises(KeyError, match="not one of this module's name expressions"):
+        faulty.get_function("probe")
+    with pytest.raises(ValueError, match="at most 1024 threads"):
+        faulty.get_function("half_warp_shuffle")((1,), (1025,), (np.zeros(32, np.float32),))
+
+
+def test_a_source_the_compiler_refuses_says_why():
+    with pytest.raises(emulator.EmulatorError, match="refused the emulated kernel"):
+        emulator.EmulatedModule("__global__ void broken(float* x) { x[0] = undefined_name; }", ("broken",))
+
+
+def test_scalars_of_the_wrong_size_are_refused():
+    module = emulator.EmulatedModule("__global__ void scale(float* x, int n) { x[threadIdx.x] *= n; }", ("scale",))
+    with pytest.raises(TypeError, match="is a 4-byte value, got int64"):
+        module.get_function("scale")((1,), (32,), (np.ones(32, np.float32), np.int64(2)))
+    x = np.ones(32, np.float32)
+    module.get_function("scale")((1,), (32,), (x, np.int32(3)))
+    np.testing.assert_array_equal(x, 3.0)
