@@ -5,7 +5,7 @@ numbers match the kernel's, every bad input is refused before a launch could hap
 NumPy, and the kernel's fragment plan (its ldmatrix addresses, swizzle and register packing, copied from the .cu file)
 computes attention when run lane by lane on the course's NumPy model of ldmatrix and mma.sync.
 On the CPU warp emulator (course_lib.emulator): the kernel's own source on the GPU tests' batches against the float64
-reference, with copies landing early or late, and four deliberately broken versions of it that the check must reject.
+reference, with copies landing early or late, and the slips of ``labs/kernel_slips`` that the check must reject.
 On a GPU (marked ``gpu``): the kernel against ``prefill_reference`` in float64. As of writing the kernel has not yet
 run on a GPU, so those tests are its last judge.
 """
@@ -25,6 +25,7 @@ from course_lib import compile as cuda_compile
 from course_lib.check import is_poison, poison, relative_error, tolerance_for
 from course_lib.kernels import paged_prefill as pp
 from course_lib.kernels.paged_prefill_reference import PrefillBatch, prefill_reference, random_prefill_batch
+from course_lib.labs import kernel_slips
 from course_lib.labs import tensor_core_fragments as fragments
 
 KERNEL_ARCHS = ("sm_80", "sm_90")
@@ -344,12 +345,7 @@ def emulated(batch: PrefillBatch, dtype: str, source: str | None = None, copies_
     problem = pp.check_prefill_problem(*arrays)
     total, heads, head_dim = arrays[0].shape
     padded = np.full((total + 1, heads, head_dim), np.nan, host)  # one poisoned token row past the end
-    if source is None:
-        pp.emulate_prefill(problem, padded[:total], *arrays, copies_at_issue=copies_at_issue)
-    else:
-        name = pp.kernel_name(dtype, head_dim)
-        grid, block, arguments, shared = pp.launch_arguments(problem, padded[:total], *arrays)
-        emulator.EmulatedModule(source, (name,)).get_function(name)(grid, block, arguments, shared)
+    pp.emulate_prefill(problem, padded[:total], *arrays, source=source, copies_at_issue=copies_at_issue)
     out = padded.astype(np.float32)
     assert not np.isnan(out[:total]).any(), "some outputs were never written"
     assert np.isnan(out[total]).all(), "the kernel wrote past the end of out"
@@ -384,28 +380,19 @@ def test_the_kernel_is_right_whether_copies_land_at_once_or_at_their_wait(rng):
         assert relative_error(emulated(batch, "float16", copies_at_issue=copies_at_issue), expected) < 1e-2
 
 
-BROKEN_KERNELS = {  # one slip each, of the kinds that are easy to make; the emulated check must see each
-    "accumulator not rescaled by the new max": ("o[d][0] *= rescale[0], o[d][1] *= rescale[0], "
-                                                "o[d][2] *= rescale[1], o[d][3] *= rescale[1];", ";"),
-    "V read without .trans": ("ldmatrix_x4_trans(b, smem_address(v_tile", "ldmatrix_x4(b, smem_address(v_tile"),
-    "causal mask never applied": ("const bool diagonal = tile_start + KEY_TILE - 1 > query_start;",
-                                        "const bool diagonal = false;"),
-    "no swizzle on the K/V copies": ("const int row = c / ROW_CHUNKS, chunk = c % ROW_CHUNKS, "
-                                     "at = swizzled<HEAD_DIM>(row, chunk);",
-                                     "const int row = c / ROW_CHUNKS, chunk = c % ROW_CHUNKS, "
-                                     "at = (row * ROW_CHUNKS + chunk) * CHUNK;"),
-}
-
-
 @needs_emulator
-@pytest.mark.parametrize("slip", BROKEN_KERNELS)
-def test_the_emulated_check_catches_a_broken_kernel(rng, slip):
-    original, broken = BROKEN_KERNELS[slip]
-    source = cuda_compile.kernel_path(pp.SOURCE).read_text()
-    assert source.count(original) == 1, "the line this slip changes is no longer in paged_prefill.cu"
+@pytest.mark.parametrize("slip", kernel_slips.PREFILL_SLIPS)
+def test_the_emulated_check_catches_a_slipped_kernel(rng, slip):
+    source = kernel_slips.with_slip(cuda_compile.kernel_path(pp.SOURCE).read_text(), slip)
     batch = random_prefill_batch(rng, [100, 7], [40, 0], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16)
-    assert relative_error(emulated(batch, "float16", source.replace(original, broken)),
-                          reference_for(batch, "float16")) > 0.05
+    assert relative_error(emulated(batch, "float16", source), reference_for(batch, "float16")) > 0.05
+
+
+def test_a_slip_that_no_longer_fits_the_kernel_is_named():
+    with pytest.raises(ValueError, match="not in the source exactly once"):
+        kernel_slips.with_slip("// an edited kernel", "V read without .trans")
+    with pytest.raises(KeyError, match="the slips are"):
+        kernel_slips.with_slip("", "no such slip")
 
 
 @pytest.mark.gpu

@@ -195,12 +195,19 @@ def launch_prefill(problem: Prefill, *arrays: Any) -> None:
                                                                               shared_mem=shared)
 
 
-def emulate_prefill(problem: Prefill, *arrays: Any, copies_at_issue: bool = False) -> None:
+def emulate_prefill(problem: Prefill, *arrays: Any, source: str | None = None, copies_at_issue: bool = False) -> None:
     """Run paged_prefill.cu itself on the CPU, on the course's warp emulator, over checked NumPy arrays (in the
-    order of :func:`launch_prefill`): slow, for a few thread blocks, and how the kernel is checked without a GPU."""
+    order of :func:`launch_prefill`): slow, for a few thread blocks, and how the kernel is checked without a GPU.
+
+    ``source`` replaces the file's text (a what-if, or a slip to see what the check reports); ``copies_at_issue``
+    lands every ``cp.async`` at once instead of at its wait.
+    """
     grid, block, arguments, shared = launch_arguments(problem, *arrays)
     name = kernel_name(problem.cache.dtype, problem.cache.head_dim)
-    module = emulator.load_file(SOURCE, name_expressions=kernel_names())
+    if source is None:
+        module = emulator.load_file(SOURCE, name_expressions=kernel_names())
+    else:
+        module = emulator.EmulatedModule(source, (name,))
     module.get_function(name)(grid, block, arguments, shared, copies_at_issue=copies_at_issue)
 
 
