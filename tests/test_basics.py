@@ -3,13 +3,14 @@
 Inputs are fresh random normals on every run (the seed is printed, and shown when a test fails);
 outputs start poisoned with NaN, sit inside a larger poisoned buffer so that a write past the end
 shows, and sizes are never multiples of the block size. The Numba kernels run in the simulator on
-CPU (small sizes) and compiled on a GPU; the CUDA C kernels need a GPU.
+CPU (small sizes) and compiled on a GPU; the CUDA C kernels run on a GPU, and in CPU mode on the warp
+emulator (course_lib.emulator).
 """
 
 import numpy as np
 import pytest
 
-from course_lib import backend
+from course_lib import backend, emulator
 from course_lib.bench import run_suite
 from course_lib.bench.suites import coalescing
 from course_lib.check.poison import is_poison, poison
@@ -19,7 +20,8 @@ from course_lib.kernels import basics
 SIZE = 1_000_003 if backend.has_gpu() else 1_003  # not a multiple of any block size
 SUM_SIZE = 4_000_037 if backend.has_gpu() else 3_001
 SPARE = 64  # poisoned elements after each output: they must stay unwritten
-IMPLEMENTATIONS = ["numba", pytest.param("cuda_c", marks=pytest.mark.gpu)]
+needs_cuda_c = pytest.mark.skipif(emulator.cuda_c_problem() is not None, reason=str(emulator.cuda_c_problem()))
+IMPLEMENTATIONS = ["numba", pytest.param("cuda_c", marks=needs_cuda_c)]
 
 
 @pytest.fixture
@@ -98,7 +100,7 @@ def test_tree_sum(rng, implementation, accumulate):
     assert_sum_close(total, x, accumulate)
 
 
-@pytest.mark.gpu
+@needs_cuda_c
 @pytest.mark.parametrize("accumulate", basics.ACCUMULATORS)
 @pytest.mark.parametrize("blocks", [1, 7, None])
 def test_shuffle_sum(rng, accumulate, blocks):
@@ -151,17 +153,27 @@ def test_kernels_with_32_bit_indices_refuse_arrays_they_cannot_index(rng, monkey
         basics.strided_copy(x, 2)
 
 
-def test_the_cuda_c_kernels_need_a_gpu(rng):
+def test_without_a_gpu_or_the_emulator_the_cuda_c_kernels_say_why(rng, monkeypatch):
     if backend.has_gpu():
         pytest.skip("GPU mode: the CUDA C kernels run in the tests above")
+    monkeypatch.setattr(emulator, "emulator_problem", lambda: "no C++ compiler (pretend)")
+    basics._cuda_kernel.cache_clear()
     x = vector(rng, 64)
     total = poison(1, np.float64)
     for call in (lambda: basics.vector_add(x, x, implementation="cuda_c"),
                  lambda: basics.tree_sum(x, total, implementation="cuda_c"),
                  lambda: basics.shuffle_sum(x, total)):
-        with pytest.raises(RuntimeError, match="needs a GPU"):
+        with pytest.raises(RuntimeError, match=r"need a GPU, or the warp emulator .*: no C\+\+ compiler \(pretend\)"):
             call()
     assert is_poison(total).all(), "a launch that cannot run must leave out alone"
+    basics._cuda_kernel.cache_clear()
+
+
+def test_labels_say_where_each_implementation_runs():
+    on_cpu = {"numba": "in the simulator", "cuda_c": "on the warp emulator"}
+    expected = {"numba": "on the GPU", "cuda_c": "on the GPU"} if backend.has_gpu() else on_cpu
+    for implementation, place in expected.items():
+        assert basics.where(implementation) == f"{implementation} {place}"
 
 
 def test_default_blocks_fill_the_gpu():

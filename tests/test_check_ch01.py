@@ -12,7 +12,7 @@ import numba
 import pytest
 from checker_testing import rejected_with, unwritten
 
-from course_lib import backend
+from course_lib import backend, emulator
 from course_lib.check import check_block_sum, check_rms_norm, check_saxpy
 
 cuda = backend.numba_cuda()
@@ -21,6 +21,7 @@ cuda = backend.numba_cuda()
 
 needs_gpu = pytest.mark.gpu  # tests/conftest.py skips these, saying why, where there is no GPU
 on_cpu_only = pytest.mark.skipif(backend.has_gpu(), reason="the simulator raises where a GPU goes on silently")
+needs_cuda_c = pytest.mark.skipif(emulator.cuda_c_problem() is not None, reason=str(emulator.cuda_c_problem()))
 
 
 # --- saxpy ---------------------------------------------------------------------------------------
@@ -393,11 +394,13 @@ extern "C" __global__ void rms_norm(const float* x, const float* weight, float* 
 
 
 @on_cpu_only
-def test_rms_norm_source_compiles_but_is_not_claimed_checked_on_cpu(capsys):
+def test_rms_norm_source_without_the_emulator_compiles_but_is_not_claimed_checked(capsys, monkeypatch):
+    monkeypatch.setattr(emulator, "emulator_problem", lambda: "no C++ compiler (pretend)")
     assert check_rms_norm(RMS_NORM_SOURCE) is None
     said = capsys.readouterr().out
     assert said.startswith("COMPILED rms_norm (CUDA C) for sm_80") and "registers" in said
-    assert "NOT CHECKED numerically: running CUDA C needs a GPU" in said and "PASSED" not in said
+    assert "NOT CHECKED numerically: running CUDA C needs a GPU or the CPU warp emulator" in said
+    assert "no C++ compiler (pretend)" in said and "PASSED" not in said
 
 
 def test_rms_norm_source_that_does_not_compile_shows_the_compiler_log():
@@ -410,13 +413,31 @@ def test_rms_norm_source_needs_an_unmangled_kernel_name():
     assert "no kernel named rms_norm" in message and 'extern "C"' in message
 
 
-@needs_gpu
-def test_gpu_rms_norm_source_runs_and_passes(capsys):
+@needs_cuda_c
+def test_rms_norm_source_runs_and_passes(capsys):
     check_rms_norm(RMS_NORM_SOURCE)
     line = capsys.readouterr().out
-    assert line.startswith("PASSED rms_norm: ") and "CUDA C" in line and "in GPU mode" in line
+    assert line.startswith("PASSED rms_norm: ") and "CUDA C" in line
+    assert ("in GPU mode" in line) if backend.has_gpu() else ("on the CPU warp emulator" in line)
 
 
-@needs_gpu
-def test_gpu_rms_norm_source_without_eps_is_rejected(seed):
+@needs_cuda_c
+def test_rms_norm_source_without_eps_is_rejected(seed):
     assert "RMSNorm without eps" in rejected_with(check_rms_norm, RMS_NORM_SOURCE.replace(" + eps", ""))
+
+
+@on_cpu_only
+@needs_cuda_c
+def test_an_emulated_source_that_writes_far_outside_its_arrays_is_stopped_and_named():
+    wild = RMS_NORM_SOURCE.replace("row_out[j] = row_in[j]", "row_out[j * 100000000LL] = row_in[j]")
+    message = rejected_with(check_rms_norm, wild)
+    assert "crashed the emulator (SIGSEGV)" in message and "illegal memory access" in message
+
+
+@on_cpu_only
+@needs_cuda_c
+def test_an_emulated_source_that_never_finishes_is_stopped_at_the_time_limit(monkeypatch):
+    monkeypatch.setenv("COURSE_CHECK_TIME_LIMIT_S", "2")
+    endless = RMS_NORM_SOURCE.replace("j += blockDim.x) row_out", "j += 0 * blockDim.x) row_out")
+    message = rejected_with(check_rms_norm, endless)
+    assert "did not finish within 2 s on the CPU warp emulator" in message

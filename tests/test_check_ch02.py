@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from checker_testing import SEEDS, rejected_with
 
-from course_lib import backend
+from course_lib import backend, emulator
 from course_lib.check import check_wmma_gemm
 from course_lib.check.ch02 import FRAGMENT, case_shapes, judge_case, padding, product_as_loaded
 from course_lib.check.ch02_fragments import (
@@ -29,7 +29,7 @@ from course_lib.check.run import CheckRun
 from course_lib.compile import nvrtc_problem
 from course_lib.labs.tensor_core_fragments import FRAGMENTS
 
-needs_gpu = pytest.mark.gpu  # tests/conftest.py skips these, saying why, where there is no GPU
+needs_cuda_c = pytest.mark.skipif(emulator.cuda_c_problem() is not None, reason=str(emulator.cuda_c_problem()))
 on_cpu_only = pytest.mark.skipif(backend.has_gpu(), reason="on a GPU the checker runs the kernel")
 NVRTC_PROBLEM = nvrtc_problem()
 needs_nvrtc = pytest.mark.skipif(NVRTC_PROBLEM is not None, reason=f"compiling CUDA C needs NVRTC: {NVRTC_PROBLEM}")
@@ -81,13 +81,14 @@ def variant(*changes: tuple[str, str]) -> str:
 
 @on_cpu_only
 @needs_nvrtc
-def test_solution_compiles_and_cpu_mode_says_running_it_needs_a_gpu(capsys):
+def test_without_the_emulator_cpu_mode_says_the_solution_compiled_and_was_not_run(capsys, monkeypatch):
+    monkeypatch.setattr(emulator, "emulator_problem", lambda: "no C++ compiler (pretend)")
     assert check_wmma_gemm(SOURCE) is None
     said = capsys.readouterr().out
     assert said.startswith("COMPILED wmma_gemm (CUDA C) for sm_75 (") and "registers" in said
-    assert "tensor cores (mma.sync)" in said
-    assert "NOT CHECKED numerically: running CUDA C needs a GPU" in said and "stops at compilation" in said
-    assert "PASSED" not in said
+    assert "tensor cores (mma.sync)" in said and "no C++ compiler (pretend)" in said
+    assert "NOT CHECKED numerically: running CUDA C needs a GPU or the CPU warp emulator" in said
+    assert "stops at compilation" in said and "PASSED" not in said
 
 
 @needs_nvrtc
@@ -246,7 +247,7 @@ def test_a_write_past_the_end_of_c_is_named(buffers):
     assert "wrote past the end of c" in message and "row 16 * blockIdx.y" in message
 
 
-# --- GPU: the real kernels --------------------------------------------------------------------------
+# --- the real kernels, on the GPU or the warp emulator ---------------------------------------------
 
 ONE_ELEMENT_PER_THREAD = (
     "    wmma::store_matrix_sync(c + (size_t)tile_row * N + tile_col, acc, N, wmma::mem_row_major);\n",
@@ -257,14 +258,17 @@ ONE_ELEMENT_PER_THREAD = (
 )
 
 
-@needs_gpu
-def test_gpu_solution_passes(capsys):
+@needs_nvrtc
+@needs_cuda_c
+def test_the_solution_passes(capsys):
     assert check_wmma_gemm(SOURCE) is None
     line = capsys.readouterr().out
-    assert line.startswith("PASSED wmma_gemm: 2 random cases") and "in GPU mode" in line
+    assert line.startswith("PASSED wmma_gemm: 2 random cases")
+    assert ("in GPU mode" in line) if backend.has_gpu() else ("on the CPU warp emulator" in line)
 
 
-@needs_gpu
+@needs_nvrtc
+@needs_cuda_c
 @pytest.mark.parametrize(
     ("wrong", "hint"),
     [
@@ -285,7 +289,7 @@ def test_gpu_solution_passes(capsys):
     ids=["b-col-major", "b-as-in-nvidia-sample", "lda-16", "ldb-k", "k-one-step-short", "k-one-step-too-far",
          "store-ldm-16", "one-element-per-thread", "x-and-y-swapped"],
 )
-def test_gpu_known_mistakes_are_rejected_with_their_hint(seed, wrong, hint):
+def test_known_mistakes_are_rejected_with_their_hint(seed, wrong, hint):
     assert hint in rejected_with(check_wmma_gemm, wrong)
 
 

@@ -1,10 +1,10 @@
 """The CPU warp emulator (course_lib.emulator): its instructions are the hardware's, and it catches what would hang
 or read out of place on a GPU.
 
-Why trust it: ``gemm_mma_sync.cu`` passes its GPU tests on the H100 (``tests/test_gemm.py``) and uses every
-instruction the emulator models (``cp.async``, ``ldmatrix`` with and without ``.trans``, ``mma.sync`` in fp16 and
-bf16). Run unchanged on the emulator it must match float64 too; so must the lane formulas chapter 02 teaches
-(``labs/tensor_core_fragments``).
+Why trust it: the GEMM steps of chapters 02-03 pass their GPU tests on the H100 (``tests/test_gemm.py``), and
+between them they use every instruction the emulator models (``cp.async``, ``ldmatrix`` with and without
+``.trans``, ``mma.sync`` and WMMA in fp16 and bf16, shared memory and barriers). Run unchanged on the emulator they
+must match float64 too; so must the lane formulas chapter 02 teaches (``labs/tensor_core_fragments``).
 """
 
 from __future__ import annotations
@@ -19,19 +19,22 @@ from course_lib.labs import tensor_core_fragments as fragments
 
 pytestmark = pytest.mark.skipif(emulator.emulator_problem() is not None, reason=str(emulator.emulator_problem()))
 
-GEMM_NAMES = {"float16": "gemm_mma_sync<__half>", "bfloat16": "gemm_mma_sync<__nv_bfloat16>"}
+EMULATED_STEPS = [step for step in gemm.STEPS if step != "wgmma"]  # wgmma (sm_90a) is not emulated
 
 
-@pytest.mark.parametrize("dtype", GEMM_NAMES)
-@pytest.mark.parametrize(("m", "n", "k"), [(256, 128, 64), (130, 200, 72)], ids=["interior-tiles", "edge-tiles"])
-def test_the_gpu_checked_mma_sync_gemm_gives_the_same_product_on_the_emulator(rng, dtype, m, n, k):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("step", EMULATED_STEPS)
+@pytest.mark.parametrize(("m", "n", "k"), [(256, 128, 64), (130, 200, 72)], ids=["whole-tiles", "edge-tiles"])
+def test_the_gpu_checked_gemm_steps_give_the_same_product_on_the_emulator(rng, step, dtype, m, n, k):
+    """Every GEMM step of chapters 02-03 but wgmma, unchanged: the mma_sync step covers cp.async, ldmatrix (plain
+    and .trans) and mma.sync; the wmma step covers WMMA's fragments."""
     host = dtypes.host_dtype(dtype)
     a, b = rng.standard_normal((m, k)).astype(host), rng.standard_normal((k, n)).astype(host)
     c = np.full((m, n), np.nan, host)
-    module = emulator.load_file("gemm_mma_sync.cu", tuple(GEMM_NAMES.values()))
-    tiles = -(-m // gemm.MMA_SYNC_TILE) * -(-n // gemm.MMA_SYNC_TILE)
-    module.get_function(GEMM_NAMES[dtype])((tiles,), (128,), (c, a, b, np.int32(m), np.int32(n), np.int32(k)),
-                                           shared_mem=gemm.MMA_SYNC_SHARED_BYTES)
+    source = next(file for file, steps in gemm.SOURCES.items() if step in steps)
+    name, grid, block, shared = gemm.launch_config(step, gemm.Product(dtype, m, n, k))
+    emulator.load_file(source, gemm.kernel_names(source)).get_function(name)(
+        grid, block, (c, a, b, np.int32(m), np.int32(n), np.int32(k)), shared_mem=shared)
     expected = a.astype(np.float64) @ b.astype(np.float64)
     assert not np.isnan(c.astype(np.float32)).any(), "some outputs were never written"
     assert relative_error(c.astype(np.float32), expected) < tolerance_for(dtype)

@@ -16,6 +16,7 @@ import numpy as np
 from course_lib import backend
 from course_lib.check.compare import assert_close
 from course_lib.check.cuda_source import (
+    CannotRunHere,
     builds_source,
     cannot_compile_here,
     compile_learner_source,
@@ -23,6 +24,7 @@ from course_lib.check.cuda_source import (
     learner_source,
     load_learner_kernel,
     report_compiled_only,
+    where_it_runs,
 )
 from course_lib.check.exercise import checks_an_exercise
 from course_lib.check.inputs import nonzero_float32, size_past
@@ -440,17 +442,18 @@ def _check_rms_norm_cases(run: CheckRun, launch: Launcher, threads: int, languag
 
 
 def _check_rms_norm_source(run: CheckRun, source: str) -> None:
-    """CUDA C: compile it in both modes; run it only on a GPU, and say so plainly on CPU."""
+    """CUDA C: compile it in both modes, then run it on the GPU or, in CPU mode, on the warp emulator."""
     __tracebackhide__ = True
     if cannot_compile_here("rms_norm"):
         return
     compiled = compile_learner_source(source, "rms_norm", SOURCE_ARCH, SOURCE_SIGNATURE)
-    if not backend.has_gpu():
-        report_compiled_only(compiled, "rms_norm",
+    try:
+        function = load_learner_kernel(source, "rms_norm")
+    except CannotRunHere as why:
+        report_compiled_only(compiled, "rms_norm", why=str(why),
                              next_step="Check it on a GPU, or check the Numba version of the kernel here.")
         return
-    function = load_learner_kernel(source, "rms_norm")
-    _check_rms_norm_cases(run, _source_launcher(function), SOURCE_ROW_THREADS, "CUDA C")
+    _check_rms_norm_cases(run, _source_launcher(function), SOURCE_ROW_THREADS, f"CUDA C{where_it_runs()}")
 
 
 @checks_an_exercise
@@ -460,7 +463,8 @@ def check_rms_norm(rms_norm: Any) -> None:
     ``rms_norm`` is either a Numba kernel ``rms_norm(x, weight, out, eps)``, launched with 64 threads
     per row in both modes, or CUDA C source defining ``rms_norm(x, weight, out, eps, hidden)`` (a str, or
     a function of no arguments that returns it), compiled in both modes and run, 128 threads per row, on
-    a GPU only. x is float32 of shape [rows, hidden], hidden never a multiple of the block size.
+    the GPU or, in CPU mode, on the warp emulator. x is float32 of shape [rows, hidden], hidden never a
+    multiple of the block size.
     """
     __tracebackhide__ = True
     with CheckRun("rms_norm") as run:

@@ -22,6 +22,7 @@ import numpy as np
 from course_lib import backend
 from course_lib.check.compare import assert_close
 from course_lib.check.cuda_source import (
+    CannotRunHere,
     cannot_compile_here,
     code_without_comments,
     compile_learner_source,
@@ -29,6 +30,7 @@ from course_lib.check.cuda_source import (
     learner_source,
     load_learner_kernel,
     report_compiled_only,
+    where_it_runs,
 )
 from course_lib.check.exercise import checks_an_exercise
 from course_lib.check.failure import CheckFailed
@@ -250,9 +252,10 @@ def check_wmma_gemm(source: str | Callable[[], str]) -> None:
 
     a [M, K] and b [K, N] are row-major fp16, c [M, N] row-major fp32, and M, N, K are multiples of 16.
     In both modes the source is compiled for sm_75 and must issue mma.sync and zero its accumulator;
-    on a GPU it is launched with (N / 16, M / 16) blocks of 32 threads, one warp per 16 x 16 tile of
-    c, and compared with a float64 product within the fp16 tolerance. On CPU it prints what compiling
-    showed and that the numerical check needs a GPU, and returns without claiming a pass.
+    then it is launched with (N / 16, M / 16) blocks of 32 threads, one warp per 16 x 16 tile of c (on
+    the GPU, or in CPU mode on the warp emulator), and compared with a float64 product within the fp16
+    tolerance. Where neither can run it, it prints what compiling showed and that the numerical check
+    did not run, and returns without claiming a pass.
     """
     __tracebackhide__ = True
     with CheckRun(KERNEL) as run:
@@ -261,14 +264,16 @@ def check_wmma_gemm(source: str | Callable[[], str]) -> None:
             return
         compiled = compile_learner_source(source, KERNEL, ARCH, SIGNATURE)
         _require_tensor_cores_and_zeroing(compiled, source)
-        if not backend.has_gpu():
-            report_compiled_only(compiled, KERNEL, "its PTX multiplies on the tensor cores (mma.sync)")
+        try:
+            function = load_learner_kernel(source, KERNEL)
+        except CannotRunHere as why:
+            report_compiled_only(compiled, KERNEL, "its PTX multiplies on the tensor cores (mma.sync)", why=str(why))
             return
-        function = load_learner_kernel(source, KERNEL)
         shapes = case_shapes(run.rng)
         for shape in shapes:
             m, n, k = shape
             run.case = f"a is {m} x {k}, b is {k} x {n}, {_tiles(n)} x {_tiles(m)} blocks of one warp"
             _run_case(function, run, shape)
         largest = max(max(shape) for shape in shapes)
-        run.passed(len(shapes), detail=f"M, N, K multiples of 16 up to {largest}, fp16 in, fp32 out", show_mode=True)
+        run.passed(len(shapes), detail=f"M, N, K multiples of 16 up to {largest}, fp16 in, fp32 out{where_it_runs()}",
+                   show_mode=True)

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from course_lib import backend
 from course_lib import compile as cuda_compile
 
 INCLUDE_DIR = Path(__file__).parent / "include"
@@ -55,6 +56,10 @@ class EmulatorError(RuntimeError):
     """The emulated kernel did something that would hang or read out of place on a GPU (the message says what)."""
 
 
+class EmulatorTimeout(EmulatorError):
+    """An isolated launch did not finish within its time limit (its process was stopped)."""
+
+
 def compiler() -> str | None:
     """The C++ compiler the emulator uses: ``$CXX``, else ``g++``, else ``clang++``; None when there is none."""
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
@@ -67,6 +72,14 @@ def emulator_problem() -> str | None:
     if compiler() is None:
         return "the warp emulator needs a C++17 compiler (set $CXX, or install g++ or clang++)"
     return None
+
+
+def cuda_c_problem() -> str | None:
+    """Why this process cannot run a CUDA C kernel (None on a GPU, or in CPU mode with the emulator)."""
+    if backend.has_gpu():
+        return None
+    problem = emulator_problem()
+    return f"no GPU, and no warp emulator: {problem}" if problem else None
 
 
 def cache_dir() -> Path:
@@ -119,7 +132,7 @@ class EmulatedKernel:
     """One kernel instantiation, called like a ``cupy.RawKernel``: ``kernel(grid, block, args, shared_mem=0)``."""
 
     def __init__(self, library: ctypes.CDLL, index: int, name: str) -> None:
-        self.name = name
+        self.name, self.library_path, self.index = name, library._name, index
         self._launch = getattr(library, f"course_launch_{index}")
         self._launch.restype = ctypes.c_char_p
         sizes, pointers = (ctypes.c_size_t * 64)(), (ctypes.c_int * 64)()
@@ -127,12 +140,22 @@ class EmulatedKernel:
         self.parameters = tuple(Parameter(sizes[i], bool(pointers[i])) for i in range(count))
 
     def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...], shared_mem: int = 0,
-                 *, copies_at_issue: bool = False) -> None:
+                 *, copies_at_issue: bool = False, time_limit_s: float | None = None) -> None:
         """Run the kernel over ``grid`` x ``block``; arrays are updated in place. ``copies_at_issue`` lands each
-        ``cp.async`` at once instead of at its wait (the two extremes a GPU may choose between)."""
+        ``cp.async`` at once instead of at its wait (the two extremes a GPU may choose between).
+
+        With ``time_limit_s`` the launch runs in a process of its own (:mod:`course_lib.emulator.isolated`), for
+        code not yet trusted: a kernel that loops forever is stopped after the limit, and one that writes outside
+        its arrays crashes that process, not this one. Either way an :class:`EmulatorError` says what happened.
+        """
         if len(args) != len(self.parameters):
             raise TypeError(f"{self.name} takes {len(self.parameters)} arguments, got {len(args)}")
         values = [self._argument(i, value) for i, value in enumerate(args)]
+        if time_limit_s is not None:
+            from course_lib.emulator.isolated import run_isolated  # the child process imports this module
+
+            run_isolated(self, grid, block, args, shared_mem, copies_at_issue, time_limit_s)
+            return
         arrays = [value for value in args if isinstance(value, np.ndarray)]
         geometry = (ctypes.c_uint * 6)(*_extent(grid, "grid"), *_extent(block, "block"))
         if geometry[3] * geometry[4] * geometry[5] > 1024:

@@ -7,8 +7,10 @@
 
 Every launcher checks its arrays before a launch and raises a ``TypeError`` or ``ValueError`` that
 says what was expected. ``implementation="numba"`` runs the Numba kernel (compiled for the GPU, or in
-the simulator in CPU mode); ``implementation="cuda_c"`` runs the CUDA C kernel through CuPy and needs
-a GPU. The ``*_reference`` functions compute the same results with NumPy in float64.
+the simulator in CPU mode); ``implementation="cuda_c"`` runs the CUDA C kernel: through CuPy on a GPU,
+and in CPU mode on the course's warp emulator (``course_lib.emulator``: the same source, compiled for
+the CPU, each GPU thread a fiber). The ``*_reference`` functions compute the same results with NumPy
+in float64.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from course_lib import backend
+from course_lib import backend, emulator
 from course_lib.compile import kernel_path, load_file
 
 cuda = backend.numba_cuda()
@@ -179,14 +181,14 @@ def tree_sum(
 
 
 def shuffle_sum(x: Any, out: Any = None, *, accumulate: str = "float64", blocks: int | None = None) -> Any:
-    """:func:`tree_sum` with warp shuffles (``__shfl_down_sync``) inside each warp: CUDA C, GPU only.
+    """:func:`tree_sum` with warp shuffles (``__shfl_down_sync``) inside each warp: CUDA C only.
 
-    There is no Numba version: the Numba simulator has no shuffles.
+    There is no Numba version: the Numba simulator has no shuffles (the warp emulator has).
     """
     _require_vector("x", x)
     out = _output(out, 1, _accumulator(accumulate))
     blocks = _grid_stride_blocks(blocks)
-    kernel = _cuda_kernel("basics.cu", f"shuffle_sum_{accumulate}")  # raises in CPU mode
+    kernel = _cuda_kernel("basics.cu", f"shuffle_sum_{accumulate}")
     out.fill(0)  # the blocks add their sums to it
     kernel((blocks,), (REDUCE_THREADS,), (x, out, np.int64(x.size)))
     return out
@@ -310,14 +312,29 @@ def _implementation(implementation: str) -> str:
     return implementation
 
 
+def where(implementation: str) -> str:
+    """Where ``implementation`` runs in this process, for a label: ``"cuda_c on the warp emulator"``."""
+    kind = _implementation(implementation)
+    if backend.has_gpu():
+        return f"{kind} on the GPU"
+    return f"{kind} in the simulator" if kind == "numba" else f"{kind} on the warp emulator"
+
+
 @functools.cache
 def _cuda_module(file: str) -> Any:
     """The CuPy RawModule of a course ``.cu`` file, compiled once per process."""
     return load_file(file)
 
 
+@functools.cache
 def _cuda_kernel(file: str, name: str) -> Any:
-    return _cuda_module(file).get_function(name)
+    """A CUDA C kernel: CuPy's on a GPU; in CPU mode the warp emulator's, which CuPy's launch calls also fit."""
+    if backend.has_gpu():
+        return _cuda_module(file).get_function(name)
+    if problem := emulator.emulator_problem():
+        raise RuntimeError(f"the CUDA C kernels need a GPU, or the warp emulator on the CPU, which cannot run here: "
+                           f"{problem} ({backend.mode_text()})")
+    return emulator.load_file(file, (name,)).get_function(name)
 
 
 def _float64(values: Any) -> np.ndarray:

@@ -36,6 +36,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -50,7 +51,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))  // GNU syntax: it may stand among the specifiers
 #define __shared__ static  // static shared arrays: one per kernel, and blocks run one at a time
 
 struct uint3 {
@@ -77,7 +78,7 @@ using std::min;
 namespace course_emulator {
 
 constexpr int WARP_SIZE = 32;
-constexpr int SLOT_BYTES = 32;           // what one lane hands a warp-wide instruction
+constexpr int SLOT_BYTES = 128;          // what one lane hands a warp-wide instruction (wmma: its A and B)
 constexpr std::size_t STACK_BYTES = 256 * 1024;
 
 struct Copy {  // one cp.async: 16 bytes to shared memory from `source`, or 16 zero bytes
@@ -117,7 +118,6 @@ struct Launch {
     std::vector<Buffer> buffers;
     bool copies_at_issue = false;
     std::vector<Thread> threads;
-    std::vector<std::vector<char>> stacks;
     Barrier block_barrier;
     std::vector<Barrier> warp_barriers;
     std::vector<unsigned char> slots;  // [warp][2][lane][SLOT_BYTES]
@@ -134,6 +134,14 @@ struct Launch {
     }
 };
 inline Launch* active = nullptr;
+
+// Fiber stacks, kept from launch to launch: allocated once, never filled (the OS commits the pages a fiber
+// touches, a few KiB each).
+inline char* stack_of(int thread) {
+    static std::vector<std::unique_ptr<char[]>> stacks;
+    while (static_cast<int>(stacks.size()) <= thread) stacks.emplace_back(new char[STACK_BYTES]);
+    return stacks[thread].get();
+}
 
 inline std::string where() {
     const Launch& l = *active;
@@ -362,8 +370,8 @@ inline bool run_block(Launch& l) {
         t.index = uint3{i % l.block.x, i / l.block.x % l.block.y, i / (l.block.x * l.block.y)};
         t.warp = i / WARP_SIZE, t.lane = i % WARP_SIZE;
         getcontext(&t.context);
-        t.context.uc_stack.ss_sp = l.stacks[i].data();
-        t.context.uc_stack.ss_size = l.stacks[i].size();
+        t.context.uc_stack.ss_sp = stack_of(i);
+        t.context.uc_stack.ss_size = STACK_BYTES;
         t.context.uc_link = &l.scheduler;
         makecontext(&t.context, thread_main, 0);
     }
@@ -397,7 +405,6 @@ inline const char* launch(const unsigned* geometry, std::size_t shared_bytes, co
         l.buffers.push_back(Buffer{static_cast<const unsigned char*>(buffer_starts[i]), buffer_bytes[i]});
     const int count = l.threads_per_block(), warps = (count + WARP_SIZE - 1) / WARP_SIZE;
     l.threads.resize(count);
-    l.stacks.assign(count, std::vector<char>(STACK_BYTES));
     l.warp_barriers.resize(warps);
     l.slots.assign(static_cast<std::size_t>(warps) * 2 * WARP_SIZE * SLOT_BYTES, 0);
     l.shared_bytes = shared_bytes;
@@ -466,6 +473,24 @@ V __shfl_down_sync(unsigned mask, V value, unsigned delta, int = course_emulator
     return course_emulator::shuffle_from(mask, value, [&](int lane) { return lane + static_cast<int>(delta); },
                                          "__shfl_down_sync");
 }
+
+// Atomics: a fiber is never interrupted between two waits, so a plain read-modify-write is already atomic.
+template <typename V>
+V atomicAdd(V* address, V value) {
+    const V old = *address;
+    *address = old + value;
+    return old;
+}
+template <typename V>
+V atomicMax(V* address, V value) {
+    const V old = *address;
+    *address = old < value ? value : old;
+    return old;
+}
+
+inline float __expf(float v) { return std::exp(v); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 
 inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
 inline int __float_as_int(float v) { int i; std::memcpy(&i, &v, 4); return i; }

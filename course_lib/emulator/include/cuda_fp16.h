@@ -16,6 +16,8 @@ struct __half {
 struct __half2 {
     __half x, y;
 };
+typedef __half half;
+typedef __half2 half2;
 
 namespace course_emulator {
 // float -> binary16 bits, round to nearest even; too large -> infinity, too small -> (signed) zero.
