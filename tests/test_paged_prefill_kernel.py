@@ -310,14 +310,24 @@ GPU_BATCHES = {  # (new tokens, cached prefix) per sequence, heads, kv heads, bl
 }
 
 
+def case_batch(rng: np.random.Generator, case: str, head_dim: int) -> PrefillBatch:
+    new_lens, prefix_lens, num_heads, num_kv_heads, block_size = GPU_BATCHES[case]
+    return random_prefill_batch(rng, new_lens, prefix_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                head_dim=head_dim, block_size=block_size)
+
+
+def assert_within_tolerance(got: np.ndarray, expected: np.ndarray, dtype: str) -> None:
+    error = relative_error(got, expected)
+    assert error < tolerance_for(dtype), f"relative error {error:.3g} over {tolerance_for(dtype)} for {dtype}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", pp.ELEMENT_TYPES)
 @pytest.mark.parametrize("head_dim", pp.HEAD_DIMS)
 @pytest.mark.parametrize("case", GPU_BATCHES)
 def test_the_kernel_matches_the_float64_reference(rng, case, head_dim, dtype):
-    new_lens, prefix_lens, num_heads, num_kv_heads, block_size = GPU_BATCHES[case]
-    batch = random_prefill_batch(rng, new_lens, prefix_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                 head_dim=head_dim, block_size=block_size)
+    batch = case_batch(rng, case, head_dim)
+    num_heads = batch.query.shape[1]
     arrays = device_batch(batch, dtype)
     total = batch.query.shape[0]
     storage = dtypes.empty((1,), dtype).dtype
@@ -327,9 +337,7 @@ def test_the_kernel_matches_the_float64_reference(rng, case, head_dim, dtype):
     assert not is_poison(out).any(), "some outputs were never written"
     assert is_poison(padded[total]).all(), "the kernel wrote past the end of out"
     rounded = [dtypes.to_float32(a, dtype).astype(np.float64) for a in arrays[:3]]
-    expected = prefill_reference(*rounded, *batch.arrays()[3:])
-    error = relative_error(dtypes.to_float32(out, dtype), expected)
-    assert error < tolerance_for(dtype), f"relative error {error:.3g} over {tolerance_for(dtype)} for {dtype}"
+    assert_within_tolerance(dtypes.to_float32(out, dtype), prefill_reference(*rounded, *batch.arrays()[3:]), dtype)
 
 
 # ---- on the CPU: the kernel itself, on the warp emulator, against the same reference --------------------------
@@ -364,11 +372,8 @@ def reference_for(batch: PrefillBatch, dtype: str) -> np.ndarray:
 @pytest.mark.parametrize("case", GPU_BATCHES)
 def test_the_kernel_run_by_the_warp_emulator_matches_the_float64_reference(rng, case, head_dim, dtype):
     """The GPU test's batches, through paged_prefill.cu's own code on the CPU (course_lib.emulator)."""
-    new_lens, prefix_lens, num_heads, num_kv_heads, block_size = GPU_BATCHES[case]
-    batch = random_prefill_batch(rng, new_lens, prefix_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                 head_dim=head_dim, block_size=block_size)
-    error = relative_error(emulated(batch, dtype), reference_for(batch, dtype))
-    assert error < tolerance_for(dtype), f"relative error {error:.3g} over {tolerance_for(dtype)} for {dtype}"
+    batch = case_batch(rng, case, head_dim)
+    assert_within_tolerance(emulated(batch, dtype), reference_for(batch, dtype), dtype)
 
 
 @needs_emulator
