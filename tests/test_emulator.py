@@ -86,6 +86,30 @@ def test_ldmatrix_and_mma_sync_hand_each_lane_what_chapter_02_says(rng):
     np.testing.assert_allclose(product, expected_d, rtol=1e-6)
 
 
+SHUFFLES = r"""
+// Each lane's value is its lane number; every shuffle writes one int per lane, then the ballot of odd values.
+__global__ void shuffles(int* out) {
+    const int lane = threadIdx.x, width = 8;
+    out[0 * 32 + lane] = __shfl_sync(0xffffffffu, lane, 3, width);
+    out[1 * 32 + lane] = __shfl_up_sync(0xffffffffu, lane, 2, width);
+    out[2 * 32 + lane] = __shfl_down_sync(0xffffffffu, lane, 2, width);
+    out[3 * 32 + lane] = __shfl_xor_sync(0xffffffffu, lane, 9);
+    out[4 * 32 + lane] = static_cast<int>(__ballot_sync(0xffffffffu, lane % 2));
+}
+"""
+
+
+def test_shuffles_and_votes_follow_the_cuda_programming_guide():
+    out = np.zeros((5, 32), np.int32)
+    emulator.EmulatedModule(SHUFFLES, ("shuffles",)).get_function("shuffles")((1,), (32,), (out,))
+    lane, width = np.arange(32), 8
+    np.testing.assert_array_equal(out[0], lane // width * width + 3)  # lane 3 of each segment of 8
+    np.testing.assert_array_equal(out[1], np.where(lane % width >= 2, lane - 2, lane))  # own value at a segment start
+    np.testing.assert_array_equal(out[2], np.where(lane % width + 2 < width, lane + 2, lane))
+    np.testing.assert_array_equal(out[3], lane ^ 9)
+    assert (out[4].view(np.uint32) == 0xAAAAAAAA).all()  # the odd lanes' bits
+
+
 # ---- what a GPU would do wrong silently, the emulator names ----------------------------------------------------
 
 FAULTY = r"""

@@ -1,11 +1,11 @@
 // The CPU warp emulator: runs a CUDA C kernel of the course on the CPU, one thread block at a time.
 //
 // A GPU thread here is a fiber (a stack and saved registers, switched with ucontext) in one OS thread. A fiber
-// runs until it must wait for others: at __syncthreads() for its block, at a warp-wide instruction (a shuffle,
-// ldmatrix, mma.sync) for the other lanes of its warp. When every lane of a warp has arrived, each lane takes
-// what the instruction hands it, computed here from the PTX ISA's description of that instruction. So the
-// kernel's own source runs unchanged, every index it computes is followed, and what it hands the tensor cores
-// is what it would hand them on a GPU.
+// runs until it must wait for others: at __syncthreads() for its block, at a warp-wide instruction (a shuffle, a
+// vote, ldmatrix, mma.sync, WMMA in mma.h) for the other lanes of its warp. When every lane of a warp has arrived,
+// each lane takes what the instruction hands it, computed here from the PTX ISA's description of that instruction.
+// So the kernel's own source runs unchanged, every index it computes is followed, and what it hands the tensor
+// cores is what it would hand them on a GPU. Not modelled: wgmma, TMA, clusters, and anything of sm_90a.
 //
 // What the emulator checks on the way, and reports as an error naming the block and thread:
 //   * shared-memory addresses (cp.async, ldmatrix) inside the block's dynamic shared memory, 16-byte aligned;
@@ -460,19 +460,51 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 }
 [[noreturn]] inline void __trap() { course_emulator::fail("__trap()"); }
 
+// Shuffles within segments of `width` lanes (a power of two up to 32), as the CUDA C++ Programming Guide defines
+// them: a source outside the lane's segment (or, for xor, in a later segment) gives the lane its own value.
 template <typename V>
-V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int = course_emulator::WARP_SIZE) {
-    return course_emulator::shuffle_from(mask, value, [&](int lane) { return lane ^ lane_mask; }, "__shfl_xor_sync");
+V __shfl_sync(unsigned mask, V value, int source, int width = warpSize) {
+    return course_emulator::shuffle_from(mask, value, [&](int lane) { return lane / width * width + source % width; },
+                                         "__shfl_sync");
 }
 template <typename V>
-V __shfl_sync(unsigned mask, V value, int source, int = course_emulator::WARP_SIZE) {
-    return course_emulator::shuffle_from(mask, value, [&](int) { return source; }, "__shfl_sync");
+V __shfl_up_sync(unsigned mask, V value, unsigned delta, int width = warpSize) {
+    const int d = static_cast<int>(delta);
+    return course_emulator::shuffle_from(mask, value, [&](int lane) { return lane % width >= d ? lane - d : -1; },
+                                         "__shfl_up_sync");
 }
 template <typename V>
-V __shfl_down_sync(unsigned mask, V value, unsigned delta, int = course_emulator::WARP_SIZE) {
-    return course_emulator::shuffle_from(mask, value, [&](int lane) { return lane + static_cast<int>(delta); },
+V __shfl_down_sync(unsigned mask, V value, unsigned delta, int width = warpSize) {
+    const int d = static_cast<int>(delta);
+    return course_emulator::shuffle_from(mask, value, [&](int lane) { return lane % width + d < width ? lane + d : -1; },
                                          "__shfl_down_sync");
 }
+template <typename V>
+V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = warpSize) {
+    return course_emulator::shuffle_from(
+        mask, value, [&](int lane) { return (lane ^ lane_mask) / width > lane / width ? -1 : lane ^ lane_mask; },
+        "__shfl_xor_sync");
+}
+
+// Votes: every lane's predicate, seen by every lane.
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+    course_emulator::require_full_mask(mask, "__ballot_sync");
+    const auto all = course_emulator::warp_exchange<int>("__ballot_sync", predicate != 0);
+    unsigned bits = 0;
+    for (int lane = 0; lane < course_emulator::active->lanes_of(course_emulator::active->current->warp); ++lane)
+        bits |= static_cast<unsigned>(all[lane]) << lane;
+    return bits;
+}
+inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline int __all_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) == mask; }
+
+// Loads through the read-only cache and memory fences: plain loads, and nothing to order, one fiber at a time.
+template <typename V>
+V __ldg(const V* p) {
+    return *p;
+}
+inline void __threadfence() {}
+inline void __threadfence_block() {}
 
 // Atomics: a fiber is never interrupted between two waits, so a plain read-modify-write is already atomic.
 template <typename V>
