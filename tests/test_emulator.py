@@ -12,32 +12,37 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from course_lib import dtypes, emulator
+from course_lib import backend, dtypes, emulator
 from course_lib.check import relative_error, tolerance_for
 from course_lib.kernels import gemm
 from course_lib.labs import tensor_core_fragments as fragments
 
 pytestmark = pytest.mark.skipif(emulator.emulator_problem() is not None, reason=str(emulator.emulator_problem()))
 
-EMULATED_STEPS = [step for step in gemm.STEPS if step != "wgmma"]  # wgmma (sm_90a) is not emulated
-
-
+@pytest.mark.skipif(backend.has_gpu(), reason="gemm.emulate is for CPU mode; on a GPU tests/test_gemm.py runs them")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("step", EMULATED_STEPS)
+@pytest.mark.parametrize("step", gemm.EMULATED_STEPS)
 @pytest.mark.parametrize(("m", "n", "k"), [(256, 128, 64), (130, 200, 72)], ids=["whole-tiles", "edge-tiles"])
 def test_the_gpu_checked_gemm_steps_give_the_same_product_on_the_emulator(rng, step, dtype, m, n, k):
     """Every GEMM step of chapters 02-03 but wgmma, unchanged: the mma_sync step covers cp.async, ldmatrix (plain
     and .trans) and mma.sync; the wmma step covers WMMA's fragments."""
     host = dtypes.host_dtype(dtype)
     a, b = rng.standard_normal((m, k)).astype(host), rng.standard_normal((k, n)).astype(host)
-    c = np.full((m, n), np.nan, host)
-    source = next(file for file, steps in gemm.SOURCES.items() if step in steps)
-    name, grid, block, shared = gemm.launch_config(step, gemm.Product(dtype, m, n, k))
-    emulator.load_file(source, gemm.kernel_names(source)).get_function(name)(
-        grid, block, (c, a, b, np.int32(m), np.int32(n), np.int32(k)), shared_mem=shared)
+    c = gemm.emulate(a, b, step=step, dtype=dtype)
     expected = a.astype(np.float64) @ b.astype(np.float64)
     assert not np.isnan(c.astype(np.float32)).any(), "some outputs were never written"
     assert relative_error(c.astype(np.float32), expected) < tolerance_for(dtype)
+
+
+@pytest.mark.skipif(backend.has_gpu(), reason="CPU mode's choices")
+def test_in_cpu_mode_every_step_but_wgmma_runs_on_the_emulator(rng):
+    assert [step for step in gemm.STEPS if gemm.kernel_cannot_run(step, "bfloat16")] == ["wgmma"]
+    assert "does not model wgmma" in gemm.kernel_cannot_run("wgmma", "bfloat16")
+    a = b = dtypes.random_normal((64, 64), "bfloat16", rng)
+    with pytest.raises(ValueError, match="'wgmma' needs a GPU"):
+        gemm.emulate(a, b, step="wgmma", dtype="bfloat16")
+    c = gemm.run_kernel(a, b, step="mma_sync", dtype="bfloat16")
+    assert relative_error(c.astype(np.float32), gemm.gemm_reference(a, b, "bfloat16")) < tolerance_for("bfloat16")
 
 
 # ---- each instruction, lane by lane, against chapter 02's formulas ---------------------------------------------

@@ -219,48 +219,34 @@ def test_write_kv_stores_each_token_at_its_slot_and_skips_padding(rng, dtype):
     np.testing.assert_array_equal(expected_values[blocks, :, offsets], before_values[blocks, :, offsets])
 
 
-# ---- the CUDA kernels on the CPU: the launchers unchanged, the warp emulator in place of CuPy -----------------
+# ---- the CUDA kernels on the CPU: the launchers unchanged, the warp emulator's kernels in place of CuPy's -------
 
 needs_emulator = pytest.mark.skipif(emulator.emulator_problem() is not None, reason=str(emulator.emulator_problem()))
-
-
-@pytest.fixture
-def emulated_kernels(monkeypatch) -> None:
-    """paged_attention.cu's kernels built for the warp emulator, one instantiation at a time, for the launchers."""
-    def kernel(name: str, shared_bytes: int = 0) -> Any:
-        return emulator.load_file(pa.SOURCE, (name,)).get_function(name)
-
-    monkeypatch.setattr(pa, "_kernel", kernel)
+on_cpu_only = pytest.mark.skipif(backend.has_gpu(), reason="on a GPU the tests above run the kernels themselves")
 
 
 @needs_emulator
-@pytest.mark.skipif(backend.has_gpu(), reason="on a GPU the tests above run the kernels themselves")
+@on_cpu_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("version", "heads"), [("v1", (8, 2)), ("v2", (8, 2)), ("v2", (4, 4)), ("v2", (4, 1))],
                          ids=["v1", "v2-grouped", "v2-mha", "v2-mqa"])
-def test_the_decode_kernels_run_by_the_warp_emulator_match_the_reference(rng, emulated_kernels, dtype, version,
-                                                                          heads):
+def test_the_decode_kernels_run_by_the_warp_emulator_match_the_reference(rng, dtype, version, heads):
     problem = paged_problem(rng, ragged_lens(16), heads=heads, head_dim=64, block_size=16, dtype=dtype)
-    attention = pa.check_decode_inputs(*problem.args(), dtype=dtype)
-    partition = None if version == "v1" else 32
-    plan = pa.DecodePlan(attention, partition, partition and pa.workspace(attention, partition))
-    out = dtypes.empty(problem.query.shape, dtype)
-    out[...] = np.nan  # an element no thread writes stays NaN
-    pa.launch_decode(plan, out, *problem.args())
+    out = pa.emulate_decode(*problem.args(), version=version, partition_size=32, dtype=dtype)
     assert not np.isnan(dtypes.to_float32(out, dtype)).any(), "some outputs were never written"
     assert_close(out, pa.paged_decode_reference(*problem.args(), dtype=dtype), dtype)
 
 
 @needs_emulator
-@pytest.mark.skipif(backend.has_gpu(), reason="on a GPU the test above runs the kernel itself")
-def test_the_write_kernel_run_by_the_warp_emulator_stores_each_token_at_its_slot(rng, emulated_kernels):
+@on_cpu_only
+def test_the_write_kernel_run_by_the_warp_emulator_stores_each_token_at_its_slot(rng):
     cache = pa.Cache("bfloat16", num_blocks=6, num_kv_heads=2, block_size=8, head_dim=64)
     key_cache, value_cache = (dtypes.random_normal((6, 2, 8, 64), "bfloat16", rng) for _ in range(2))
     slots = rng.permutation(48)[:7].astype(np.int32)
     slots[[2, 5]] = -1  # padding tokens
     key, value = (dtypes.random_normal((7, 2, 64), "bfloat16", rng) for _ in range(2))
     expected = pa.write_kv_reference(key, value, key_cache, value_cache, slots, dtype="bfloat16")
-    pa.launch_write_kv(cache, key_cache, value_cache, key, value, slots)
+    pa.launch_write_kv(cache, key_cache, value_cache, key, value, slots, kernel=pa.emulated_kernel)
     for written, wanted in zip((key_cache, value_cache), expected, strict=True):
         np.testing.assert_array_equal(dtypes.to_float32(written, "bfloat16"), wanted)
 

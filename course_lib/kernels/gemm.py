@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from course_lib import backend, dtypes
+from course_lib import backend, dtypes, emulator
 from course_lib import compile as cuda_compile
 from course_lib.kernels import tensor_map
 
@@ -181,6 +181,43 @@ def launch(step: str, product: Product, c: Any, a: Any, b: Any) -> None:
                 tensor_map.tiled_map(b, product.dtype, WGMMA_BK, WGMMA_PANEL))
     args = (c, a, b, np.int32(product.m), np.int32(product.n), np.int32(product.k))
     kernel(grid, block, args, shared_mem=shared)
+
+
+EMULATED_STEPS = STEPS[:-1]  # every step but wgmma, whose sm_90a instructions the warp emulator does not model
+
+
+def emulate(a: np.ndarray, b: np.ndarray, *, step: str, dtype: str | None = None) -> np.ndarray:
+    """``a @ b`` by ``step``'s own CUDA C kernel, run on the CPU by the warp emulator (``course_lib.emulator``).
+
+    For CPU mode and small shapes (the emulator runs every GPU thread as a fiber): what :func:`matmul` computes with
+    NumPy there says nothing about the kernels, this runs them. On a GPU, :func:`matmul` runs them for real.
+    """
+    if backend.has_gpu():
+        raise RuntimeError("emulate() is for CPU mode: on a GPU, matmul(a, b, step=...) runs the kernel itself")
+    if step not in EMULATED_STEPS:
+        raise ValueError(f"the warp emulator runs the steps {EMULATED_STEPS}; {step!r} needs a GPU")
+    product = check_inputs(a, b, step, dtype)
+    c = np.full((product.m, product.n), np.nan, dtypes.host_dtype(product.dtype))  # unwritten stays NaN
+    name, grid, block, shared = launch_config(step, product)
+    module = emulator.load_file(source_of(step), kernel_names(source_of(step)))
+    module.get_function(name)(grid, block, (c, a, b, np.int32(product.m), np.int32(product.n), np.int32(product.k)),
+                              shared_mem=shared)
+    return c
+
+
+def kernel_cannot_run(step: str, dtype: str) -> str | None:
+    """Why ``step``'s kernel cannot run in this process on ``dtype`` (on this GPU, or on the CPU warp emulator)."""
+    if backend.has_gpu():
+        return unsupported_reason(step, dtype)
+    if problem := emulator.cuda_c_problem():
+        return problem
+    return None if step in EMULATED_STEPS else "the warp emulator does not model wgmma (sm_90a): it needs an H100"
+
+
+def run_kernel(a: Any, b: Any, *, step: str, dtype: str | None = None) -> Any:
+    """``a @ b`` by ``step``'s kernel itself, wherever it can run: on the GPU (:func:`matmul`), in CPU mode on the
+    warp emulator (:func:`emulate`). Ask :func:`kernel_cannot_run` first."""
+    return matmul(a, b, step=step, dtype=dtype) if backend.has_gpu() else emulate(a, b, step=step, dtype=dtype)
 
 
 def matmul(a: Any, b: Any, *, step: str = "vectorized", dtype: str | None = None) -> Any:

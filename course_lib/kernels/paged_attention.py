@@ -40,12 +40,13 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from course_lib import backend, dtypes
+from course_lib import backend, dtypes, emulator
 from course_lib import compile as cuda_compile
 from course_lib.kernels import paged_attention_reference as reference
 from course_lib.kernels.kv_blocks import blocks_for
@@ -390,7 +391,7 @@ def _module() -> Any:
 
 
 @functools.cache
-def _kernel(name: str, shared_bytes: int = 0) -> Any:
+def _gpu_kernel(name: str, shared_bytes: int = 0) -> Any:
     """The kernel ``name``, allowed ``shared_bytes`` of dynamic shared memory."""
     return cuda_compile.allow_shared_memory(_module().get_function(name), shared_bytes)
 
@@ -442,10 +443,11 @@ class Workspace:
     sum: Any
 
 
-def workspace(problem: Attention, partition_size: int) -> Workspace:
-    """New scratch for v2's partials on ``problem`` split into partitions of ``partition_size`` tokens."""
+def workspace(problem: Attention, partition_size: int, xp: Any = None) -> Workspace:
+    """New scratch for v2's partials on ``problem`` split into partitions of ``partition_size`` tokens, as arrays
+    of ``xp`` (default ``backend.xp``)."""
     partitions = math.ceil(problem.max_context_len / partition_size)
-    xp, shape = backend.xp, (problem.rows, problem.num_heads, partitions)
+    xp, shape = xp or backend.xp, (problem.rows, problem.num_heads, partitions)
     return Workspace(xp.empty((*shape, problem.cache.head_dim), dtype=xp.float32), xp.empty(shape, dtype=xp.float32),
                      xp.empty(shape, dtype=xp.float32))
 
@@ -491,8 +493,13 @@ def _require_instantiated(cache: Cache) -> None:
 
 
 def launch_decode(plan: DecodePlan, out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
-                  context_lens: Any) -> None:
-    """Launch v1, or v2's partitions and merge, for ``plan`` (nothing checked but the kernel's existence)."""
+                  context_lens: Any, kernel: Callable[..., Any] | None = None) -> None:
+    """Launch v1, or v2's partitions and merge, for ``plan`` (nothing checked but the kernel's existence).
+
+    ``kernel(name, shared_bytes)`` gives the kernels: CuPy's by default, the warp emulator's for
+    :func:`emulate_decode`.
+    """
+    get_kernel = kernel or _gpu_kernel
     problem, cache = plan.problem, plan.problem.cache
     _require_instantiated(cache)
     cuda_type, head_dim = dtypes.CUDA_TYPES[cache.dtype], cache.head_dim
@@ -505,7 +512,7 @@ def launch_decode(plan: DecodePlan, out: Any, query: Any, key_cache: Any, value_
     if plan.version == "v1":  # one partition as long as the longest context, written straight to out
         unused = out  # v1 never touches the partial-result arguments
         name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, 1, false>"
-        _kernel(name, shared)(grids["decode"], (THREADS,), (out, unused, unused, unused, *common,
+        get_kernel(name, shared)(grids["decode"], (THREADS,), (out, unused, unused, unused, *common,
                                                             np.int32(problem.max_context_len), scale),
                               shared_mem=shared)
         return
@@ -513,24 +520,51 @@ def launch_decode(plan: DecodePlan, out: Any, query: Any, key_cache: Any, value_
     heads = problem.num_heads // head_groups
     scratch = plan.scratch
     name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, {heads}, true>"
-    _kernel(name, shared)(grids["decode"], (THREADS,), (out, scratch.out, scratch.max, scratch.sum, *common,
+    get_kernel(name, shared)(grids["decode"], (THREADS,), (out, scratch.out, scratch.max, scratch.sum, *common,
                                                         np.int32(plan.partition_size), scale), shared_mem=shared)
     merge = f"paged_attention_merge<{cuda_type}, {head_dim}>"
-    _kernel(merge)(grids["merge"], (head_dim,),
+    get_kernel(merge)(grids["merge"], (head_dim,),
                    (out, scratch.out, scratch.max, scratch.sum, context_lens, np.int32(problem.num_heads),
                     np.int32(partitions), np.int32(plan.partition_size)))
 
 
-def launch_write_kv(cache: Cache, key_cache: Any, value_cache: Any, key: Any, value: Any, slot_mapping: Any) -> None:
-    """One block per token, a pack of PACK values of K and of V per thread."""
+def launch_write_kv(cache: Cache, key_cache: Any, value_cache: Any, key: Any, value: Any, slot_mapping: Any,
+                    kernel: Callable[..., Any] | None = None) -> None:
+    """One block per token, a pack of PACK values of K and of V per thread (``kernel``: as in launch_decode)."""
+    get_kernel = kernel or _gpu_kernel
     _require_instantiated(cache)
     threads = min(1024, cache.num_kv_heads * cache.head_dim // PACK)
     name = f"write_kv<{dtypes.CUDA_TYPES[cache.dtype]}, {cache.head_dim}>"
-    _kernel(name)((key.shape[0],), (threads,), (key_cache, value_cache, key, value, slot_mapping,
+    get_kernel(name)((key.shape[0],), (threads,), (key_cache, value_cache, key, value, slot_mapping,
                                                 np.int32(cache.num_kv_heads), np.int32(cache.block_size)))
 
 
 # ---- decode on checked arrays, and the public functions ----------------------------------------------------
+
+
+def emulated_kernel(name: str, shared_bytes: int = 0) -> Any:
+    """The kernel ``name`` built for the CPU warp emulator (``course_lib.emulator``), for the launchers above."""
+    return emulator.load_file(SOURCE, (name,)).get_function(name)
+
+
+def emulate_decode(query: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, block_tables: np.ndarray,
+                   context_lens: np.ndarray, *, scale: float | None = None, version: str = "v2",
+                   partition_size: int | str = DEFAULT_PARTITION_SIZE, dtype: str | None = None) -> np.ndarray:
+    """:func:`paged_attention_decode` by paged_attention.cu's own kernels, run on the CPU by the warp emulator.
+
+    For CPU mode and small problems: there the entry points compute with NumPy, which checks the inputs and the
+    API but not the kernels; this runs them (every GPU thread a fiber). On a GPU the entry points run them for real.
+    """
+    if backend.has_gpu():
+        raise RuntimeError("emulate_decode() is for CPU mode: on a GPU, paged_attention_decode runs the kernels")
+    problem = check_decode_inputs(query, key_cache, value_cache, block_tables, context_lens, scale, dtype)
+    _require_instantiated(problem.cache)
+    plan = plan_decode(problem, version, partition_size)
+    if plan.partition_size is not None:
+        plan = DecodePlan(problem, plan.partition_size, workspace(problem, plan.partition_size, np))
+    out = np.full(query.shape, np.nan, query.dtype)  # an element no thread writes stays NaN
+    launch_decode(plan, out, query, key_cache, value_cache, block_tables, context_lens, kernel=emulated_kernel)
+    return out
 
 
 def decode_unchecked(plan: DecodePlan, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
