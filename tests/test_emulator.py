@@ -9,6 +9,8 @@ must match float64 too; so must the lane formulas chapter 02 teaches (``labs/ten
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -113,6 +115,27 @@ def test_shuffles_and_votes_follow_the_cuda_programming_guide():
     np.testing.assert_array_equal(out[2], np.where(lane % width + 2 < width, lane + 2, lane))
     np.testing.assert_array_equal(out[3], lane ^ 9)
     assert (out[4].view(np.uint32) == 0xAAAAAAAA).all()  # the odd lanes' bits
+
+
+def test_launches_from_several_python_threads_take_turns():
+    """ctypes lets go of the GIL during a launch; the emulator's state is one per library, so launches queue."""
+    kernel = emulator.EmulatedModule(r"""
+        __global__ void swap_pairs_add_one(float* x) {
+            x[threadIdx.x] = __shfl_xor_sync(0xffffffffu, x[threadIdx.x], 1) + 1.0f;
+        }""", ("swap_pairs_add_one",)).get_function("swap_pairs_add_one")
+    arrays = [np.arange(32, dtype=np.float32) for _ in range(4)]
+
+    def work(x: np.ndarray) -> None:
+        for _ in range(20):  # an even number of swaps: every element ends where it began, plus 20
+            kernel((1,), (32,), (x,))
+
+    workers = [threading.Thread(target=work, args=(x,)) for x in arrays]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for x in arrays:
+        np.testing.assert_array_equal(x, np.arange(32) + 20)
 
 
 # ---- what a GPU would do wrong silently, the emulator names ----------------------------------------------------

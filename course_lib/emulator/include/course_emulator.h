@@ -37,6 +37,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -396,6 +397,8 @@ inline bool run_block(Launch& l) {
 inline const char* launch(const unsigned* geometry, std::size_t shared_bytes, const void* const* buffer_starts,
                           const std::size_t* buffer_bytes, int buffer_count, bool copies_at_issue,
                           std::function<void()> body) {
+    static std::mutex one_at_a_time;  // `active` and the stacks are this library's: two Python threads take turns
+    const std::lock_guard<std::mutex> hold(one_at_a_time);
     static std::string last_error;
     Launch l;
     l.grid = dim3{geometry[0], geometry[1], geometry[2]};
