@@ -225,6 +225,23 @@ def test_arguments_are_checked_against_the_kernel_s_parameters(faulty, args, mes
         faulty.get_function("copy_past_the_end")((1,), (32,), args, shared_mem=512)
 
 
+def test_an_isolated_launch_keeps_an_array_passed_twice_one_buffer():
+    """An in-place kernel given the same array as input and output must see its own writes, as on a GPU."""
+    kernel = emulator.EmulatedModule("""__global__ void twice(float* out, const float* in) {
+        out[threadIdx.x] = 2.0f * in[threadIdx.x]; }""", ("twice",)).get_function("twice")
+    x = np.arange(32, dtype=np.float32)
+    kernel((1,), (32,), (x, x), time_limit_s=30)
+    np.testing.assert_array_equal(x, 2 * np.arange(32))
+
+
+def test_an_array_of_the_wrong_element_size_and_a_shared_size_past_the_limit_are_refused(faulty):
+    with pytest.raises(TypeError, match="points to 4-byte elements, got an array of float16"):
+        faulty.get_function("copy_past_the_end")((1,), (32,), (np.zeros(32, np.float16), np.zeros(128, np.float32)))
+    with pytest.raises(ValueError, match="shared_mem must be 0 to 232448 bytes"):
+        faulty.get_function("copy_past_the_end")((1,), (32,), (np.zeros(32, np.float32), np.zeros(128, np.float32)),
+                                                 shared_mem=-1)
+
+
 def test_a_name_that_was_not_built_and_a_block_too_large_are_refused(faulty):
     with pytest.raises(KeyError, match="not one of this module's name expressions"):
         faulty.get_function("probe")

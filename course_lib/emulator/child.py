@@ -19,6 +19,13 @@ from course_lib.emulator.build import EmulatorError
 from course_lib.emulator.launch import EmulatedKernel
 
 
+def _array(path: str, itemsize: int) -> np.ndarray:
+    """The file's bytes as an array the kernel may update in place, of elements as wide as the parent's."""
+    if Path(path).stat().st_size == 0:
+        return np.zeros(0, dtype=f"V{itemsize}")  # nothing to map; the kernel gets a pointer it must not follow
+    return np.memmap(path, dtype=f"V{itemsize}", mode="r+")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m course_lib.emulator.child",
@@ -28,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", type=Path, help="the launch: library, kernel, grid, block, arguments")
     spec = json.loads(parser.parse_args(argv).spec.read_text())
     kernel = EmulatedKernel(ctypes.CDLL(spec["library"]), spec["index"], spec["name"])
-    args = [np.memmap(a["path"], dtype=np.uint8, mode="r+") if "path" in a else np.dtype(a["dtype"]).type(a["value"])
+    args = [_array(a["path"], a["itemsize"]) if "path" in a else np.dtype(a["dtype"]).type(a["value"])
             for a in spec["args"]]
+    geometry = spec["geometry"]
     try:
-        kernel(tuple(spec["grid"]) if isinstance(spec["grid"], list) else spec["grid"],
-               tuple(spec["block"]) if isinstance(spec["block"], list) else spec["block"], tuple(args),
-               spec["shared"], copies_at_issue=spec["copies_at_issue"])
+        kernel(tuple(geometry[:3]), tuple(geometry[3:]), tuple(args), spec["shared"],
+               copies_at_issue=spec["copies_at_issue"])
     except EmulatorError as error:
         print(error, file=sys.stderr)
         return 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -31,10 +32,14 @@ SCALAR_TYPES = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.uint32): ctypes.
                 np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
 
 
+MAX_SHARED_BYTES = 227 * 1024  # the most dynamic shared memory a block may have (an H100's limit)
+
+
 @dataclass(frozen=True)
 class Parameter:
     size: int
     pointer: bool
+    pointee: int  # bytes of what a pointer points to; 0 for void * and for values
 
 
 class EmulatedKernel:
@@ -44,9 +49,11 @@ class EmulatedKernel:
         self.name, self.library_path, self.index = name, library._name, index
         self._launch = getattr(library, f"course_launch_{index}")
         self._launch.restype = ctypes.c_char_p
-        sizes, pointers = (ctypes.c_size_t * 64)(), (ctypes.c_int * 64)()
-        count = getattr(library, f"course_parameters_{index}")(sizes, pointers)
-        self.parameters = tuple(Parameter(sizes[i], bool(pointers[i])) for i in range(count))
+        describe = getattr(library, f"course_parameters_{index}")
+        count = describe(None, None, None)
+        sizes, pointers, pointees = (ctypes.c_size_t * count)(), (ctypes.c_int * count)(), (ctypes.c_size_t * count)()
+        describe(sizes, pointers, pointees)
+        self.parameters = tuple(Parameter(sizes[i], bool(pointers[i]), pointees[i]) for i in range(count))
 
     def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...], shared_mem: int = 0,
                  *, copies_at_issue: bool = False, time_limit_s: float | None = None) -> None:
@@ -60,13 +67,15 @@ class EmulatedKernel:
         if len(args) != len(self.parameters):
             raise TypeError(f"{self.name} takes {len(self.parameters)} arguments, got {len(args)}")
         values = [self._argument(i, value) for i, value in enumerate(args)]
-        if time_limit_s is not None:
-            run_isolated(self, grid, block, args, shared_mem, copies_at_issue, time_limit_s)
-            return
-        arrays = [value for value in args if isinstance(value, np.ndarray)]
         geometry = (ctypes.c_uint * 6)(*_extent(grid, "grid"), *_extent(block, "block"))
         if geometry[3] * geometry[4] * geometry[5] > 1024:
             raise ValueError(f"a block has at most 1024 threads, got {tuple(geometry[3:])}")
+        if not 0 <= int(shared_mem) <= MAX_SHARED_BYTES:
+            raise ValueError(f"shared_mem must be 0 to {MAX_SHARED_BYTES} bytes (an H100's limit), got {shared_mem}")
+        if time_limit_s is not None:
+            run_isolated(self, tuple(geometry), args, shared_mem, copies_at_issue, time_limit_s)
+            return
+        arrays = [value for value in args if isinstance(value, np.ndarray)]
         pointers = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
         starts = (ctypes.c_void_p * max(1, len(arrays)))(*(a.ctypes.data for a in arrays))
         sizes = (ctypes.c_size_t * max(1, len(arrays)))(*(a.nbytes for a in arrays))
@@ -82,6 +91,9 @@ class EmulatedKernel:
                 raise TypeError(f"argument {index} of {self.name} is a {expected.size}-byte value, got an array")
             if not value.flags.c_contiguous:
                 raise ValueError(f"argument {index} of {self.name}: arrays must be C-contiguous")
+            if expected.pointee > 1 and value.itemsize != expected.pointee:
+                raise TypeError(f"argument {index} of {self.name} points to {expected.pointee}-byte elements, got "
+                                f"an array of {value.dtype} ({value.itemsize}-byte elements)")
             return ctypes.c_void_p(value.ctypes.data)
         if not isinstance(value, np.generic) or value.dtype not in SCALAR_TYPES:
             raise TypeError(f"argument {index} of {self.name}: pass NumPy arrays and NumPy scalars such as "
@@ -95,10 +107,10 @@ class EmulatedKernel:
 class EmulatedModule:
     """The kernels of one source, like a ``cupy.RawModule`` built with ``name_expressions``."""
 
-    def __init__(self, source: str, name_expressions: tuple[str, ...]) -> None:
+    def __init__(self, source: str, name_expressions: tuple[str, ...], file_name: str = "kernel.cu") -> None:
         if problem := emulator_problem():
             raise RuntimeError(problem)
-        self.library = ctypes.CDLL(str(build(emulated_source(source, name_expressions))))
+        self.library = ctypes.CDLL(str(build(emulated_source(source, name_expressions, file_name))))
         self.names = name_expressions
 
     def get_function(self, name: str) -> EmulatedKernel:
@@ -109,7 +121,8 @@ class EmulatedModule:
 
 def load_file(path: str | Path, name_expressions: tuple[str, ...]) -> EmulatedModule:
     """:class:`EmulatedModule` of a ``.cu`` file (relative paths are looked up in ``course_lib/kernels``)."""
-    return EmulatedModule(cuda_compile.kernel_path(path).read_text(), tuple(name_expressions))
+    path = cuda_compile.kernel_path(path)
+    return EmulatedModule(path.read_text(), tuple(name_expressions), path.name)
 
 
 def _extent(value: int | tuple[int, ...], what: str) -> tuple[int, int, int]:
@@ -119,8 +132,11 @@ def _extent(value: int | tuple[int, ...], what: str) -> tuple[int, int, int]:
     return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
 
 
-CRASH_MEANING = ("it read or wrote memory outside its arrays (on a GPU: an illegal memory access, which stops the "
-                 "whole program)")
+MEMORY_FAULT = ("it read or wrote memory outside its arrays, or overflowed a thread's 256 KiB stack (on a GPU: an "
+                "illegal memory access, which stops the whole program)")
+SIGNAL_MEANINGS = {"SIGSEGV": MEMORY_FAULT, "SIGBUS": MEMORY_FAULT,
+                   "SIGFPE": "an integer division by zero (on a GPU: no error, an undefined result)",
+                   "SIGABRT": "the emulator or an assert in the kernel stopped it"}
 
 
 def _bytes_of(array: np.ndarray) -> np.ndarray:
@@ -128,34 +144,44 @@ def _bytes_of(array: np.ndarray) -> np.ndarray:
     return array.reshape(-1).view(np.uint8)
 
 
-def run_isolated(kernel: EmulatedKernel, grid: Sequence[int] | int, block: Sequence[int] | int,
-                 args: Sequence[Any], shared_mem: int, copies_at_issue: bool, time_limit_s: float) -> None:
-    """Run ``kernel`` in a child process over copies of ``args``' arrays; copy them back if it finished."""
+def run_isolated(kernel: EmulatedKernel, geometry: Sequence[int], args: Sequence[Any], shared_mem: int,
+                 copies_at_issue: bool, time_limit_s: float) -> None:
+    """Run ``kernel`` in a child process over copies of ``args``' arrays; copy them back if it finished.
+
+    One file per distinct buffer: an array passed twice (an in-place kernel) stays one buffer. What the kernel
+    prints comes back on this process's stdout. The time limit counts the child's start (a fraction of a second).
+    """
     with tempfile.TemporaryDirectory(prefix="course-emulator-") as scratch:
+        files: dict[tuple[int, int], Path] = {}
         described = []
-        for i, value in enumerate(args):
+        for value in args:
             if isinstance(value, np.ndarray):
-                path = Path(scratch, f"{i}.bin")
-                _bytes_of(value).tofile(path)
-                described.append({"path": str(path)})
+                buffer = (value.ctypes.data, value.nbytes)
+                if buffer not in files:
+                    files[buffer] = Path(scratch, f"{len(files)}.bin")
+                    _bytes_of(value).tofile(files[buffer])
+                described.append({"path": str(files[buffer]), "itemsize": value.itemsize})
             else:
                 described.append({"dtype": value.dtype.str, "value": value.item()})
         spec = Path(scratch, "launch.json")
         spec.write_text(json.dumps({"library": kernel.library_path, "index": kernel.index, "name": kernel.name,
-                                    "grid": grid, "block": block, "shared": shared_mem,
+                                    "geometry": list(geometry), "shared": int(shared_mem),
                                     "copies_at_issue": copies_at_issue, "args": described}))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # this process's course_lib
         try:
             child = subprocess.run([sys.executable, "-m", "course_lib.emulator.child", str(spec)],
-                                   capture_output=True, text=True, timeout=time_limit_s)
+                                   capture_output=True, text=True, timeout=time_limit_s, env=env)
         except subprocess.TimeoutExpired:
             raise EmulatorTimeout(f"{kernel.name} did not finish within {time_limit_s:g} s on the emulator: a loop "
                                   "that never ends, or threads waiting for a flag that no one sets?") from None
+        print(child.stdout, end="")  # the kernel's printf
         if child.returncode < 0:
             name = signal.Signals(-child.returncode).name
-            raise EmulatorError(f"{kernel.name} crashed the emulator ({name}): {CRASH_MEANING}")
+            raise EmulatorError(f"{kernel.name} crashed the emulator ({name}): "
+                                f"{SIGNAL_MEANINGS.get(name, 'the process was stopped by this signal')}")
         if child.returncode != 0:
             lines = child.stderr.strip().splitlines() or [f"exit status {child.returncode}"]
             raise EmulatorError(lines[-1])
-        for i, value in enumerate(args):
-            if isinstance(value, np.ndarray):
-                _bytes_of(value)[...] = np.fromfile(Path(scratch, f"{i}.bin"), dtype=np.uint8)
+        for value in args:
+            if isinstance(value, np.ndarray) and value.flags.writeable:
+                _bytes_of(value)[...] = np.fromfile(files[(value.ctypes.data, value.nbytes)], dtype=np.uint8)

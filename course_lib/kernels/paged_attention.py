@@ -510,7 +510,7 @@ def launch_decode(plan: DecodePlan, out: Any, query: Any, key_cache: Any, value_
     grids = decode_grids(plan.version, problem.rows, problem.num_heads, cache.num_kv_heads, problem.max_context_len,
                          plan.partition_size)
     if plan.version == "v1":  # one partition as long as the longest context, written straight to out
-        unused = out  # v1 never touches the partial-result arguments
+        unused = context_lens  # v1 never touches the float partial-result arguments: any 4-byte array stands in
         name = f"paged_attention<{cuda_type}, {head_dim}, {cache.block_size}, 1, false>"
         get_kernel(name, shared)(grids["decode"], (THREADS,), (out, unused, unused, unused, *common,
                                                             np.int32(problem.max_context_len), scale),

@@ -10,22 +10,29 @@
 // What the emulator checks on the way, and reports as an error naming the block and thread:
 //   * shared-memory addresses (cp.async, ldmatrix) inside the block's dynamic shared memory, 16-byte aligned;
 //   * cp.async sources inside one of the arrays passed to the kernel, 16-byte aligned;
-//   * threads that wait for each other at different places (a deadlock on a GPU), lanes of a warp at different
-//     warp-wide instructions, a lane that left while its warp waits for it, a shuffle on a partial mask;
+//   * threads that wait at different kinds of barrier (a deadlock on a GPU), lanes of a warp at different
+//     warp-wide instructions, a lane that left while its warp waits for it, a mask that leaves lanes out;
 //   * a thread that exits with cp.async copies not yet waited for.
-// Copies land as late as the rules allow, when cp.async.wait_group is reached (or, on request, at once): a
-// kernel that reads a tile before waiting for it reads the 0xff bytes (NaN in fp16 and bf16) the emulator
-// fills shared memory with at the start of every block.
+// Copies land as late as the rules allow, when cp.async.wait_group is reached: a kernel that reads a tile before
+// waiting for it reads the 0xff bytes (NaN in fp16 and bf16) the emulator fills dynamic shared memory with at the
+// start of every block. With copies_at_issue they land at once instead: the other extreme, the one that shows a
+// stage refilled before every warp is done with it. Run a pipelined kernel both ways.
 //
 // What it does not model: timing, and anything else of the hardware's concurrency. Between two waits a fiber
-// runs alone, so a race that depends on interleaving goes unseen. Sums inside mma.sync are exact (in double)
-// and rounded once; the tensor cores' order of additions is unspecified, so results may differ in the last bit.
+// runs alone, so a race that depends on interleaving goes unseen, and a thread that spins on a flag another
+// thread sets never lets that thread run: it hangs (an isolated launch is stopped at its time limit). Static
+// __shared__ arrays are per kernel (blocks run one at a time) and work for loads and stores, but are not filled
+// with 0xff and have no shared address: ldmatrix and cp.async take extern __shared__ (dynamic) memory only.
+// mma.sync sums its products in double and rounds once to float: closer to exact than the tensor cores, which
+// keep fewer bits in an unspecified order, so results may differ from a GPU's in the last bits.
 #pragma once
 
 #if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
 #define _XOPEN_SOURCE 700  // macOS declares ucontext only for XSI programs (untested there)
 #endif
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -136,12 +143,19 @@ struct Launch {
 };
 inline Launch* active = nullptr;
 
-// Fiber stacks, kept from launch to launch: allocated once, never filled (the OS commits the pages a fiber
-// touches, a few KiB each).
+// Fiber stacks, kept from launch to launch: mapped once, never filled (the OS commits the pages a fiber touches,
+// a few KiB each), each above a page that may not be touched, so an overflow stops the process (SIGSEGV) instead
+// of silently overwriting the next fiber's stack.
 inline char* stack_of(int thread) {
-    static std::vector<std::unique_ptr<char[]>> stacks;
-    while (static_cast<int>(stacks.size()) <= thread) stacks.emplace_back(new char[STACK_BYTES]);
-    return stacks[thread].get();
+    static std::vector<char*> stacks;
+    static const std::size_t guard = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+    while (static_cast<int>(stacks.size()) <= thread) {
+        void* mapping = mmap(nullptr, STACK_BYTES + guard, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mapping == MAP_FAILED) std::abort();
+        mprotect(mapping, guard, PROT_NONE);  // stacks grow down, toward this page
+        stacks.push_back(static_cast<char*>(mapping) + guard);
+    }
+    return stacks[thread];
 }
 
 inline std::string where() {
@@ -198,7 +212,7 @@ std::array<In, WARP_SIZE> warp_exchange(const char* what, const In& mine) {
 inline void require_full_mask(unsigned mask, const char* what) {
     const int lanes = active->lanes_of(active->current->warp);
     const unsigned full = lanes == WARP_SIZE ? 0xffffffffu : (1u << lanes) - 1u;
-    if (mask != full) fail(std::string(what) + ": the emulator takes only the full warp's mask");
+    if ((mask & full) != full) fail(std::string(what) + ": the emulator takes only masks naming every lane of the warp");
 }
 
 // ---- shared memory -----------------------------------------------------------------------------------------------
@@ -207,7 +221,8 @@ inline unsigned char* dynamic_shared() { return active->shared; }
 inline unsigned shared_offset(const void* p) {
     const auto* byte = static_cast<const unsigned char*>(p);
     if (byte < active->shared || byte > active->shared + active->shared_bytes)
-        fail("an address given to shared-memory code is not in the block's shared memory");
+        fail("a shared address was asked for memory outside the block's dynamic shared memory (the emulator gives "
+             "shared addresses to extern __shared__ memory only, not to static __shared__ arrays)");
     return static_cast<unsigned>(byte - active->shared);
 }
 
@@ -268,6 +283,7 @@ void cp_async_wait() {
 // ---- ldmatrix: four 8x8 tiles of 16-bit values; lane i gives the address of row i % 8 of tile i / 8 --------------
 // Lane l receives, of each tile, row l / 4 and columns 2 (l % 4), 2 (l % 4) + 1 (with .trans: of the transpose).
 inline void ldmatrix(unsigned (&r)[4], unsigned address, bool transpose) {
+    shared_at(address, 16, 16, "this lane's ldmatrix row address");  // checked by the lane that gives it
     const auto rows = warp_exchange<unsigned>(transpose ? "ldmatrix.trans" : "ldmatrix", address);
     const int lane = active->current->lane, group = lane / 4, pair = lane % 4;
     for (int tile = 0; tile < 4; ++tile) {
@@ -279,13 +295,16 @@ inline void ldmatrix(unsigned (&r)[4], unsigned address, bool transpose) {
         r[tile] = transpose ? element(2 * pair, group) | element(2 * pair + 1, group) << 16
                             : element(group, 2 * pair) | element(group, 2 * pair + 1) << 16;
     }
+    // One instruction reads for the whole warp: no lane may go on (and store into the tile) before all have read.
+    warp_exchange<int>("ldmatrix (all lanes have read)", 0);
 }
 inline void ldmatrix_x4(unsigned (&r)[4], unsigned address) { ldmatrix(r, address, false); }
 inline void ldmatrix_x4_trans(unsigned (&r)[4], unsigned address) { ldmatrix(r, address, true); }
 
 // ---- mma.sync.m16n8k16.row.col, fp32 accumulators: D[16x8] += A[16x16] B[16x8] ------------------------------
-// Lane l = 4 g + t holds A's rows g and g + 8 at columns 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3), B's
-// column g at rows 2t, 2t + 1 (b0) and 2t + 8, 2t + 9 (b1), and D's rows g, g + 8 at columns 2t, 2t + 1.
+// Lane l = 4 g + t holds, two 16-bit values per register: a[0] = A(g, 2t..2t+1), a[1] = A(g+8, 2t..2t+1),
+// a[2] = A(g, 2t+8..2t+9), a[3] = A(g+8, 2t+8..2t+9); b[0] = B(2t..2t+1, g), b[1] = B(2t+8..2t+9, g); and
+// d[0], d[1] = D(g, 2t..2t+1), d[2], d[3] = D(g+8, 2t..2t+1).
 template <typename T>
 float element_value(unsigned reg, int half) {
     const auto bits = static_cast<unsigned short>(half ? reg >> 16 : reg & 0xffffu);
@@ -412,6 +431,7 @@ inline const char* launch(const unsigned* geometry, std::size_t shared_bytes, co
     l.slots.assign(static_cast<std::size_t>(warps) * 2 * WARP_SIZE * SLOT_BYTES, 0);
     l.shared_bytes = shared_bytes;
     l.shared = static_cast<unsigned char*>(std::aligned_alloc(128, (shared_bytes + 127) / 128 * 128 + 128));
+    if (l.shared == nullptr) return "the emulator could not allocate the block's shared memory";
     l.body = std::move(body);
     active = &l;
     bool ok = true;
@@ -427,6 +447,15 @@ inline const char* launch(const unsigned* geometry, std::size_t shared_bytes, co
     return ok ? nullptr : last_error.c_str();
 }
 
+template <typename A>
+constexpr std::size_t pointee_size() {
+    if constexpr (std::is_pointer_v<A> && !std::is_void_v<std::remove_cv_t<std::remove_pointer_t<A>>>) {
+        return sizeof(std::remove_pointer_t<A>);
+    } else {
+        return 0;
+    }
+}
+
 // Call a kernel with its arguments as cuLaunchKernel takes them: args[i] points to argument i.
 template <typename... Args, std::size_t... I>
 void call_with(void (*kernel)(Args...), void* const* args, std::index_sequence<I...>) {
@@ -437,12 +466,17 @@ void call(void (*kernel)(Args...), void* const* args) {
     call_with(kernel, args, std::index_sequence_for<Args...>{});
 }
 
-// The size of each parameter and whether it is a pointer, for the Python side to check what it is handed.
+// For the Python side to check what it is handed: each parameter's size, whether it is a pointer, and the size of
+// what it points to (0 for void). Called with null arrays, it only counts the parameters.
 template <typename... Args>
-int parameters(void (*)(Args...), std::size_t* sizes, int* pointers) {
-    const std::size_t size[] = {sizeof(Args)..., 0};
-    const int pointer[] = {std::is_pointer_v<Args>..., 0};
-    for (std::size_t i = 0; i < sizeof...(Args); ++i) sizes[i] = size[i], pointers[i] = pointer[i];
+int parameters(void (*)(Args...), std::size_t* sizes, int* pointers, std::size_t* pointees) {
+    if (sizes != nullptr) {
+        const std::size_t size[] = {sizeof(Args)..., 0};
+        const int pointer[] = {std::is_pointer_v<Args>..., 0};
+        const std::size_t pointee[] = {pointee_size<Args>()..., 0};
+        for (std::size_t i = 0; i < sizeof...(Args); ++i)
+            sizes[i] = size[i], pointers[i] = pointer[i], pointees[i] = pointee[i];
+    }
     return static_cast<int>(sizeof...(Args));
 }
 }  // namespace course_emulator
@@ -467,8 +501,10 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 // them: a source outside the lane's segment (or, for xor, in a later segment) gives the lane its own value.
 template <typename V>
 V __shfl_sync(unsigned mask, V value, int source, int width = warpSize) {
-    return course_emulator::shuffle_from(mask, value, [&](int lane) { return lane / width * width + source % width; },
-                                         "__shfl_sync");
+    if (width < 1 || width > warpSize || (width & (width - 1)) != 0)
+        course_emulator::fail("__shfl_sync: width must be a power of two up to 32");
+    return course_emulator::shuffle_from(
+        mask, value, [&](int lane) { return lane / width * width + (source & (width - 1)); }, "__shfl_sync");
 }
 template <typename V>
 V __shfl_up_sync(unsigned mask, V value, unsigned delta, int width = warpSize) {
@@ -518,6 +554,7 @@ V atomicAdd(V* address, V value) {
 }
 template <typename V>
 V atomicMax(V* address, V value) {
+    static_assert(std::is_integral_v<V>, "CUDA's atomicMax takes integers");
     const V old = *address;
     *address = old < value ? value : old;
     return old;

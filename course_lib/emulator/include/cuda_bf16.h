@@ -10,7 +10,7 @@
 struct __nv_bfloat16 {
     unsigned short x;
 };
-struct __nv_bfloat162 {
+struct alignas(4) __nv_bfloat162 {
     __nv_bfloat16 x, y;
 };
 

@@ -2,8 +2,8 @@
 //
 // WMMA's fragments are opaque: CUDA documents what a whole warp's fragment holds, not which lane holds what.
 // So the emulator picks the plainest layout, lane l holding elements l * num_elements ... of the tile in row-major
-// order, and computes mma_sync from the whole warp's fragments (the exact sum rounded once, as in mma.sync's
-// emulation). Every call is warp-wide, as on a GPU: all 32 lanes must reach it, with the same arguments. Pointers
+// order, and computes mma_sync from the whole warp's fragments (summed in double and rounded once, as in
+// mma.sync's emulation). Every call is warp-wide, as on a GPU: all 32 lanes must reach it, with the same arguments. Pointers
 // must be 32-byte aligned and ldm a multiple of 16 bytes, as the CUDA C++ Programming Guide requires.
 #pragma once
 
@@ -95,6 +95,7 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned
         emulated::place<Fragment>(e, row, column);
         f.x[e] = std::is_same_v<Layout, row_major> ? p[row * ldm + column] : p[column * ldm + row];
     }
+    course_emulator::warp_exchange<int>("wmma::load_matrix_sync (all lanes have read)", 0);
 }
 
 template <int M, int N, int K, typename T>
@@ -104,6 +105,7 @@ void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned
         emulated::place<fragment<accumulator, M, N, K, T>>(e, row, column);
         f.x[e] = layout == mem_row_major ? p[row * ldm + column] : p[column * ldm + row];
     }
+    course_emulator::warp_exchange<int>("wmma::load_matrix_sync (all lanes have read)", 0);
 }
 
 template <int M, int N, int K, typename T>
