@@ -15,8 +15,8 @@ The interface is CuPy's, so a launcher reads the same either way::
     kernel(grid, block, (out, query, ..., np.int32(num_heads), ...), shared_mem=shared_bytes)
 
 Arguments are NumPy arrays (passed as pointers; C-contiguous) and NumPy scalars, whose sizes are checked against
-the kernel's parameters. It is slow (about a microsecond per thread per warp-wide instruction): keep problems to a
-few thread blocks. It needs a C++17 compiler (``$CXX``, else ``g++`` or ``clang++``) and POSIX ``ucontext``
+the kernel's parameters. It is slow (a fraction of a microsecond per thread per warp-wide instruction): keep problems
+to a few thread blocks. It needs a C++17 compiler (``$CXX``, else ``g++`` or ``clang++``) and POSIX ``ucontext``
 (tested on Linux; macOS has it, untested). Compiled kernels are cached in ``~/.cache/course-lib/emulator`` (or
 ``$COURSE_EMULATOR_CACHE``).
 """

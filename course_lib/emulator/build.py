@@ -22,9 +22,10 @@ from course_lib import compile as cuda_compile
 INCLUDE_DIR = Path(__file__).parent / "include"
 # -fvisibility=hidden: each library keeps its own emulator state and static __shared__ arrays (exported, g++ would
 # merge them across libraries, whatever their sizes); -fno-strict-aliasing: CUDA code reads one type through a
-# pointer to another (packed halves as unsigned, rows as uint4), which -O2 may otherwise reorder.
-FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-DCOURSE_EMULATOR",
-         "-D__CUDA_ARCH__=800", "-w")
+# pointer to another (packed halves as unsigned, rows as uint4), which -O2 may otherwise reorder;
+# -U_FORTIFY_SOURCE: a fortified _longjmp refuses to jump onto another fiber's stack, which is how fibers switch.
+FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE",
+         "-DCOURSE_EMULATOR", "-D__CUDA_ARCH__=800", "-w")
 ERROR_LINES = 40  # a compiler's first errors say what is wrong; the rest usually follow from them
 # `extern __shared__ __align__(128) unsigned char name[];` declares the block's dynamic shared memory. On the CPU
 # it becomes a pointer to the emulator's buffer for the block that is running.

@@ -1,6 +1,7 @@
 // The CPU warp emulator: runs a CUDA C kernel of the course on the CPU, one thread block at a time.
 //
-// A GPU thread here is a fiber (a stack and saved registers, switched with ucontext) in one OS thread. A fiber
+// A GPU thread here is a fiber (a stack of its own, entered with ucontext and switched with _setjmp/_longjmp,
+// which skip the signal-mask system calls of swapcontext) in one OS thread. A fiber
 // runs until it must wait for others: at __syncthreads() for its block, at a warp-wide instruction (a shuffle, a
 // vote, ldmatrix, mma.sync, WMMA in mma.h) for the other lanes of its warp. When every lane of a warp has arrived,
 // each lane takes what the instruction hands it, computed here from the PTX ISA's description of that instruction.
@@ -37,6 +38,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <csetjmp>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -96,7 +98,9 @@ struct Copy {  // one cp.async: 16 bytes to shared memory from `source`, or 16 z
 };
 
 struct Thread {
-    ucontext_t context;
+    ucontext_t context;  // its first entry, onto its own stack
+    std::jmp_buf resume;  // where it waits, once started
+    bool started = false;
     uint3 index;
     int warp = 0, lane = 0;
     bool done = false, waiting = false;
@@ -130,7 +134,7 @@ struct Launch {
     std::vector<Barrier> warp_barriers;
     std::vector<unsigned char> slots;  // [warp][2][lane][SLOT_BYTES]
     int live = 0;
-    ucontext_t scheduler;
+    std::jmp_buf scheduler;  // where a fiber goes back to when it waits, fails or ends
     Thread* current = nullptr;
     std::function<void()> body;
     std::string error;
@@ -169,8 +173,7 @@ inline std::string where() {
 // Stop the launch: record what went wrong and leave this fiber for good (nothing after a failure runs).
 [[noreturn]] inline void fail(const std::string& what) {
     if (active->error.empty()) active->error = where() + ": " + what;
-    swapcontext(&active->current->context, &active->scheduler);
-    std::abort();  // never resumed
+    _longjmp(active->scheduler, 1);  // never resumed
 }
 
 inline void arrive(Barrier& barrier, int expected, const char* what) {
@@ -190,7 +193,7 @@ inline void arrive(Barrier& barrier, int expected, const char* what) {
     me->waiting = true;
     me->waiting_at = what;
     barrier.waiting.push_back(me);
-    swapcontext(&me->context, &active->scheduler);
+    if (_setjmp(me->resume) == 0) _longjmp(active->scheduler, 1);  // back here once released
 }
 
 // ---- warp-wide instructions: every lane hands in a value, every lane sees all of them ------------------------
@@ -363,7 +366,8 @@ inline void thread_main() {
         l.block_barrier.waiting.clear();
         l.block_barrier.arrived = 0;
     }
-}  // returns to uc_link: the scheduler
+    _longjmp(l.scheduler, 1);  // a fiber never returns: its stack is reused by the next block's thread
+}
 
 inline std::string describe_deadlock(const Launch& l) {
     std::string text = "deadlock: every thread still running waits for others that will never come:";
@@ -392,7 +396,7 @@ inline bool run_block(Launch& l) {
         getcontext(&t.context);
         t.context.uc_stack.ss_sp = stack_of(i);
         t.context.uc_stack.ss_size = STACK_BYTES;
-        t.context.uc_link = &l.scheduler;
+        t.context.uc_link = nullptr;
         makecontext(&t.context, thread_main, 0);
     }
     for (;;) {
@@ -401,7 +405,11 @@ inline bool run_block(Launch& l) {
             if (t.done || t.waiting) continue;
             ran = true;
             l.current = &t;
-            swapcontext(&l.scheduler, &t.context);
+            if (_setjmp(l.scheduler) == 0) {  // run t until it waits, fails or ends: each comes back here
+                if (t.started) _longjmp(t.resume, 1);
+                t.started = true;
+                setcontext(&t.context);
+            }
             if (!l.error.empty()) return false;
         }
         if (l.live == 0) return true;
