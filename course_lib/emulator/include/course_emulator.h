@@ -369,17 +369,24 @@ inline void thread_main() {
     _longjmp(l.scheduler, 1);  // a fiber never returns: its stack is reused by the next block's thread
 }
 
+// Every thread still running waits, and none will come: say where each run of consecutive threads is.
 inline std::string describe_deadlock(const Launch& l) {
-    std::string text = "deadlock: every thread still running waits for others that will never come:";
-    int shown = 0;
-    for (const Thread& t : l.threads) {
-        if (t.done || shown == 8) continue;
+    char head[120];
+    std::snprintf(head, sizeof head, "deadlock in block (%u, %u, %u), every running thread waiting for others that "
+                  "will never come (on a GPU: a hang): ", l.block_index.x, l.block_index.y, l.block_index.z);
+    std::string text = head;
+    auto state = [&](int i) { return l.threads[i].done ? "exited" : l.threads[i].waiting_at; };
+    int runs = 0;
+    for (int first = 0, count = l.threads_per_block(); first < count && runs < 12; ++runs) {
+        int last = first;
+        while (last + 1 < count && std::strcmp(state(last + 1), state(first)) == 0) ++last;
         char line[120];
-        std::snprintf(line, sizeof line, " thread (%u, %u, %u) at %s;", t.index.x, t.index.y, t.index.z, t.waiting_at);
+        std::snprintf(line, sizeof line, "%sthreads %d-%d %s%s", runs ? "; " : "", first, last,
+                      l.threads[first].done ? "" : "wait at ", state(first));
         text += line;
-        ++shown;
+        first = last + 1;
     }
-    return text;
+    return text + " (threads counted x first, then y and z)";
 }
 
 inline bool run_block(Launch& l) {
