@@ -179,8 +179,12 @@ def launch(step: str, product: Product, c: Any, a: Any, b: Any) -> None:
     if step == "wgmma":  # the kernel reads A and B through TMA tensor maps, not pointers
         a, b = (tensor_map.tiled_map(a, product.dtype, WGMMA_ROWS, WGMMA_BK),
                 tensor_map.tiled_map(b, product.dtype, WGMMA_BK, WGMMA_PANEL))
-    args = (c, a, b, np.int32(product.m), np.int32(product.n), np.int32(product.k))
-    kernel(grid, block, args, shared_mem=shared)
+    kernel(grid, block, kernel_arguments(product, c, a, b), shared_mem=shared)
+
+
+def kernel_arguments(product: Product, c: Any, a: Any, b: Any) -> tuple[Any, ...]:
+    """Every step's kernel takes (c, a, b, M, N, K), C first as in the .cu files."""
+    return c, a, b, np.int32(product.m), np.int32(product.n), np.int32(product.k)
 
 
 EMULATED_STEPS = STEPS[:-1]  # every step but wgmma, whose sm_90a instructions the warp emulator does not model
@@ -199,9 +203,9 @@ def emulate(a: np.ndarray, b: np.ndarray, *, step: str, dtype: str | None = None
     product = check_inputs(a, b, step, dtype)
     c = np.full((product.m, product.n), np.nan, dtypes.host_dtype(product.dtype))  # unwritten stays NaN
     name, grid, block, shared = launch_config(step, product)
-    module = emulator.load_file(source_of(step), kernel_names(source_of(step)))
-    module.get_function(name)(grid, block, (c, a, b, np.int32(product.m), np.int32(product.n), np.int32(product.k)),
-                              shared_mem=shared)
+    source = source_of(step)
+    module = emulator.load_file(source, kernel_names(source))
+    module.get_function(name)(grid, block, kernel_arguments(product, c, a, b), shared_mem=shared)
     return c
 
 
