@@ -22,8 +22,14 @@ ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 
-def require_device_array(name: str, array: Any) -> None:
-    """Kernels take arrays of the current mode: CuPy on a GPU, NumPy in CPU mode."""
+def require_device_array(name: str, array: Any, on_host: bool = False) -> None:
+    """Kernels take arrays of the current mode: CuPy on a GPU, NumPy in CPU mode. The warp emulator, which runs a
+    kernel on the CPU in either mode, takes NumPy arrays (``on_host``)."""
+    if on_host:
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array (the warp emulator runs on the CPU), got "
+                            f"{type(array).__module__}.{type(array).__name__}; copy it with backend.to_numpy")
+        return
     xp = backend.xp
     if not isinstance(array, xp.ndarray):
         raise TypeError(f"{name} must be a {xp.__name__} array in {backend.DECISION.mode.upper()} mode, got "

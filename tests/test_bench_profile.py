@@ -3,7 +3,7 @@ measurements and headline, the chapters' table and stacked bars, and the refusal
 
 ``fixtures/ncu_profile_raw.csv`` is written in the format of ``ncu --import REPORT --csv --page raw --print-units
 base`` (a header row of identification columns and metric names, a row of units, one row per kernel launch, every
-cell quoted, thousands separated by commas), for the ten launches of ``course_lib.bench.profile_target``. Its
+cell quoted, thousands separated by commas), for the eleven launches of ``course_lib.bench.profile_target``. Its
 numbers are synthetic: they test the format, they were not measured.
 """
 
@@ -43,7 +43,7 @@ def test_ncu_never_touches_the_clocks_and_profiles_only_the_course_kernels(tmp_p
     command = nsight.profile_command("ncu", ["a__b.sum", "c__d.ratio"], tmp_path / "r", tmp_path / "m.json")
     assert command[command.index("--clock-control") + 1] == "none"
     assert command[command.index("--metrics") + 1] == "a__b.sum,c__d.ratio"
-    assert command[command.index("--kernel-name") + 1] == "regex:gemm_|paged_attention"
+    assert command[command.index("--kernel-name") + 1] == "regex:gemm_|paged_attention|paged_prefill"
     assert command[-3:] == ["course_lib.bench.profile_target", "--manifest", str(tmp_path / "m.json")]
     assert "--quick" in nsight.profile_command("ncu", ["a__b.sum"], tmp_path / "r", tmp_path / "m.json", quick=True)
     assert nsight.export_command("ncu", tmp_path / "r.ncu-rep")[2:] == [str(tmp_path / "r.ncu-rep"), "--csv", "--page",
@@ -52,7 +52,7 @@ def test_ncu_never_touches_the_clocks_and_profiles_only_the_course_kernels(tmp_p
 
 def test_the_raw_csv_gives_one_launch_per_row_with_its_metrics_and_units(raw_csv):
     launches = nsight.parse_raw_csv("==PROF== Connected to process 48213\n" + raw_csv)
-    assert [launch["id"] for launch in launches] == list(range(10))
+    assert [launch["id"] for launch in launches] == list(range(11))
     naive = launches[0]
     assert naive["kernel"].startswith("void gemm_naive<__nv_bfloat16>(")
     assert naive["block"] == "(32, 8, 1)" and naive["grid"] == "(128, 512, 1)"
@@ -72,7 +72,7 @@ def test_a_file_that_is_not_ncus_raw_csv_is_refused(raw_csv):
 
 def test_launches_join_the_targets_list_in_order(raw_csv):
     records = nsight.kernel_records(nsight.parse_raw_csv(raw_csv), profile_target.planned_launches())
-    assert [record["label"] for record in records] == [*profile_target.gemm.STEPS, "v1", "v2", "v2 merge"]
+    assert [record["label"] for record in records] == [*profile_target.gemm.STEPS, "v1", "v2", "v2 merge", "prefill"]
     naive, v2 = records[0], records[8]
     assert naive["duration_us"] == pytest.approx(27_104.352)
     assert naive["group"] == "gemm" and v2["group"] == "decode" and "4, true>" in v2["kernel"]
@@ -87,8 +87,8 @@ def test_a_skipped_step_has_no_row_and_a_wrong_join_is_refused(raw_csv):
     planned = profile_target.planned_launches()
     planned[6]["skipped"] = "wgmma and TMA need Hopper (sm_90a, e.g. H100/H200); this GPU is sm_89"
     records = nsight.kernel_records(nsight.parse_raw_csv(without_wgmma), planned)
-    assert "wgmma" not in [record["label"] for record in records] and len(records) == 9
-    with pytest.raises(ValueError, match="ncu profiled 9 kernel launches, the target made 10"):
+    assert "wgmma" not in [record["label"] for record in records] and len(records) == 10
+    with pytest.raises(ValueError, match="ncu profiled 10 kernel launches, the target made 11"):
         nsight.kernel_records(nsight.parse_raw_csv(without_wgmma), profile_target.planned_launches())
     swapped = profile_target.planned_launches()
     swapped[0], swapped[1] = swapped[1], swapped[0]
@@ -120,7 +120,7 @@ def test_run_profile_drops_a_metric_ncu_does_not_know_and_runs_again(raw_csv, mo
     profiled = nsight.run_profile(run=run)
     assert len(calls) == 3 and gmma in calls[0][calls[0].index("--metrics") + 1]
     assert gmma not in calls[1][calls[1].index("--metrics") + 1]
-    assert list(profiled["dropped"]) == [gmma] and len(profiled["kernels"]) == 10
+    assert list(profiled["dropped"]) == [gmma] and len(profiled["kernels"]) == 11
 
 
 def test_run_profile_explains_a_permission_error_and_gives_up_on_others(raw_csv, monkeypatch):

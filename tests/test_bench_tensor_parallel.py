@@ -68,7 +68,7 @@ def test_a_rank_draws_only_its_slice_and_its_step_gives_finite_logits():
         suite.check_logits(logits, 3, TINY.vocab_size)
         return model.weights["model.layers.0.self_attn.qkv_proj.weight"].shape, suite.step_traffic(model, 3, 40)
 
-    (qkv, moved), _ = run_ranks(rank_main, 2)
+    (qkv, moved), _ = run_ranks(rank_main, 2, xp=backend.xp)
     assert qkv == ((2 + 1 + 1) * TINY.head_dim, TINY.hidden_size)  # 2 of the 4 query heads, 1 of the 2 KV heads
     assert moved["all_reduces"] == 2 * TINY.num_layers + 1 and moved["all_reduce_bytes"] == 4 * 3 * TINY.hidden_size
     assert moved["all_gather_bytes"] == 4 * 3 * TINY.vocab_size

@@ -5,6 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from course_lib import backend  # noqa: E402
 from course_lib.bench.roofline import Roofline, measured_roofline, reference_copy  # noqa: E402
 from course_lib.bench.runner import run_suite  # noqa: E402
 from course_lib.bench.suites import copy_sizes  # noqa: E402
@@ -53,8 +54,8 @@ def test_draw_roofs_and_copy_sizes():
     plt.close(fig)
 
 
-def test_copy_sizes_suite_runs_in_cpu_mode():
+def test_copy_sizes_suite_runs_its_quick_sizes_in_this_mode():
     result = run_suite("copy_sizes", quick=True, progress=False)
     by_method = copy_sizes.bandwidth_by_size(result)
-    assert [size for size, _ in by_method["copy"]] == copy_sizes.SIZES["cpu"]["quick"]
+    assert [size for size, _ in by_method["copy"]] == copy_sizes.SIZES[backend.DECISION.mode]["quick"]
     assert result["headline"]["copy_gbps_max"] > 0

@@ -76,7 +76,7 @@ def test_the_launcher_sizes_grid_and_shared_memory_with_the_kernels_own_constant
 
 
 def test_the_grid_covers_the_longest_sequences_rows_for_each_kv_head(rng):
-    problem = pp.check_prefill_problem(*small_batch(rng).arrays())
+    problem = pp.check_prefill_problem(*small_batch(rng).arrays(), on_host=True)  # shapes only: host arrays do
     assert (problem.num_heads, problem.group, problem.max_query_len, problem.total_tokens) == (4, 2, 9, 14)
     assert pp.prefill_grid(problem) == (1, 2, 2)  # 9 positions x 2 heads = 18 rows: one tile of 64
     assert pp.prefill_grid(replace(problem, max_query_len=300)) == (10, 2, 2)  # 600 rows
@@ -350,7 +350,7 @@ def emulated(batch: PrefillBatch, dtype: str, source: str | None = None, copies_
     paged_prefill.cu or from ``source``; checks that every output row is written and nothing past them."""
     host = dtypes.host_dtype(dtype)
     arrays = tuple(a.astype(host) if a.dtype.kind == "f" else a for a in batch.arrays())
-    problem = pp.check_prefill_problem(*arrays)
+    problem = pp.check_prefill_problem(*arrays, on_host=True)
     total, heads, head_dim = arrays[0].shape
     padded = np.full((total + 1, heads, head_dim), np.nan, host)  # one poisoned token row past the end
     pp.emulate_prefill(problem, padded[:total], *arrays, source=source, copies_at_issue=copies_at_issue)

@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from course_lib import backend
 from course_lib.checkpoint.config import TINY
 from course_lib.checkpoint.weights import random_weights
 from course_lib.distributed import run_ranks
@@ -65,7 +66,7 @@ def generate_on(size: int, prompts: list[list[int]], params: SamplingParams, wei
         finally:
             llm.close()
 
-    return run_ranks(rank_main, size, timeout=60)[0]
+    return run_ranks(rank_main, size, timeout=60, xp=backend.xp)[0]
 
 
 @pytest.mark.parametrize("size", [2, 4])
@@ -92,7 +93,7 @@ def test_tensor_parallel_logits_match_one_rank(rng):
             llm.close()
             return out.logprobs, out.prompt_logprobs
 
-        return run_ranks(rank_main, size, timeout=60)[0]
+        return run_ranks(rank_main, size, timeout=60, xp=backend.xp)[0]
 
     one, two = logprobs_on(1), logprobs_on(2)
     for expected, got in zip([*one[0], *one[1][1:]], [*two[0], *two[1][1:]], strict=True):
@@ -105,7 +106,7 @@ def test_cuda_graphs_with_tensor_parallelism_are_refused():
         with pytest.raises(ValueError, match="CUDA graphs with tensor parallelism are not built yet"):
             LLM(TINY, random_weights(TINY, seed=0), comm=comm, cuda_graphs=True)
 
-    run_ranks(rank_main, 2)
+    run_ranks(rank_main, 2, xp=backend.xp)
 
 
 def test_run_worker_is_for_the_other_ranks():

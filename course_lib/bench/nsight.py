@@ -48,7 +48,8 @@ COMMAND = "python -m course_lib.bench profile"
 NOT_MEASURED = f"NOT YET MEASURED: run `{COMMAND}` on an NVIDIA GPU with Nsight Compute"
 FIGURE_PROMISE = ("The figure will show, for each kernel, the cycles its warps stall per issued instruction, split by "
                   "what they wait for, under a table of its SM and DRAM throughput and achieved occupancy.")
-KERNEL_FILTER = "regex:gemm_|paged_attention"  # ncu profiles only these kernels (function names), not CuPy's fills
+# ncu profiles only these kernels (function names), not CuPy's fills
+KERNEL_FILTER = "regex:gemm_|paged_attention|paged_prefill"
 
 # ---- what is measured: every metric in one place ----------------------------------------------------------------
 # Nsight Compute's metric names (sm_70 and newer, sm_90 included): <unit>__<counter>.<rollup>. The record's key,
@@ -277,7 +278,8 @@ def kernel_record(entry: dict[str, Any], launch: dict[str, Any]) -> dict[str, An
 
 
 def group_records(result: dict[str, Any], group: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """The profiled kernels of ``group`` ("gemm" or "decode") in a results file, and a line per skipped one."""
+    """The profiled kernels of ``group`` ("gemm", "decode" or "prefill") in a results file, and a line per skipped
+    one."""
     kernels, gaps = [], []
     for measurement in result.get("measurements", []):
         parameters = measurement.get("parameters", {})

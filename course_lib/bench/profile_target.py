@@ -5,10 +5,11 @@ profile`` runs it under ncu; see ``course_lib.bench.nsight``).
 
 It launches every GEMM step of chapter 03 on one bf16 product (4096^3), then paged decode v1 and v2 of chapter 04
 on one problem (batch 64 x context 4096, the ``paged_attention`` suite's heads, head size and block size, its
-blocks scattered over the pool); v2 is two kernels, its partitions and their merge. Nothing else it launches has a
-name that ncu's kernel filter lets through (the inputs are filled by CuPy's own kernels). It then writes the
-manifest: the launches in order, each with the kernel function it runs, or why a step was skipped on this GPU
-(``wgmma`` needs Hopper). ``--quick`` profiles a smaller product and problem. GPU only.
+blocks scattered over the pool); v2 is two kernels, its partitions and their merge. Last, the prefill kernel of
+chapter 04b on the ``prefill`` suite's problem (one 4096-token prompt, its blocks scattered). Nothing else it
+launches has a name that ncu's kernel filter lets through (the inputs are filled by CuPy's own kernels). It then
+writes the manifest: the launches in order, each with the kernel function it runs, or why a step was skipped on
+this GPU (``wgmma`` needs Hopper). ``--quick`` profiles a smaller product and decode problem. GPU only.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import numpy as np
 
 from course_lib import backend, dtypes
 from course_lib.bench.suites import paged_attention as decode_suite
+from course_lib.bench.suites import prefill as prefill_suite
 from course_lib.kernels import gemm
 from course_lib.kernels import paged_attention as pa
+from course_lib.kernels import paged_prefill as pp
 
 DTYPE = "bfloat16"
 GEMM_SIZE, QUICK_GEMM_SIZE = 4096, 1024
@@ -43,8 +46,12 @@ def planned_launches(quick: bool = False) -> list[dict[str, Any]]:
     shape = (f"batch {batch} x context {context}, {decode_suite.NUM_HEADS} query heads over "
              f"{decode_suite.NUM_KV_HEADS} KV heads, head_dim {decode_suite.HEAD_DIM}, "
              f"block size {decode_suite.BLOCK_SIZE}, {DTYPE}")
-    return plan + [{"group": "decode", "label": label, "function": function, "shape": shape}
-                   for label, function in DECODE_KERNELS]
+    prefill_shape = (f"batch 1 x {prefill_suite.TOKENS} new tokens, {prefill_suite.NUM_HEADS} query heads over "
+                     f"{prefill_suite.NUM_KV_HEADS} KV heads, head_dim {prefill_suite.HEAD_DIM}, block size "
+                     f"{prefill_suite.BLOCK_SIZE}, {DTYPE}")
+    return (plan + [{"group": "decode", "label": label, "function": function, "shape": shape}
+                    for label, function in DECODE_KERNELS]
+            + [{"group": "prefill", "label": "prefill", "function": "paged_prefill", "shape": prefill_shape}])
 
 
 def launch_gemm_steps(plan: list[dict[str, Any]], n: int) -> None:
@@ -88,6 +95,14 @@ def launch_decode(batch: int, context: int) -> None:
         backend.synchronize()
 
 
+def launch_prefill() -> None:
+    """The prefill kernel once, on the ``prefill`` suite's one-prompt problem."""
+    arrays = prefill_suite.paged_problem(1)
+    problem = pp.check_prefill_problem(*arrays, dtype=DTYPE)
+    pp.launch_prefill(problem, dtypes.empty(tuple(arrays[0].shape), DTYPE), *arrays)
+    backend.synchronize()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.bench.profile_target",
                                      description="Launch each profiled kernel once, for Nsight Compute.")
@@ -101,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = planned_launches(args.quick)
     launch_gemm_steps(plan, QUICK_GEMM_SIZE if args.quick else GEMM_SIZE)
     launch_decode(*(QUICK_DECODE_SHAPE if args.quick else DECODE_SHAPE))
+    launch_prefill()
     args.manifest.write_text(json.dumps(plan, indent=1) + "\n")
     print(f"launched {sum(not entry.get('skipped') for entry in plan)} kernels; wrote {args.manifest}")
     return 0

@@ -1,10 +1,13 @@
 """Ranks as threads of one process: a 4-rank collective in a notebook, with no ``mpiexec``.
 
 ``run_ranks(fn, 4)`` starts four threads; each calls ``fn(comm, ...)`` with its own ``ThreadCommunicator``
-and the runner returns the four results in rank order. The threads share one ``_World``: a mailbox for
-every (source, destination, tag), a table of the collectives under way, and the first failure. One
-condition variable guards it all, so a rank that fails wakes every waiting rank at once: they raise
-``RankFailed`` straight away, not after their timeout, and the runner re-raises the original exception.
+and the runner returns the four results in rank order. The ranks move NumPy arrays, or with ``xp=cupy`` CuPy
+arrays: four ranks sharing one GPU, how a tensor-parallel engine's GPU path is tested on a single card.
+
+The threads share one ``_World``: a mailbox for every (source, destination, tag), a table of the collectives
+under way, and the first failure. One condition variable guards it all, so a rank that fails wakes every
+waiting rank at once: they raise ``RankFailed`` straight away, not after their timeout, and the runner
+re-raises the original exception.
 
 The collectives here move no messages: each rank leaves a copy of its contribution in the table, and once
 all ``size`` copies are there every rank computes its result from them (reductions in rank order, so every
@@ -14,11 +17,13 @@ rank gets the same bits). That is the *library* answer the hand-written algorith
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -57,8 +62,9 @@ class _Round:
 class _World:
     """What the ranks of one ``run_ranks`` call share."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, xp: ModuleType):
         self.size = size
+        self.xp = xp  # the array module every rank's arrays belong to
         self.changed = threading.Condition()  # notified whenever anything below changes
         self.mailboxes: defaultdict[tuple[int, int, int], deque[_Letter]] = defaultdict(deque)
         self.rounds: dict[int, _Round] = {}  # collective number -> its round
@@ -82,6 +88,7 @@ class ThreadCommunicator(Communicator):
 
     def __init__(self, world: _World, rank: int, timeout: float = DEFAULT_TIMEOUT_S):
         super().__init__(rank, world.size, timeout)
+        self.xp = world.xp
         self._world = world
         self._collectives_called = 0
 
@@ -163,7 +170,7 @@ class ThreadCommunicator(Communicator):
 
     def _reduced(self, kind: str, array: np.ndarray, op: str) -> np.ndarray:
         parts = self._contributions(f"{kind}(op={op!r})", array.copy())
-        return getattr(np, REDUCE_OPS[op]).reduce(np.stack(parts), axis=0)
+        return functools.reduce(getattr(self.xp, REDUCE_OPS[op]), parts)  # in rank order: the same bits everywhere
 
     def _broadcast(self, array: np.ndarray, root: int) -> None:
         parts = self._contributions(f"broadcast from rank {root}", array.copy() if self.rank == root else None)
@@ -177,7 +184,7 @@ class ThreadCommunicator(Communicator):
         out[...] = self._reduced("reduce_scatter", array, op)[self.rank * rows:(self.rank + 1) * rows]
 
     def _all_gather(self, array: np.ndarray, out: np.ndarray) -> None:
-        np.concatenate(self._contributions("all_gather", array.copy()), out=out)
+        out[...] = self.xp.concatenate(self._contributions("all_gather", array.copy()))
 
     def _all_to_all(self, array: np.ndarray, send_counts: list[int], out: np.ndarray,
                     recv_counts: list[int]) -> None:
@@ -189,15 +196,17 @@ class ThreadCommunicator(Communicator):
         self._contributions("barrier", None)
 
 
-def run_ranks(fn: Callable[..., Any], size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+def run_ranks(fn: Callable[..., Any], size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S,
+              xp: ModuleType = np) -> list[Any]:
     """Run ``fn(comm, *args)`` on ``size`` ranks, one thread each; return their results in rank order.
 
     If a rank raises, the others' pending calls raise ``RankFailed`` and this re-raises the first original
-    exception, with a note naming its rank. ``timeout`` bounds each blocking call of each rank.
+    exception, with a note naming its rank. ``timeout`` bounds each blocking call of each rank. ``xp`` is the
+    array module the ranks exchange: NumPy, or ``backend.xp`` for an engine's arrays in either mode.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"run_ranks needs a whole number of ranks >= 1, got {size!r}")
-    world = _World(size)
+    world = _World(size, xp)
     results: list[Any] = [None] * size
 
     def rank_main(rank: int) -> None:

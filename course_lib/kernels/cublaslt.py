@@ -25,6 +25,7 @@ and says so (``engine``), so the chapters run on a laptop; nvmath-python is impo
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -104,6 +105,20 @@ def describe(algorithm: Any) -> dict[str, Any]:
             "split_k": int(algorithm.split_k)}
 
 
+_THREAD = threading.local()
+
+
+def _name_the_device_in_this_thread() -> None:
+    """nvmath runs on cuda.core, which keeps a current device per thread and refuses a thread that never named
+    one. A plan built on one thread and run on another (a checker's worker thread, a rank of ``run_ranks``)
+    needs this first; once per thread is enough."""
+    if not getattr(_THREAD, "device_named", False):
+        from cuda.core import Device
+
+        Device(backend.xp.cuda.Device().id).set_current()
+        _THREAD.device_named = True
+
+
 class LtMatmul:
     """``C = epilogue(a @ b + bias)``, planned once with cuBLASLt and launched on every call.
 
@@ -143,6 +158,7 @@ class LtMatmul:
         """The nvmath Matmul for ``C^T = b^T @ a^T``, written in place into ``out^T`` (see the module docstring)."""
         from nvmath.linalg.advanced import Matmul
 
+        _name_the_device_in_this_thread()
         kind = self.product.dtype
         return Matmul(_library_view(self.b, kind).T, _library_view(self.a, kind).T,
                       c=_library_view(self.out, kind).T, beta=0.0, options={"inplace": True})
@@ -153,6 +169,7 @@ class LtMatmul:
         if self._matmul is None:
             raise RuntimeError(f"{what} needs cuBLASLt on a GPU; here LtMatmul computes with NumPy "
                                f"({backend.mode_text()})")
+        _name_the_device_in_this_thread()
 
     def plan(self, limit: int = CANDIDATES) -> tuple[Any, ...]:
         """Ask cuBLASLt's heuristic for up to ``limit`` algorithms for this problem, best-ranked first."""
@@ -196,6 +213,7 @@ class LtMatmul:
             self._rebind(self.a if a is None else a, self.b if b is None else b)
         if self._matmul is None:
             return self._compute_with_numpy()
+        _name_the_device_in_this_thread()
         stream = backend.xp.cuda.get_current_stream()
         self._matmul.execute(algorithm=self._chosen, stream=stream)
         self._captured = self._captured or stream.is_capturing()
@@ -221,6 +239,7 @@ class LtMatmul:
     def close(self) -> None:
         """Release cuBLASLt's descriptors and workspace; the object cannot run afterwards."""
         if self._matmul is not None:
+            _name_the_device_in_this_thread()
             if self._captured:
                 # nvmath frees its workspace after the event of the last execute; an execute captured into a
                 # CUDA graph recorded that event only inside the graph, so run once for real first.

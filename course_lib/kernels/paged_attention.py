@@ -295,10 +295,11 @@ def check_slots(slot_mapping: Any, num_tokens: int, cache: Cache) -> None:
         raise ValueError("slot_mapping names one slot twice: two tokens would race to write it")
 
 
-def require_device_arrays(arrays: dict[str, Any]) -> None:
-    """Kernels take arrays of the current mode, C-contiguous (they index by computed offsets)."""
+def require_device_arrays(arrays: dict[str, Any], on_host: bool = False) -> None:
+    """Kernels take arrays of the current mode (NumPy ones ``on_host``, for the warp emulator), C-contiguous
+    (they index by computed offsets)."""
     for name, array in arrays.items():
-        dtypes.require_device_array(name, array)
+        dtypes.require_device_array(name, array, on_host)
         if not array.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous; use xp.ascontiguousarray({name})")
 

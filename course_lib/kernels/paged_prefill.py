@@ -5,12 +5,12 @@ the same loop in NumPy): a thread block owns 64 query rows of one sequence and o
 tiles of 64 positions through shared memory with ``cp.async``, and runs ``S = Q Kᵀ`` and ``O += P V`` as
 ``mma.sync`` m16n8k16 products with an online softmax in registers.
 
-STATUS: the kernel compiles for sm_80 and sm_90 (its resource report is tested on any machine), and on the CPU the
-course's warp emulator runs it (:func:`emulate_prefill`): it matches the float64 reference on every batch of its GPU
-tests there, and the engine's mixed steps give the dense model's logits through it. As of writing it has NOT YET RUN
-ON A GPU: its GPU tests (``tests/test_paged_prefill_kernel.py``, marked ``gpu``) are the last judge, since the
-emulator models neither timing nor races. The engine's steps with prompt tokens call it
-(``engine.model.LlamaModel.attend``).
+STATUS: the kernel compiles for sm_80 and sm_90 (its resource report is tested on any machine). Its GPU tests
+(``tests/test_paged_prefill_kernel.py``, marked ``gpu``: the float64 reference on ragged batches, chunks, prefix hits,
+both head sizes and both types) pass on an H100 80GB node (2026-12-07). On the CPU the course's warp emulator runs it
+(:func:`emulate_prefill`) and it matches the same reference on the same batches there; the engine's mixed steps give
+the dense model's logits through it. The engine's steps with prompt tokens call it
+(``engine.model.LlamaModel.attend``); ``python -m course_lib.bench prefill`` times it against PyTorch's SDPA.
 
 The layout is ``paged_attention``'s (caches ``[num_blocks, num_kv_heads, block_size, head_dim]``, int32 block
 tables) and the batch is flat as in ``paged_prefill_reference``: ``query [total_new_tokens, num_heads, head_dim]``,
@@ -74,16 +74,18 @@ class Prefill:
 
 
 def check_prefill_problem(query: Any, key_cache: Any, value_cache: Any, block_tables: Any, query_start_loc: Any,
-                          context_lens: Any, scale: float | None = None, dtype: str | None = None) -> Prefill:
+                          context_lens: Any, scale: float | None = None, dtype: str | None = None, *,
+                          on_host: bool = False) -> Prefill:
     """Validate a prefill step, every index included, and return its shape.
 
     Types and shapes first (nothing is read back), then the index arrays on the host: ``block_tables`` entries in
     the pool for every block a sequence reads, ``1 <= context_len <= max_blocks_per_seq * block_size``, and
     ``query_start_loc`` rising from 0 to ``total_new_tokens`` with each sequence's new tokens fitting its context.
+    The arrays are the current mode's (CuPy on a GPU), or NumPy ones ``on_host``: :func:`emulate_prefill`'s.
     """
     pa.require_device_arrays({"query": query, "key_cache": key_cache, "value_cache": value_cache,
                               "block_tables": block_tables, "query_start_loc": query_start_loc,
-                              "context_lens": context_lens})
+                              "context_lens": context_lens}, on_host)
     if str(getattr(query_start_loc, "dtype", None)) != "int32" or query_start_loc.ndim != 1:
         raise TypeError(f"query_start_loc must be a 1-D int32 array [num_seqs + 1], got "
                         f"{getattr(query_start_loc, 'dtype', type(query_start_loc).__name__)} of shape "
@@ -196,8 +198,9 @@ def launch_prefill(problem: Prefill, *arrays: Any) -> None:
 
 
 def emulate_prefill(problem: Prefill, *arrays: Any, source: str | None = None, copies_at_issue: bool = False) -> None:
-    """Run paged_prefill.cu itself on the CPU, on the course's warp emulator, over checked NumPy arrays (in the
-    order of :func:`launch_prefill`): slow, for a few thread blocks, and how the kernel is checked without a GPU.
+    """Run paged_prefill.cu itself on the CPU, on the course's warp emulator, over NumPy arrays (in the order of
+    :func:`launch_prefill`) checked by ``check_prefill_problem(..., on_host=True)``: slow, for a few thread blocks,
+    and how the kernel is checked without a GPU (in GPU mode too: the emulator always runs on the CPU).
 
     ``source`` replaces the file's text (a what-if, or a slip to see what the check reports); ``copies_at_issue``
     lands every ``cp.async`` at once instead of at its wait.

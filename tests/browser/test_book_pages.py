@@ -23,9 +23,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
-from selenium.webdriver.support.ui import WebDriverWait
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="the browser tests drive Chromium with Selenium: "
+                                "pip install -r requirements.txt")
+from selenium.common.exceptions import TimeoutException  # noqa: E402 - after the skip above
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HTML = ROOT / "_build" / "html"

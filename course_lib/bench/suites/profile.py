@@ -1,7 +1,9 @@
-"""Nsight Compute profiles of the GEMM steps (chapter 03) and the paged decode kernels (chapter 04).
+"""Nsight Compute profiles of the GEMM steps (chapter 03), the paged decode kernels (chapter 04) and the prefill
+kernel (chapter 04b).
 
 One ncu run (``course_lib.bench.nsight.run_profile``) profiles every kernel of ``course_lib.bench.profile_target``
-once: each GEMM step at 4096^3 bf16, paged decode v1 and v2 (partitions and merge) at batch 64 x context 4096.
+once: each GEMM step at 4096^3 bf16, paged decode v1 and v2 (partitions and merge) at batch 64 x context 4096, and
+paged prefill on one 4096-token prompt.
 Each kernel is one measurement: its time under the profiler as the timing (clock ``ncu``, one sample: a profiler's
 time, not a benchmark's), SM and DRAM throughput, achieved occupancy and cycles per issued instruction as derived
 figures, and ``profile``, its whole record with the stalls by reason, which the chapters draw. A step this GPU
@@ -21,11 +23,13 @@ from course_lib.bench.runner import Step, measurement
 from course_lib.bench.suites.gemm import skipped
 from course_lib.bench.timing import Timing
 
-DESCRIPTION = "profile: Nsight Compute throughputs, occupancy and warp stall reasons of the GEMM steps and paged decode"
+DESCRIPTION = ("profile: Nsight Compute throughputs, occupancy and warp stall reasons of the GEMM steps, paged decode "
+               "and paged prefill")
 PARAMETERS = {"profiler": "Nsight Compute (ncu --clock-control none --page raw)", "gemm_size": GEMM_SIZE,
               "decode_batch_context": list(DECODE_SHAPE), "metrics": nsight.metric_names(),
               "kernel_filter": nsight.KERNEL_FILTER}
-HEADLINE_FIGURE = {"gemm": "sm_throughput_pct", "decode": "dram_throughput_pct"}  # what each group is bound by
+HEADLINE_FIGURE = {"gemm": "sm_throughput_pct", "decode": "dram_throughput_pct",  # what each group is bound by
+                   "prefill": "sm_throughput_pct"}
 
 
 def steps(quick: bool) -> list[Step]:
@@ -41,7 +45,8 @@ def profiled(quick: bool) -> dict[str, Any]:
 
 
 def measure_kernel(label: str, quick: bool) -> dict[str, Any]:
-    """The profiled record of the kernel ``label`` (a GEMM step, "v1", "v2" or "v2 merge") as a measurement."""
+    """The profiled record of the kernel ``label`` (a GEMM step, "v1", "v2", "v2 merge" or "prefill") as a
+    measurement."""
     run = profiled(quick)
     entry = next(entry for entry in run["launches"] if entry["label"] == label)
     parameters = {"group": entry["group"], "label": label, "function": entry["function"], "shape": entry["shape"],
@@ -57,7 +62,7 @@ def measure_kernel(label: str, quick: bool) -> dict[str, Any]:
 
 
 def headline(measurements: list[dict[str, Any]]) -> dict[str, float]:
-    """SM throughput (%) of each GEMM step and DRAM throughput (%) of each decode kernel."""
+    """SM throughput (%) of each GEMM step and of the prefill kernel, DRAM throughput (%) of each decode kernel."""
     figures = {}
     for m in measurements:
         group = m["parameters"]["group"]
