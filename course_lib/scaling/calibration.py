@@ -10,10 +10,12 @@ engine.json, the cuBLAS bf16 rate from gemm.json, the fp32 rate from env.json):
 The error is predicted / measured - 1 of the *time* (a step's, a run's): negative means the model is too
 optimistic. Three versions, each adding one named term to the one before:
 
-1. **plain**: every operation at max(bytes / bandwidth, flops / rate), nothing else. It does count the bytes
-   of the engine's own attention algorithm (``attention_kernel="paged_decode"``): the engine prefills through
-   its decode kernel, one row per prompt token, so each token of a 512-token prompt re-reads its whole prefix
-   instead of the once a flash-attention prefill would. That is what the engine's code moves, not a fudge.
+1. **plain**: every operation at max(bytes / bandwidth, flops / rate), nothing else. It counts the bytes of the
+   engine's own attention algorithm (``attention_kernel="flash"``): the engine's prompt chunks go to its
+   tensor-core prefill kernel (chapter 04b), which reads each key and value tile once for a tile of queries,
+   and its decode rows to the decode kernel, which reads each sequence's keys and values once. (Until
+   2026-12-07 the engine prefilled through its decode kernel, one row per prompt token, re-reading each
+   prompt token's prefix; ``attention_kernel="paged_decode"`` still models that.)
 2. **kernel floor**: every kernel also costs ``kernel_s`` before its bytes move (its launch inside the graph,
    its thread blocks ramping up, the drain the next kernel waits for). ``kernel_s`` is a NAMED measurement,
    norm.json's ``rms_norm (1, 4096)``: one 4096-wide row (24 KiB, nothing to stream) in a CUDA graph, the
@@ -70,7 +72,7 @@ CAVEATS = (
     "too narrow to fill the GPU cost more (the SmolLM2 cross check shows by how much).",
     "host_step_s is an upper bound on the host's share: it is what is left of another run's wall time after the "
     "model's GPU time, so it absorbs whatever the model misses on that run, and that run's prefill.",
-    "The model knows the engine's algorithms (prefill through the decode kernel, the kernel counts of its code): "
+    "The model knows the engine's algorithms (a flash-style prefill kernel, the kernel counts of its code): "
     "the errors measure the roofline and the named terms, not a blind guess of an unknown engine.",
 )
 
@@ -102,7 +104,7 @@ def kernel_floor(card: str = CARD) -> tuple[float, Source]:
 
 def engine_assumptions(kernels: tuple[int, int], kernel_s: float) -> Assumptions:
     """The engine's attention algorithm, and ``kernel_s`` for each of (per layer, per step) kernels."""
-    return Assumptions(attention_kernel="paged_decode", kernel_s=kernel_s, kernels_per_layer=kernels[0],
+    return Assumptions(attention_kernel="flash", kernel_s=kernel_s, kernels_per_layer=kernels[0],
                        kernels_per_step=kernels[1])
 
 
