@@ -8,7 +8,7 @@
 
 Copy bandwidth is not one number: it depends on the size of the copy, and the recorded runs show it.
 :func:`recorded_copies` gathers every copy the results files of one card hold, whichever suite measured it
-(the ``copy_sizes`` suite's sweep too, once it has been run), for the chapter's figure.
+(the ``copy_sizes`` suite's sweep included), for the chapter's figure.
 """
 
 from __future__ import annotations
