@@ -130,15 +130,13 @@ def test_cpu_mode_says_numpy_computes_and_refuses_to_tune():
             method()
 
 
-
 def test_a_matmul_planned_on_one_thread_runs_on_another():
     """A checker runs the learner's code on a worker thread, and run_ranks runs each rank on its own: on a GPU,
     cuda.core must be told the device in each such thread before nvmath can run the plan there."""
     a, b, _ = operands(33, 72, 40, "bfloat16")
     with poisoned(cublaslt.LtMatmul(a, b, dtype="bfloat16")) as lt:
-        worker = concurrent.futures.ThreadPoolExecutor(1)
-        worker.submit(lt).result()  # raises here what the worker's call raised
-        worker.shutdown()
+        with concurrent.futures.ThreadPoolExecutor(1) as worker:
+            worker.submit(lt).result()  # raises here what the worker's call raised
         backend.synchronize()
         assert_matches(lt.out, a, b, "bfloat16")
 
