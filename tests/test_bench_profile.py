@@ -3,7 +3,7 @@ measurements and headline, the chapters' table and stacked bars, and the refusal
 
 ``fixtures/ncu_profile_raw.csv`` is written in the format of ``ncu --import REPORT --csv --page raw --print-units
 base`` (a header row of identification columns and metric names, a row of units, one row per kernel launch, every
-cell quoted, thousands separated by commas), for the eleven launches of ``course_lib.bench.profile_target``. Its
+cell quoted, thousands separated by commas), for the twelve launches of ``course_lib.bench.profile_target``. Its
 numbers are synthetic: they test the format, they were not measured.
 """
 
@@ -52,7 +52,7 @@ def test_ncu_never_touches_the_clocks_and_profiles_only_the_course_kernels(tmp_p
 
 def test_the_raw_csv_gives_one_launch_per_row_with_its_metrics_and_units(raw_csv):
     launches = nsight.parse_raw_csv("==PROF== Connected to process 48213\n" + raw_csv)
-    assert [launch["id"] for launch in launches] == list(range(11))
+    assert [launch["id"] for launch in launches] == list(range(12))
     naive = launches[0]
     assert naive["kernel"].startswith("void gemm_naive<__nv_bfloat16>(")
     assert naive["block"] == "(32, 8, 1)" and naive["grid"] == "(128, 512, 1)"
@@ -72,7 +72,8 @@ def test_a_file_that_is_not_ncus_raw_csv_is_refused(raw_csv):
 
 def test_launches_join_the_targets_list_in_order(raw_csv):
     records = nsight.kernel_records(nsight.parse_raw_csv(raw_csv), profile_target.planned_launches())
-    assert [record["label"] for record in records] == [*profile_target.gemm.STEPS, "v1", "v2", "v2 merge", "prefill"]
+    assert [record["label"] for record in records] == [*profile_target.gemm.STEPS, "v1", "v2", "v2 merge",
+                                                         "prefill v1: 16 rows a warp", "prefill v2: 32 rows a warp"]
     naive, v2 = records[0], records[8]
     assert naive["duration_us"] == pytest.approx(27_104.352)
     assert naive["group"] == "gemm" and v2["group"] == "decode" and "4, true>" in v2["kernel"]
@@ -87,8 +88,8 @@ def test_a_skipped_step_has_no_row_and_a_wrong_join_is_refused(raw_csv):
     planned = profile_target.planned_launches()
     planned[6]["skipped"] = "wgmma and TMA need Hopper (sm_90a, e.g. H100/H200); this GPU is sm_89"
     records = nsight.kernel_records(nsight.parse_raw_csv(without_wgmma), planned)
-    assert "wgmma" not in [record["label"] for record in records] and len(records) == 10
-    with pytest.raises(ValueError, match="ncu profiled 10 kernel launches, the target made 11"):
+    assert "wgmma" not in [record["label"] for record in records] and len(records) == 11
+    with pytest.raises(ValueError, match="ncu profiled 11 kernel launches, the target made 12"):
         nsight.kernel_records(nsight.parse_raw_csv(without_wgmma), profile_target.planned_launches())
     swapped = profile_target.planned_launches()
     swapped[0], swapped[1] = swapped[1], swapped[0]
@@ -120,7 +121,7 @@ def test_run_profile_drops_a_metric_ncu_does_not_know_and_runs_again(raw_csv, mo
     profiled = nsight.run_profile(run=run)
     assert len(calls) == 3 and gmma in calls[0][calls[0].index("--metrics") + 1]
     assert gmma not in calls[1][calls[1].index("--metrics") + 1]
-    assert list(profiled["dropped"]) == [gmma] and len(profiled["kernels"]) == 11
+    assert list(profiled["dropped"]) == [gmma] and len(profiled["kernels"]) == 12
 
 
 def test_run_profile_explains_a_permission_error_and_gives_up_on_others(raw_csv, monkeypatch):

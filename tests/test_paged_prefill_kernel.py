@@ -6,8 +6,8 @@ NumPy, and the kernel's fragment plan (its ldmatrix addresses, swizzle and regis
 computes attention when run lane by lane on the course's NumPy model of ldmatrix and mma.sync.
 On the CPU warp emulator (course_lib.emulator): the kernel's own source on the GPU tests' batches against the float64
 reference, with copies landing early or late, and the slips of ``labs/kernel_slips`` that the check must reject.
-On a GPU (marked ``gpu``): the kernel against ``prefill_reference`` in float64. As of writing the kernel has not yet
-run on a GPU, so those tests are its last judge.
+On a GPU (marked ``gpu``): the kernel against ``prefill_reference`` in float64, in the tiling launches use on every
+batch, and in each of its tilings on a few (the benchmark times them all).
 """
 
 from __future__ import annotations
@@ -67,19 +67,25 @@ def test_the_launcher_sizes_grid_and_shared_memory_with_the_kernels_own_constant
     """shared_bytes() must describe the buffers the .cu file indexes, or a launch would read past its shared memory."""
     source = cuda_compile.kernel_path(pp.SOURCE).read_text()
     assert f"constexpr int THREADS = {pp.THREADS}," in source
-    for name, value in (("ROWS", pp.ROWS), ("KEY_TILE", pp.KEY_TILE), ("STAGES", pp.STAGES)):
-        assert re.search(rf"constexpr int {name} = {value};", source), name
-    assert pp.shared_bytes(128, "bfloat16") == (64 + 2 * 2 * 64) * 128 * 2 == 80 * 1024
-    assert all(pp.shared_bytes(d, kind) <= SHARED_PER_BLOCK_SM80 for d in pp.HEAD_DIMS for kind in pp.ELEMENT_TYPES)
-    for instantiation in pp.kernel_names():
-        assert f"PREFILL_KERNEL({instantiation.split('<')[1].split(',')[0]}, " in source
+    assert re.search(rf"constexpr int STAGES = {pp.STAGES};", source)
+    assert "constexpr int ROWS = WARPS * M_TILES * 16;" in source  # Tiling.rows
+    assert pp.shared_bytes(128, "bfloat16") == (128 + 2 * 2 * 32) * 128 * 2 == 64 * 1024
+    assert pp.shared_bytes(128, "bfloat16", pp.TILINGS["v1: 16 rows a warp"]) == (64 + 2 * 2 * 64) * 128 * 2
+    assert all(pp.shared_bytes(d, kind, tiling) <= SHARED_PER_BLOCK_SM80
+               for d in pp.HEAD_DIMS for kind in pp.ELEMENT_TYPES for tiling in pp.TILINGS.values())
+    tilings = re.search(r"#define PREFILL_TILINGS\(T, D\) (.*)", source).group(1)
+    assert tilings == " ".join(f"PREFILL_KERNEL(T, D, {t.m_tiles}, {t.key_tile})" for t in pp.TILINGS.values())
+    for kind in pp.ELEMENT_TYPES:
+        for head_dim in pp.HEAD_DIMS:
+            assert f"PREFILL_TILINGS({dtypes.CUDA_TYPES[kind]}, {head_dim})" in source
 
 
 def test_the_grid_covers_the_longest_sequences_rows_for_each_kv_head(rng):
     problem = pp.check_prefill_problem(*small_batch(rng).arrays(), on_host=True)  # shapes only: host arrays do
     assert (problem.num_heads, problem.group, problem.max_query_len, problem.total_tokens) == (4, 2, 9, 14)
-    assert pp.prefill_grid(problem) == (1, 2, 2)  # 9 positions x 2 heads = 18 rows: one tile of 64
-    assert pp.prefill_grid(replace(problem, max_query_len=300)) == (10, 2, 2)  # 600 rows
+    assert pp.prefill_grid(problem) == (1, 2, 2)  # 9 positions x 2 heads = 18 rows: one tile of 128
+    assert pp.prefill_grid(replace(problem, max_query_len=300)) == (5, 2, 2)  # 600 rows
+    assert pp.prefill_grid(replace(problem, max_query_len=300), pp.TILINGS["v1: 16 rows a warp"]) == (10, 2, 2)
     assert problem.scale == pytest.approx(1 / 8)
 
 
@@ -225,28 +231,30 @@ def mma(d: np.ndarray, a: np.ndarray, b: np.ndarray, rounding: Any) -> np.ndarra
 
 
 def emulate_warp(q_tile: np.ndarray, k_tiles: list[np.ndarray], v_tiles: list[np.ndarray], positions: np.ndarray,
-                 query_start: int, scale_log2: float, warp: int, rounding: Any) -> np.ndarray:
-    """One warp's 16 output rows after the key loop, computed the .cu file's way, register by register."""
-    head_dim, lanes = q_tile.shape[1], np.arange(32)
+                 query_start: int, scale_log2: float, first_row: int, rounding: Any) -> np.ndarray:
+    """The 16 output rows of one m16 tile of a warp (block rows ``first_row`` .. + 15) after the key loop, computed
+    the .cu file's way, register by register. A warp's other m16 tile runs the same plan on the same fragments."""
+    head_dim, key_tile, lanes = q_tile.shape[1], k_tiles[0].shape[0], np.arange(32)
     stored_q = swizzled_tile(q_tile)
-    q = [fragments.ldmatrix(stored_q, [lane_address(warp * 16 + lane % 16, 2 * k + lane // 16) for lane in lanes])
+    q = [fragments.ldmatrix(stored_q, [lane_address(first_row + lane % 16, 2 * k + lane // 16) for lane in lanes])
          for k in range(head_dim // 16)]
     o = np.zeros((head_dim // 8, 32, 4))
     m, l_sum = np.full((32, 2), -np.inf), np.zeros((32, 2))  # the .cu file's m and l
     row_position = positions[lanes[:, None] // 4 + 8 * np.arange(2)[None, :]]  # [lane, half]
     for t, (keys, values) in enumerate(zip(k_tiles, v_tiles, strict=True)):
         stored_k, stored_v = swizzled_tile(keys), swizzled_tile(values)
-        s = np.zeros((8, 32, 4))
+        s = np.zeros((key_tile // 8, 32, 4))
         for k in range(head_dim // 16):
-            for n in range(0, 8, 2):
+            for n in range(0, key_tile // 8, 2):
                 b = fragments.ldmatrix(stored_k, [lane_address(n * 8 + (lane // 8 // 2) * 8 + lane % 8,
                                                                2 * k + lane // 8 % 2) for lane in lanes])
                 s[n] = mma(s[n], q[k], b[:, :4], rounding)
                 s[n + 1] = mma(s[n + 1], q[k], b[:, 4:], rounding)
-        tile_start = t * 64
+        tile_start = t * key_tile
         s *= scale_log2
-        if tile_start + 63 > query_start:  # the diagonal
-            key = tile_start + np.arange(8)[:, None, None] * 8 + 2 * (lanes[None, :, None] % 4) + np.arange(4) % 2
+        if tile_start + key_tile - 1 > query_start:  # the diagonal
+            key = (tile_start + np.arange(key_tile // 8)[:, None, None] * 8 + 2 * (lanes[None, :, None] % 4)
+                   + np.arange(4) % 2)
             s = np.where(key > row_position[None, :, np.arange(4) // 2], -np.inf, s)
         for half in range(2):
             top = np.maximum(m[:, half], s[:, :, 2 * half:2 * half + 2].max(axis=(0, 2)))
@@ -257,7 +265,7 @@ def emulate_warp(q_tile: np.ndarray, k_tiles: list[np.ndarray], v_tiles: list[np
             s[:, :, 2 * half:2 * half + 2] = np.exp2(s[:, :, 2 * half:2 * half + 2] - base[None, :, None])
             l_sum[:, half] = l_sum[:, half] * rescale + s[:, :, 2 * half:2 * half + 2].sum(axis=(0, 2))
             o[:, :, 2 * half:2 * half + 2] *= rescale[None, :, None]
-        for j in range(4):
+        for j in range(key_tile // 16):
             p = np.concatenate([s[2 * j][:, :2], s[2 * j][:, 2:], s[2 * j + 1][:, :2], s[2 * j + 1][:, 2:]], axis=1)
             for d in range(0, head_dim // 8, 2):
                 b = fragments.ldmatrix(stored_v, [lane_address(16 * j + (lane // 8 % 2) * 8 + lane % 8,
@@ -276,10 +284,13 @@ def emulate_warp(q_tile: np.ndarray, k_tiles: list[np.ndarray], v_tiles: list[np
 
 @pytest.mark.parametrize(("head_dim", "query_start", "group"), [(64, 70, 1), (128, 100, 4)])
 def test_the_kernels_fragment_plan_computes_causal_attention(rng, head_dim, query_start, group):
-    """A block of 64 rows at positions from ``query_start`` reads two key tiles, the second one diagonal; warp 2's
-    rows come out as the softmax of their visible keys (fp16 rounding of the mma inputs, as on the tensor cores)."""
-    queries, keys, values = (rng.standard_normal((n, head_dim)) for n in (64, 128, 128))
-    positions = query_start + np.arange(64) // group
+    """A block of ROWS rows at positions from ``query_start`` reads its key tiles, the last ones diagonal; the
+    second m16 tile of warp 2 comes out as the softmax of its rows' visible keys (fp16 rounding of the mma inputs,
+    as on the tensor cores)."""
+    rows_a_block, key_tile = pp.ROWS, pp.KEY_TILE
+    positions = query_start + np.arange(rows_a_block) // group
+    key_count = math.ceil((positions[-1] + 1) / key_tile) * key_tile
+    queries, keys, values = (rng.standard_normal((n, head_dim)) for n in (rows_a_block, key_count, key_count))
     keys[positions[-1] + 1:] = 0.0  # zero-filled by cp.async past the block's last query
     values[positions[-1] + 1:] = 0.0
     scale = 1 / math.sqrt(head_dim)
@@ -287,12 +298,13 @@ def test_the_kernels_fragment_plan_computes_causal_attention(rng, head_dim, quer
     def rounding(v: np.ndarray) -> np.ndarray:
         return np.float16(v).astype(np.float64)
 
-    warp = 2
-    rows = positions[warp * 16:warp * 16 + 16]
-    out = emulate_warp(queries, [keys[:64], keys[64:]], [values[:64], values[64:]], rows, query_start,
-                       scale * math.log2(math.e), warp, rounding)
-    logits = queries[warp * 16:warp * 16 + 16] @ keys.T * scale
-    logits[np.arange(128)[None, :] > rows[:, None]] = -np.inf
+    first_row = 2 * pp.TILING.m_tiles * 16 + 16 * (pp.TILING.m_tiles - 1)  # warp 2's last m16 tile
+    rows = positions[first_row:first_row + 16]
+    tiles = range(0, key_count, key_tile)
+    out = emulate_warp(queries, [keys[t:t + key_tile] for t in tiles], [values[t:t + key_tile] for t in tiles],
+                       rows, query_start, scale * math.log2(math.e), first_row, rounding)
+    logits = queries[first_row:first_row + 16] @ keys.T * scale
+    logits[np.arange(key_count)[None, :] > rows[:, None]] = -np.inf
     weights = np.exp(logits - logits.max(axis=1, keepdims=True))
     expected = weights @ values / weights.sum(axis=1, keepdims=True)
     assert relative_error(out, expected) < 3e-3
@@ -326,13 +338,34 @@ def assert_within_tolerance(got: np.ndarray, expected: np.ndarray, dtype: str) -
 @pytest.mark.parametrize("head_dim", pp.HEAD_DIMS)
 @pytest.mark.parametrize("case", GPU_BATCHES)
 def test_the_kernel_matches_the_float64_reference(rng, case, head_dim, dtype):
-    batch = case_batch(rng, case, head_dim)
-    num_heads = batch.query.shape[1]
+    assert_matches_reference(case_batch(rng, case, head_dim), dtype,
+                             lambda out, arrays: pp.paged_prefill(*arrays, out=out, dtype=dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiling", pp.TILINGS)
+@pytest.mark.parametrize("case", ["ragged whole prompts", "chunks cutting blocks", "block size 8, odd group of 7"])
+def test_every_tiling_matches_the_float64_reference(rng, case, tiling):
+    """The benchmark times every tiling: each must be right before its time means anything."""
+    dtype = "bfloat16"
+
+    def launch(out: Any, arrays: tuple[Any, ...]) -> Any:
+        problem = pp.check_prefill_problem(*arrays, dtype=dtype)
+        pp.launch_prefill(problem, out, *arrays, tiling=pp.TILINGS[tiling])
+        return out
+
+    assert_matches_reference(case_batch(rng, case, 128), dtype, launch)
+
+
+def assert_matches_reference(batch: PrefillBatch, dtype: str, run: Any) -> None:
+    """``run(out, device arrays)`` writes into a poisoned buffer with one more poisoned row: every row it owns must
+    be written, the extra row untouched, and the result within tolerance of float64."""
+    num_heads, head_dim = batch.query.shape[1:]
     arrays = device_batch(batch, dtype)
     total = batch.query.shape[0]
     storage = dtypes.empty((1,), dtype).dtype
     padded = poison((total + 1, num_heads, head_dim), storage)  # one poisoned token row past the end
-    out = pp.paged_prefill(*arrays, out=padded[:total], dtype=dtype)
+    out = run(padded[:total], arrays)
     backend.synchronize()
     assert not is_poison(out).any(), "some outputs were never written"
     assert is_poison(padded[total]).all(), "the kernel wrote past the end of out"

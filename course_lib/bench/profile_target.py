@@ -51,7 +51,8 @@ def planned_launches(quick: bool = False) -> list[dict[str, Any]]:
                      f"{prefill_suite.BLOCK_SIZE}, {DTYPE}")
     return (plan + [{"group": "decode", "label": label, "function": function, "shape": shape}
                     for label, function in DECODE_KERNELS]
-            + [{"group": "prefill", "label": "prefill", "function": "paged_prefill", "shape": prefill_shape}])
+            + [{"group": "prefill", "label": f"prefill {name}", "function": "paged_prefill", "shape": prefill_shape}
+               for name in pp.TILINGS])
 
 
 def launch_gemm_steps(plan: list[dict[str, Any]], n: int) -> None:
@@ -96,11 +97,14 @@ def launch_decode(batch: int, context: int) -> None:
 
 
 def launch_prefill() -> None:
-    """The prefill kernel once, on the ``prefill`` suite's one-prompt problem."""
+    """The prefill kernel once in each of its tilings, first version first, on the ``prefill`` suite's one-prompt
+    problem."""
     arrays = prefill_suite.paged_problem(1)
     problem = pp.check_prefill_problem(*arrays, dtype=DTYPE)
-    pp.launch_prefill(problem, dtypes.empty(tuple(arrays[0].shape), DTYPE), *arrays)
-    backend.synchronize()
+    out = dtypes.empty(tuple(arrays[0].shape), DTYPE)
+    for tiling in pp.TILINGS.values():
+        pp.launch_prefill(problem, out, *arrays, tiling=tiling)
+        backend.synchronize()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,8 @@ lists what is checked, and what is not).
 
 The interface is CuPy's, so a launcher reads the same either way::
 
-    module = emulator.load_file("paged_prefill.cu", name_expressions=("paged_prefill<__half, 64>",))
-    kernel = module.get_function("paged_prefill<__half, 64>")
+    module = emulator.load_file("paged_prefill.cu", name_expressions=("paged_prefill<__half, 64, 2, 32>",))
+    kernel = module.get_function("paged_prefill<__half, 64, 2, 32>")
     kernel(grid, block, (out, query, ..., np.int32(num_heads), ...), shared_mem=shared_bytes)
 
 Arguments are NumPy arrays (passed as pointers; C-contiguous) and NumPy scalars, whose sizes are checked against

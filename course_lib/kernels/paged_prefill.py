@@ -1,13 +1,16 @@
 """Prefill attention over the paged KV cache on the tensor cores: input checks, launch configuration and launcher.
 
 ``paged_prefill.cu`` is FlashAttention-2's loop over a paged cache (``paged_prefill_reference.tiled_prefill`` is
-the same loop in NumPy): a thread block owns 64 query rows of one sequence and one kv head, streams key/value
-tiles of 64 positions through shared memory with ``cp.async``, and runs ``S = Q Kᵀ`` and ``O += P V`` as
-``mma.sync`` m16n8k16 products with an online softmax in registers.
+the same loop in NumPy): a thread block owns 128 query rows of one sequence and one kv head (32 a warp), streams
+key/value tiles of 32 positions through shared memory with ``cp.async``, and runs ``S = Q Kᵀ`` and ``O += P V`` as
+``mma.sync`` m16n8k16 products with an online softmax in registers. Its tiling is a pair of template parameters
+(:class:`Tiling`); the first version's, 64 rows a block, is built too, so the benchmark can time one against the
+other.
 
 STATUS: the kernel compiles for sm_80 and sm_90 (its resource report is tested on any machine). Its GPU tests
 (``tests/test_paged_prefill_kernel.py``, marked ``gpu``: the float64 reference on ragged batches, chunks, prefix hits,
-both head sizes and both types) pass on an H100 80GB node (2026-12-07). On the CPU the course's warp emulator runs it
+both head sizes and both types) passed on an H100 80GB node (2026-12-07) for the first tiling; the second, which
+launches use, has not run on a GPU yet. On the CPU the course's warp emulator runs it
 (:func:`emulate_prefill`) and it matches the same reference on the same batches there; the engine's mixed steps give
 the dense model's logits through it. The engine's steps with prompt tokens call it
 (``engine.model.LlamaModel.attend``); ``python -m course_lib.bench prefill`` times it against PyTorch's SDPA.
@@ -43,13 +46,33 @@ from course_lib.kernels import paged_prefill_reference as reference
 SOURCE = "paged_prefill.cu"
 HEAD_DIMS = (64, 128)  # the head sizes paged_prefill.cu is instantiated for
 ELEMENT_TYPES = ("float16", "bfloat16")  # mma.sync's m16n8k16 inputs; it accumulates in fp32
-# These mirror prefill::THREADS, ROWS, KEY_TILE and STAGES in the .cu file (a test checks that they agree).
+# These mirror prefill::THREADS and STAGES in the .cu file (a test checks that they agree).
 THREADS = 128
-ROWS = 64  # query rows a thread block owns: (position, query head) pairs, 16 per warp
-KEY_TILE = 64  # key positions per tile of a block's key loop
 STAGES = 2  # key/value tiles in shared memory at once
 MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y (kv heads) and gridDim.z (sequences)
 MIN_ARCH = (8, 0)  # cp.async, ldmatrix and bf16 mma.sync
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a thread block cuts its work: the kernel's ``M_TILES`` and ``KEY_TILE`` template parameters."""
+
+    m_tiles: int  # m16 tiles of query rows per warp: each K/V fragment from shared memory feeds that many mma.sync
+    key_tile: int  # key positions per step of the key loop
+
+    @property
+    def rows(self) -> int:
+        """Query rows a block owns: 4 warps x ``m_tiles`` x 16."""
+        return THREADS // 32 * self.m_tiles * 16
+
+
+# The tilings paged_prefill.cu is instantiated for (a test checks the list), oldest first: the benchmark times each.
+TILINGS = {
+    "v1: 16 rows a warp": Tiling(m_tiles=1, key_tile=64),  # the first version: shared memory set its pace
+    "v2: 32 rows a warp": Tiling(m_tiles=2, key_tile=32),  # each K/V fragment feeds two mma.sync
+}
+TILING = TILINGS["v2: 32 rows a warp"]  # the one launches use
+ROWS, KEY_TILE = TILING.rows, TILING.key_tile  # 128 rows (32 positions x 4 heads at G = 4), key tiles of 32
 
 
 @dataclass(frozen=True)
@@ -141,31 +164,34 @@ def unsupported_reason() -> str | None:
 # ---- the launch configuration ----------------------------------------------------------------------------------
 
 
-def prefill_grid(problem: Prefill) -> tuple[int, int, int]:
-    """(query tiles, kv heads, sequences): one block per ROWS rows of (position, head) pairs of one kv head group.
+def prefill_grid(problem: Prefill, tiling: Tiling = TILING) -> tuple[int, int, int]:
+    """(query tiles, kv heads, sequences): one block per ``tiling.rows`` rows of (position, head) pairs of one kv
+    head group.
 
     The x extent fits the longest sequence; the blocks of shorter ones past their rows return at once.
     """
-    return math.ceil(problem.max_query_len * problem.group / ROWS), problem.cache.num_kv_heads, problem.num_seqs
+    return (math.ceil(problem.max_query_len * problem.group / tiling.rows), problem.cache.num_kv_heads,
+            problem.num_seqs)
 
 
-def shared_bytes(head_dim: int, dtype: str) -> int:
+def shared_bytes(head_dim: int, dtype: str, tiling: Tiling = TILING) -> int:
     """Dynamic shared memory of one block: its query tile and STAGES tiles of keys and of values.
 
-    80 KiB at head_dim 128 in fp16/bf16: above the 48 KiB a kernel gets without asking, within an A100's 164 KiB
-    and an H100's 228 KiB (two blocks per SM there).
+    64 KiB at head_dim 128 in fp16/bf16 (128 query rows, key tiles of 32): above the 48 KiB a kernel gets without
+    asking, within an A100's 164 KiB and an H100's 228 KiB.
     """
-    return (ROWS + STAGES * 2 * KEY_TILE) * head_dim * dtypes.ITEM_BYTES[dtype]
+    return (tiling.rows + STAGES * 2 * tiling.key_tile) * head_dim * dtypes.ITEM_BYTES[dtype]
 
 
-def kernel_name(dtype: str, head_dim: int) -> str:
+def kernel_name(dtype: str, head_dim: int, tiling: Tiling = TILING) -> str:
     """The name expression of one instantiation of ``paged_prefill``."""
-    return f"paged_prefill<{dtypes.CUDA_TYPES[dtype]}, {head_dim}>"
+    return f"paged_prefill<{dtypes.CUDA_TYPES[dtype]}, {head_dim}, {tiling.m_tiles}, {tiling.key_tile}>"
 
 
-def kernel_names() -> tuple[str, ...]:
-    """Every instantiation in paged_prefill.cu, as name expressions."""
-    return tuple(kernel_name(kind, head_dim) for kind in ELEMENT_TYPES for head_dim in HEAD_DIMS)
+def kernel_names(tilings: tuple[Tiling, ...] = tuple(TILINGS.values())) -> tuple[str, ...]:
+    """The instantiations in paged_prefill.cu of these tilings (all of them by default), as name expressions."""
+    return tuple(kernel_name(kind, head_dim, tiling) for tiling in tilings for kind in ELEMENT_TYPES
+                 for head_dim in HEAD_DIMS)
 
 
 @functools.cache
@@ -178,23 +204,23 @@ Launch = tuple[tuple[int, int, int], tuple[int], tuple[Any, ...], int]  # grid, 
 
 
 def launch_arguments(problem: Prefill, out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
-                     query_start_loc: Any, context_lens: Any) -> Launch:
+                     query_start_loc: Any, context_lens: Any, tiling: Tiling = TILING) -> Launch:
     """(grid, block, kernel arguments, dynamic shared bytes) of one launch, outputs first as in paged_prefill.cu."""
     cache = problem.cache
     arguments = (out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens,
                  np.int32(problem.num_heads), np.int32(cache.num_kv_heads), np.int32(cache.block_size),
                  np.int32(problem.max_blocks_per_seq), np.float32(problem.scale * math.log2(math.e)))
-    return prefill_grid(problem), (THREADS,), arguments, shared_bytes(cache.head_dim, cache.dtype)
+    return prefill_grid(problem, tiling), (THREADS,), arguments, shared_bytes(cache.head_dim, cache.dtype, tiling)
 
 
-def launch_prefill(problem: Prefill, *arrays: Any) -> None:
+def launch_prefill(problem: Prefill, *arrays: Any, tiling: Tiling = TILING) -> None:
     """Launch the kernel on checked device arrays (``out, query, key_cache, value_cache, block_tables,
-    query_start_loc, context_lens``)."""
+    query_start_loc, context_lens``), in the course's tiling unless another of :data:`TILINGS` is named."""
     if reason := unsupported_reason():
         raise RuntimeError(f"paged_prefill cannot run here: {reason}")
-    grid, block, arguments, shared = launch_arguments(problem, *arrays)
-    _kernel(kernel_name(problem.cache.dtype, problem.cache.head_dim), shared)(grid, block, arguments,
-                                                                              shared_mem=shared)
+    grid, block, arguments, shared = launch_arguments(problem, *arrays, tiling=tiling)
+    _kernel(kernel_name(problem.cache.dtype, problem.cache.head_dim, tiling), shared)(grid, block, arguments,
+                                                                                      shared_mem=shared)
 
 
 def emulate_prefill(problem: Prefill, *arrays: Any, source: str | None = None, copies_at_issue: bool = False) -> None:
@@ -208,7 +234,7 @@ def emulate_prefill(problem: Prefill, *arrays: Any, source: str | None = None, c
     grid, block, arguments, shared = launch_arguments(problem, *arrays)
     name = kernel_name(problem.cache.dtype, problem.cache.head_dim)
     if source is None:
-        module = emulator.load_file(SOURCE, name_expressions=kernel_names())
+        module = emulator.load_file(SOURCE, name_expressions=kernel_names((TILING,)))
     else:
         module = emulator.EmulatedModule(source, (name,))
     module.get_function(name)(grid, block, arguments, shared, copies_at_issue=copies_at_issue)

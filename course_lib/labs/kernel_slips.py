@@ -10,7 +10,8 @@ from __future__ import annotations
 PREFILL_SLIPS = {
     # FlashAttention's rescale: what was accumulated against the old max must be scaled down to the new one.
     "accumulator not rescaled by the new max": (
-        "o[d][0] *= rescale[0], o[d][1] *= rescale[0], o[d][2] *= rescale[1], o[d][3] *= rescale[1];", ";"),
+        "o[i][d][0] *= rescale[0], o[i][d][1] *= rescale[0], o[i][d][2] *= rescale[1], o[i][d][3] *= rescale[1];",
+        ";"),
     # P V needs V k-major: ldmatrix.trans hands out the transpose of the [key][dim] rows in shared memory.
     "V read without .trans": ("ldmatrix_x4_trans(b, smem_address(v_tile", "ldmatrix_x4(b, smem_address(v_tile"),
     # Without the mask, each query also attends to the keys after it in its diagonal tile.

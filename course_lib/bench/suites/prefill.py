@@ -5,7 +5,8 @@ The shape is a Llama-3-8B-like attention layer: 32 query heads over 8 kv heads (
 and values through block tables from a paged cache whose blocks are scattered over the pool, as in a running
 server; PyTorch's ``scaled_dot_product_attention`` (causal, flash backend) gets contiguous K/V of the same shape,
 its best case. Both are checked against each other on sequence 0 of the measured problem before they are timed,
-and timed as CUDA-graph replays.
+and timed as CUDA-graph replays. The kernel is timed in each of its tilings (``paged_prefill.TILINGS``, first
+version first): the table is the kernel's history, version by version; the headline is the tiling launches use.
 
 FLOPs count the attention a causal prompt needs: ``4 * heads * head_dim`` per visible (query, key) pair, two
 matrix products of 2 FLOPs a multiply-add, over ``tokens * (tokens + 1) / 2`` pairs per sequence. The kernel
@@ -45,7 +46,8 @@ def steps(quick: bool) -> list[Step]:
         return [Step("paged_prefill 2 sequences (NumPy)", measure_smoke)]
     require_torch("the prefill suite's SDPA baseline")
     batches = BATCHES[:1] if quick else BATCHES
-    return ([Step(f"paged_prefill {batch} x {TOKENS}", functools.partial(measure_prefill, batch)) for batch in batches]
+    return ([Step(f"paged_prefill {name} {batch} x {TOKENS}", functools.partial(measure_prefill, batch, name))
+             for batch in batches for name in pp.TILINGS]
             + [Step(f"SDPA {batch} x {TOKENS}", functools.partial(measure_sdpa, batch)) for batch in batches])
 
 
@@ -66,22 +68,25 @@ def paged_problem(batch: int) -> tuple[Any, ...]:
     return tuple(dtypes.to_device(a.astype(floats) if a.dtype.kind == "f" else a) for a in host.arrays())
 
 
-def measure_prefill(batch: int) -> dict[str, Any]:
-    """The kernel on ``batch`` prompts: checked against SDPA on sequence 0, then timed."""
+def measure_prefill(batch: int, tiling: str) -> dict[str, Any]:
+    """The kernel in one of its tilings on ``batch`` prompts: checked against SDPA on sequence 0, then timed."""
     arrays = paged_problem(batch)
     problem = pp.check_prefill_problem(*arrays, dtype=DTYPE)
     out = dtypes.empty(tuple(arrays[0].shape), DTYPE)
 
     def run() -> None:
-        pp.launch_prefill(problem, out, *arrays)
+        pp.launch_prefill(problem, out, *arrays, tiling=pp.TILINGS[tiling])
 
     run()
     error = _relative_error(dtypes.to_float32(out[:TOKENS], DTYPE), _sdpa_of_first_sequence(arrays))
     if not error < TOLERANCE:
-        raise RuntimeError(f"paged_prefill disagrees with SDPA on the benchmark's problem: relative error {error:.3g}")
+        raise RuntimeError(f"paged_prefill ({tiling}) disagrees with SDPA on the benchmark's problem: relative error "
+                           f"{error:.3g}")
     timing = time_graph(run, calls=CALLS, repeats=REPEATS)
-    params = {"version": "paged_prefill", "batch": batch, "tokens": TOKENS, "relative_error_vs_sdpa": error}
-    return measurement(f"paged_prefill {batch} x {TOKENS}", timing, params,
+    used = pp.TILINGS[tiling] == pp.TILING
+    params = {"version": "paged_prefill" if used else f"paged_prefill {tiling}", "tiling": tiling, "batch": batch,
+              "tokens": TOKENS, "relative_error_vs_sdpa": error}
+    return measurement(f"paged_prefill {tiling} {batch} x {TOKENS}", timing, params,
                        tflops=causal_flops(batch) / timing.median_s / 1e12)
 
 
